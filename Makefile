@@ -1,0 +1,58 @@
+# Scale0: `make run` starts the whole stack, `make test` runs the suite.
+# Both install what is missing: the .venv, and Debian's mongrel2-core (as root).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CONFIG ?= scale0.toml
+
+.PHONY: run test unit e2e lint bench deps mongrel2 wrk clean
+
+run: deps
+	$(BIN)/scale0 up --config $(CONFIG)
+
+test: deps
+	$(BIN)/python -m pytest -q tests
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+e2e: deps
+	$(BIN)/python -m pytest -q tests/e2e
+
+lint: $(STAMP)
+	$(BIN)/ruff check scale0 tests examples bench
+	$(BIN)/mypy scale0
+
+bench: deps wrk
+	$(BIN)/python -m bench.run
+
+deps: $(STAMP) mongrel2
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "error: Scale0 needs Python >= 3.11 ($(PYTHON) is older); set PYTHON=python3.11" >&2; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || \
+	  { echo "error: could not create $(VENV); on Debian: apt-get install python3-venv" >&2; exit 1; }
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+# mongrel2-core gives `mongrel2` and `m2sh`; installed with apt-get when we are root.
+mongrel2:
+	@command -v mongrel2 >/dev/null && command -v m2sh >/dev/null || $(MAKE) --no-print-directory apt-mongrel2-core
+
+wrk:
+	@command -v wrk >/dev/null || $(MAKE) --no-print-directory apt-wrk
+
+apt-%:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing $* with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $* >/dev/null; \
+	else \
+	  echo "error: '$*' is missing. Install it as root: apt-get install $*" >&2; exit 1; \
+	fi
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache .hypothesis

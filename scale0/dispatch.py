@@ -1,0 +1,535 @@
+"""The broker's brain: a pure, clock-free state machine.
+
+Theory of operation
+-------------------
+The I/O loop (broker.py) feeds three kinds of event, each with ``now`` from
+``time.monotonic()``:
+
+* ``on_mongrel2(link, raw, now)``: one message PULLed from Mongrel2 `link`;
+* ``on_worker(ident, frames, now)``: one S0W1 message from a worker's DEALER;
+* ``on_tick(now)``: time passed; expire deadlines, heartbeat, purge.
+
+Effects are appended to two outboxes that the loop drains after each event:
+``to_workers`` (ROUTER frames, identity first) and ``to_mongrel2`` ((link,
+message) pairs for that link's PUB). Nothing here touches a socket or a clock.
+
+Invariants (checked by ``check_invariants`` in tests):
+
+* A worker is in ``Service.ready`` of each of its services iff it is not
+  draining and has fewer requests in flight than its capacity, so it is never
+  sent more than it announced. ``ready`` is an LRU (OrderedDict): dispatch pops
+  the oldest, a worker with a free slot goes back at the end. O(1).
+* Every request is in exactly one place: a service queue, a connection
+  backlog (behind an earlier request on the same keep-alive connection, so
+  pipelined replies keep their order), or a worker's ``in_flight``.
+* Every request answers its client exactly once, or is dropped because the
+  client is gone; each one has a deadline, so none is left hanging.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from . import mongrel2 as m2
+from . import protocol as p
+from .routing import Route, RouteTable, parse_route
+
+log = logging.getLogger(__name__)
+
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+SAFE_TO_RETRY = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchSettings:
+    heartbeat_s: float = 1.0
+    liveness: int = 3
+    queue_size: int = 1024  # per service
+    queue_timeout_s: float = 10.0
+    request_timeout_s: float = 60.0
+    retry_after_s: int = 5
+    max_body_bytes: int = 1 << 30
+    max_retries: int = 1
+    routes: tuple[tuple[str, str], ...] = ()  # (route spec, service) from the broker config
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    rid: int
+    link: int
+    sender: bytes
+    conn_id: int
+    method: bytes
+    raw: bytes
+    service: Service
+    script_name: bytes
+    received_at: float
+    close_after: bool  # HTTP/1.0 or Connection: close: close after broker errors
+    deadline: float = 0.0
+    worker: Worker | None = None
+    reply_started: bool = False
+    cancelled: bool = False
+    attempts: int = 0
+    reply_prefix: bytes = b""
+
+
+@dataclass(slots=True, eq=False)
+class Worker:
+    ident: bytes
+    label: str
+    services: tuple[Service, ...]
+    capacity: int
+    connected_at: float
+    expires_at: float
+    in_flight: dict[int, Request] = field(default_factory=dict)
+    draining: bool = False
+    served: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class Service:
+    name: str
+    name_bytes: bytes
+    ready: OrderedDict[bytes, Worker] = field(default_factory=OrderedDict)
+    timeout_s: float = 60.0
+    # Both ordered by deadline: deadlines within a service only grow, so the
+    # front is always the next to expire, and removal is O(1).
+    queue: OrderedDict[int, Request] = field(default_factory=OrderedDict)
+    active: OrderedDict[int, Request] = field(default_factory=OrderedDict)
+    workers: dict[bytes, Worker] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Counters:
+    requests: int = 0
+    replies: int = 0
+    no_route: int = 0
+    no_worker: int = 0
+    queue_full: int = 0
+    queue_timeouts: int = 0
+    request_timeouts: int = 0
+    retries: int = 0
+    worker_failures: int = 0
+    late_replies: int = 0
+    bad_mongrel2: int = 0
+    bad_worker: int = 0
+    client_gone: int = 0
+    too_large: int = 0
+    forged_uploads: int = 0
+
+
+class Dispatcher:
+    def __init__(self, settings: DispatchSettings | None = None) -> None:
+        self.settings = s = settings or DispatchSettings()
+        self.expiry_s = s.heartbeat_s * s.liveness
+        self.routes = RouteTable()
+        self.configured: set[Route] = set()
+        self.services: dict[str, Service] = {}
+        self.workers: dict[bytes, Worker] = {}
+        self.requests: dict[int, Request] = {}
+        # (link, conn_id) -> requests on that connection, the first one active.
+        self.connections: dict[tuple[int, int], deque[Request]] = {}
+        self.uploads: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self.to_workers: list[list[bytes]] = []
+        self.to_mongrel2: list[tuple[int, bytes]] = []
+        self.counters = Counters()
+        self._now = 0.0
+        self._next_rid = 1
+        self._next_heartbeat = 0.0
+        for spec, service in s.routes:
+            route = parse_route(spec)
+            self.routes.add(route, service)
+            self.configured.add(route)
+            self._service(service)
+
+    # ---- Mongrel2 side -------------------------------------------------
+
+    def on_mongrel2(self, link: int, raw: bytes, now: float) -> None:
+        self._now = now
+        try:
+            event = m2.parse_message(raw)
+        except m2.Mongrel2ProtocolError as exc:
+            self.counters.bad_mongrel2 += 1
+            log.warning("malformed Mongrel2 message on link %d: %s", link, exc)
+            self._answer_malformed(link, raw, exc.status_hint)
+            return
+        if isinstance(event, (m2.HttpRequest, m2.UploadDone)):
+            self._on_request(link, raw, event, now)
+        elif isinstance(event, m2.Disconnect):
+            self._on_disconnect(link, event.conn_id)
+        elif isinstance(event, m2.Credits):
+            self._on_credits(link, event.conn_id, event.credits)
+        elif isinstance(event, m2.UploadStart):
+            self._on_upload_start(link, event)
+        else:  # WebSocket and JSON socket messages: not served (yet)
+            self._reply_error(link, event.sender, event.conn_id, 501, close=True)
+
+    def _on_request(self, link: int, raw: bytes, req: m2.HttpRequest | m2.UploadDone,
+                    now: float) -> None:
+        self.counters.requests += 1
+        sender, conn_id = req.sender, req.conn_id
+        close = _wants_close(req)
+        if isinstance(req, m2.UploadDone):
+            expected = self.uploads.pop((link, conn_id), None)
+            if expected is None or expected != req.upload_path:
+                self.counters.forged_uploads += 1
+                log.warning("upload-done without matching upload-start on conn %d", conn_id)
+                self._reply_error(link, sender, conn_id, 400, "bad upload", close=True)
+                return
+        length = req.header(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.settings.max_body_bytes:
+            self.counters.too_large += 1
+            self._reply_error(link, sender, conn_id, 413, close=True)
+            return
+        match = self.routes.lookup(req.header(b"host"), req.path)
+        if match is None:
+            self.counters.no_route += 1
+            self._reply_error(link, sender, conn_id, 404, close=close)
+            return
+        service = self.services[match.service]
+        rid = self._next_rid
+        self._next_rid = rid + 1
+        r = Request(rid, link, sender, conn_id, req.method, raw, service,
+                    match.script_name.encode("latin-1"), now, close)
+        self.requests[rid] = r
+        key = (link, conn_id)
+        on_conn = self.connections.get(key)
+        if on_conn is not None:  # pipelined: wait behind the active request
+            on_conn.append(r)
+            return
+        self.connections[key] = deque((r,))
+        self._route(r, now)
+
+    def _route(self, r: Request, now: float) -> None:
+        """Send `r` to its service's LRU ready worker, or queue it."""
+        service = r.service
+        if service.ready:
+            self._send(r, service.ready.popitem(last=False)[1], now)
+        elif not service.workers:
+            self.counters.no_worker += 1
+            self._fail(r, 503, "no worker serves this service")
+        elif len(service.queue) >= self.settings.queue_size:
+            self.counters.queue_full += 1
+            self._fail(r, 503, "queue full")
+        else:
+            r.deadline = now + self.settings.queue_timeout_s
+            service.queue[r.rid] = r
+
+    def _send(self, r: Request, w: Worker, now: float) -> None:
+        """Hand `r` to `w` (just popped from ready queues or known to be free)."""
+        r.worker = w
+        r.attempts += 1
+        w.in_flight[r.rid] = r
+        if not r.reply_prefix:
+            r.reply_prefix = m2.reply_prefix(r.sender, r.conn_id)
+        r.deadline = now + r.service.timeout_s
+        r.service.active[r.rid] = r
+        self.to_workers.append([
+            w.ident, p.VERSION, p.CMD[p.Command.REQUEST], p.encode_request_id(r.rid),
+            r.service.name_bytes, r.script_name, r.raw,
+        ])
+        self._update_ready(w)
+
+    def _on_disconnect(self, link: int, conn_id: int) -> None:
+        key = (link, conn_id)
+        self.uploads.pop(key, None)
+        on_conn = self.connections.pop(key, None)
+        if not on_conn:
+            return
+        self.counters.client_gone += 1
+        for r in on_conn:
+            self._forget(r, cancel=True)
+
+    def _on_credits(self, link: int, conn_id: int, credits: int) -> None:
+        on_conn = self.connections.get((link, conn_id))
+        if on_conn:
+            r = on_conn[0]
+            if r.worker is not None:
+                self.to_workers.append([
+                    r.worker.ident, p.VERSION, p.CMD[p.Command.CREDIT],
+                    p.encode_request_id(r.rid), b"%d" % credits,
+                ])
+
+    def _on_upload_start(self, link: int, event: m2.UploadStart) -> None:
+        key = (link, event.conn_id)
+        self.uploads[key] = event.upload_path
+        self.uploads.move_to_end(key)
+        while len(self.uploads) > 10_000:  # bounded even if no upload-done ever comes
+            self.uploads.popitem(last=False)
+
+    # ---- worker side ---------------------------------------------------
+
+    def on_worker(self, ident: bytes, frames: list[bytes], now: float) -> None:
+        self._now = now
+        if len(frames) < 2 or frames[0] != p.VERSION or len(frames[1]) != 1:
+            self.counters.bad_worker += 1
+            if frames and frames[0] != p.VERSION:
+                self.to_workers.append([ident, *p.error(p.ERR_BAD_VERSION, "expected S0W1")])
+            log.warning("malformed worker message from %r (%d frames)", ident, len(frames))
+            return
+        command = frames[1][0]
+        w = self.workers.get(ident)
+        if w is not None:
+            w.expires_at = now + self.expiry_s
+        try:
+            if command == p.Command.REPLY and w is not None:
+                self._on_reply(w, frames, now)
+            elif command == p.Command.HEARTBEAT and w is not None:
+                pass
+            elif command == p.Command.HELLO:
+                self._on_hello(ident, frames, now)
+            elif command == p.Command.BYE:
+                if w is not None:
+                    self.remove_worker(w, now)
+            elif command == p.Command.DRAIN and w is not None:
+                w.draining = True
+                self._update_ready(w)
+            elif w is None:
+                # Unknown worker (e.g. after a broker restart): ask it to say HELLO.
+                self.to_workers.append([ident, p.VERSION, p.CMD[p.Command.BYE]])
+            else:
+                raise p.WireError(f"unknown command {command:#x}")
+        except p.WireError as exc:
+            self.counters.bad_worker += 1
+            log.warning("bad message from worker %r: %s", ident, exc)
+            self.to_workers.append([ident, *p.error(exc.code, str(exc))])
+
+    def _on_hello(self, ident: bytes, frames: list[bytes], now: float) -> None:
+        if len(frames) != 3:
+            raise p.WireError("HELLO takes one frame")
+        hello = p.Hello.decode(frames[2])
+        old = self.workers.get(ident)
+        if old is not None:
+            self.remove_worker(old, now)
+        services = tuple(self._service(s.name) for s in hello.services)
+        for spec in hello.services:
+            for route_spec in spec.routes:
+                try:
+                    route = parse_route(route_spec)
+                except ValueError as exc:
+                    raise p.WireError(str(exc)) from exc
+                if route in self.configured:
+                    continue  # the broker's own route table wins
+                self.routes.add(route, spec.name)
+        w = Worker(ident, hello.worker or ident.hex(), services, hello.capacity, now,
+                   now + self.expiry_s)
+        self.workers[ident] = w
+        for service in services:
+            service.workers[ident] = w
+        self.to_workers.append([ident, *p.welcome("scale0", int(self.settings.heartbeat_s * 1000))])
+        log.info("worker %s ready: services=%s capacity=%d", w.label,
+                 ",".join(s.name for s in services), w.capacity)
+        self._update_ready(w)
+        self._pull_queued(w, now)
+
+    def _on_reply(self, w: Worker, frames: list[bytes], now: float) -> None:
+        if len(frames) < 4 or frames[3] not in (p.FLAG_MORE, p.FLAG_LAST):
+            raise p.WireError("REPLY takes request id, flags, messages")
+        rid = p.decode_request_id(frames[2])
+        r = w.in_flight.get(rid)
+        if r is None:
+            self.counters.late_replies += 1
+            return
+        last = frames[3] == p.FLAG_LAST
+        if not r.cancelled:
+            prefix = r.reply_prefix
+            for message in frames[4:]:
+                if not message.startswith(prefix):
+                    self.counters.bad_worker += 1
+                    log.warning("worker %s replied to the wrong connection", w.label)
+                    self._fail(r, 502, "bad reply from worker", close=True)
+                    self._finish(r, w, now)
+                    return
+                self.to_mongrel2.append((r.link, message))
+            r.reply_started = r.reply_started or len(frames) > 4
+        if last:
+            w.served += 1
+            self.counters.replies += 1
+            self._finish(r, w, now)
+
+    def _finish(self, r: Request, w: Worker, now: float) -> None:
+        """`r` is over at `w`: free the slot, start the next on its connection."""
+        w.in_flight.pop(r.rid, None)
+        self._forget(r, cancel=False)
+        self._update_ready(w)
+        self._pull_queued(w, now)
+
+    def remove_worker(self, w: Worker, now: float) -> None:
+        """Idempotent. In-flight requests are retried once if safe, else 502."""
+        if self.workers.pop(w.ident, None) is None:
+            return
+        for service in w.services:
+            service.ready.pop(w.ident, None)
+            service.workers.pop(w.ident, None)
+        orphans = list(w.in_flight.values())
+        w.in_flight.clear()
+        for r in orphans:
+            r.worker = None
+            if r.cancelled:
+                self._forget(r, cancel=False)
+            elif (not r.reply_started and r.method in SAFE_TO_RETRY
+                    and r.attempts <= self.settings.max_retries):
+                self.counters.retries += 1
+                self._route(r, now)
+            else:
+                self.counters.worker_failures += 1
+                self._fail(r, 502, "worker failed", close=r.reply_started)
+        log.info("worker %s gone (%d in flight)", w.label, len(orphans))
+
+    # ---- time ----------------------------------------------------------
+
+    def on_tick(self, now: float) -> None:
+        self._now = now
+        for service in self.services.values():
+            queue, active = service.queue, service.active
+            while queue and _head(queue).deadline <= now:
+                self.counters.queue_timeouts += 1
+                self._fail(queue.popitem(last=False)[1], 503, "timed out in queue")
+            while active and _head(active).deadline <= now:
+                r = active.popitem(last=False)[1]
+                self.counters.request_timeouts += 1
+                self._fail(r, 504, "worker did not answer in time", close=r.reply_started)
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.settings.heartbeat_s
+            for w in list(self.workers.values()):
+                if w.expires_at <= now:
+                    log.warning("worker %s expired (no heartbeat)", w.label)
+                    self.remove_worker(w, now)
+                else:
+                    self.to_workers.append([w.ident, p.VERSION, p.CMD[p.Command.HEARTBEAT]])
+
+    def next_deadline(self) -> float:
+        """When on_tick next has work. O(services); the loop calls it once per wake-up."""
+        deadline = self._next_heartbeat
+        for service in self.services.values():
+            for pending in (service.queue, service.active):
+                if pending:
+                    deadline = min(deadline, _head(pending).deadline)
+        return deadline
+
+    # ---- helpers -------------------------------------------------------
+
+    def _service(self, name: str) -> Service:
+        service = self.services.get(name)
+        if service is None:
+            service = self.services[name] = Service(
+                name, name.encode(), timeout_s=self.settings.request_timeout_s)
+        return service
+
+    def _update_ready(self, w: Worker) -> None:
+        free = not w.draining and len(w.in_flight) < w.capacity and w.ident in self.workers
+        for service in w.services:
+            if free:
+                if w.ident not in service.ready:
+                    service.ready[w.ident] = w  # re-insert at the back: LRU
+            else:
+                service.ready.pop(w.ident, None)
+
+    def _pull_queued(self, w: Worker, now: float) -> None:
+        """Give a free worker the oldest queued requests of its services."""
+        while w.ident in self.workers and not w.draining and len(w.in_flight) < w.capacity:
+            oldest: Service | None = None
+            for service in w.services:
+                if service.queue and (oldest is None or _head(service.queue).received_at
+                                      < _head(oldest.queue).received_at):
+                    oldest = service
+            if oldest is None:
+                return
+            r = oldest.queue.popitem(last=False)[1]
+            for service in w.services:
+                service.ready.pop(w.ident, None)
+            self._send(r, w, now)
+
+    def _fail(self, r: Request, status: int, text: str, *, close: bool = False) -> None:
+        """Answer `r` with an error (or just close if its reply had started)."""
+        if r.worker is not None:
+            self._cancel_at_worker(r)
+        if not r.cancelled:
+            if r.reply_started:
+                self.to_mongrel2.append((r.link, m2.close_reply(r.sender, r.conn_id)))
+            else:
+                self._reply_error(r.link, r.sender, r.conn_id, status, text,
+                                  close=close or r.close_after)
+        r.cancelled = True
+        if r.worker is None:
+            self._forget(r, cancel=False)
+
+    def _cancel_at_worker(self, r: Request) -> None:
+        w = r.worker
+        if w is not None and not r.cancelled:
+            self.to_workers.append([
+                w.ident, p.VERSION, p.CMD[p.Command.CANCEL], p.encode_request_id(r.rid),
+            ])
+
+    def _forget(self, r: Request, *, cancel: bool) -> None:
+        """Drop `r` from every index; its worker slot is freed by its last reply."""
+        if cancel:
+            if r.worker is not None:
+                self._cancel_at_worker(r)
+            r.cancelled = True
+        r.service.queue.pop(r.rid, None)
+        r.service.active.pop(r.rid, None)
+        if r.worker is None or not cancel:
+            self.requests.pop(r.rid, None)
+        key = (r.link, r.conn_id)
+        on_conn = self.connections.get(key)
+        if on_conn and on_conn[0] is r:
+            on_conn.popleft()
+            if on_conn:
+                self._route(on_conn[0], self._now)
+            else:
+                del self.connections[key]
+        elif on_conn and r in on_conn:
+            on_conn.remove(r)
+
+    def _reply_error(self, link: int, sender: bytes, conn_id: int, status: int,
+                     text: str | None = None, *, close: bool = False) -> None:
+        headers: Iterable[tuple[bytes, bytes]] = ()
+        if status == 503:
+            headers = ((b"Retry-After", b"%d" % self.settings.retry_after_s),)
+        body = m2.error_response(status, text, headers=tuple(headers), close=close)
+        try:
+            self.to_mongrel2.append((link, m2.reply(sender, conn_id, body)))
+            if close:
+                self.to_mongrel2.append((link, m2.close_reply(sender, conn_id)))
+        except ValueError:
+            log.warning("cannot answer sender %r conn %d", sender, conn_id)
+
+    def _answer_malformed(self, link: int, raw: bytes, status: int) -> None:
+        """Answer a malformed message if its sender and conn id are readable."""
+        parts = raw.split(b" ", 2)
+        if len(parts) == 3 and parts[1].isdigit() and len(parts[1]) <= 20 and parts[0]:
+            self._reply_error(link, parts[0], int(parts[1]), status, "malformed request",
+                              close=True)
+
+    def check_invariants(self) -> None:
+        """For tests: raise AssertionError if the state is inconsistent."""
+        for service in self.services.values():
+            for ident, w in service.ready.items():
+                if self.workers.get(ident) is not w or w.draining:
+                    raise AssertionError(f"{service.name}: dead or draining worker ready")
+                if len(w.in_flight) >= w.capacity:
+                    raise AssertionError(f"{service.name}: full worker ready")
+            for r in service.queue.values():
+                if r.worker is not None or r.rid not in self.requests:
+                    raise AssertionError("queued request is also elsewhere")
+        for w in self.workers.values():
+            if len(w.in_flight) > w.capacity:
+                raise AssertionError(f"worker {w.label} over capacity")
+            for r in w.in_flight.values():
+                if r.worker is not w:
+                    raise AssertionError("in-flight request points at another worker")
+
+
+def _wants_close(req: m2.Message) -> bool:
+    if req.header(b"VERSION") == b"HTTP/1.0":
+        return (req.header(b"connection") or b"").lower() != b"keep-alive"
+    return b"close" in (req.header(b"connection") or b"").lower()
+
+
+def _head(pending: OrderedDict[int, Request]) -> Request:
+    """The oldest entry of a deadline-ordered dict."""
+    return next(iter(pending.values()))

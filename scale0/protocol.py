@@ -1,0 +1,161 @@
+"""Broker <-> worker wire protocol (S0W1), sans-IO. See docs/protocol.md.
+
+Every message is one ZeroMQ multipart message. On the worker's DEALER it is
+``[VERSION, COMMAND, *args]``; the broker's ROUTER sees the worker's routing
+id in front. COMMAND is one byte. Frames stay bytes: a request's Mongrel2
+message and a reply's Mongrel2 messages are forwarded unchanged (no
+re-encoding on the hot path). Only the HELLO/WELCOME/ERROR payloads are JSON,
+sent once per connection.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+VERSION = b"S0W1"
+
+
+class Command(IntEnum):
+    HELLO = 0x01  # W->B [json Hello]
+    REQUEST = 0x02  # B->W [request_id, service, script_name, mongrel2 message]
+    REPLY = 0x03  # W->B [request_id, flags, *mongrel2 messages]
+    HEARTBEAT = 0x04  # both ways, no args
+    BYE = 0x05  # W->B: leaving now. B->W: you are unknown, say HELLO again
+    DRAIN = 0x06  # W->B: take no new requests. B->W: please drain and leave
+    CANCEL = 0x07  # B->W [request_id]: client gone or timed out, drop the reply
+    CREDIT = 0x08  # B->W [request_id, decimal bytes]: Mongrel2 wrote these bytes
+    WELCOME = 0x09  # B->W [json {"broker": id, "heartbeat_ms": n}]
+    ERROR = 0x0A  # B->W [decimal code, text]: the last message was refused
+
+
+# One-byte frames, built once: the hot path compares and sends these.
+CMD = {c: bytes([c]) for c in Command}
+
+# REPLY flags: bit 0 = this is the last reply for the request (its slot is free).
+FLAG_MORE = b"\x00"
+FLAG_LAST = b"\x01"
+
+# ERROR codes (HTTP-like, so operators read them at a glance).
+ERR_BAD_VERSION = 505
+ERR_BAD_MESSAGE = 400
+ERR_UNKNOWN_WORKER = 401
+
+_ID = struct.Struct(">Q")
+
+
+class WireError(ValueError):
+    """A malformed S0W1 message. `code` is the ERROR code to answer with."""
+
+    def __init__(self, msg: str, *, code: int = ERR_BAD_MESSAGE) -> None:
+        super().__init__(msg)
+        self.code = code
+
+
+def encode_request_id(request_id: int) -> bytes:
+    return _ID.pack(request_id)
+
+
+def decode_request_id(frame: bytes) -> int:
+    if len(frame) != _ID.size:
+        raise WireError(f"request id must be {_ID.size} bytes, got {len(frame)}")
+    value: int = _ID.unpack(frame)[0]
+    return value
+
+
+MAX_SERVICES = 64
+MAX_ROUTES = 256
+MAX_NAME_LEN = 128
+MAX_CAPACITY = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    name: str
+    routes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """What a worker announces: who it is, what it serves, how much at once."""
+
+    services: tuple[ServiceSpec, ...]
+    capacity: int
+    worker: str = ""  # human-readable label, e.g. "host:pid"
+    heartbeat_ms: int = 1000
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {
+                "services": [{"name": s.name, "routes": list(s.routes)} for s in self.services],
+                "capacity": self.capacity,
+                "worker": self.worker,
+                "heartbeat_ms": self.heartbeat_ms,
+                "meta": self.meta,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Hello:
+        """Validate a HELLO payload; any nonsense raises WireError."""
+        try:
+            data = json.loads(payload)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise WireError(f"HELLO is not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise WireError("HELLO must be a JSON object")
+        capacity = data.get("capacity")
+        if type(capacity) is not int or not 1 <= capacity <= MAX_CAPACITY:
+            raise WireError(f"HELLO capacity must be an int in 1..{MAX_CAPACITY}: {capacity!r}")
+        heartbeat_ms = data.get("heartbeat_ms", 1000)
+        if type(heartbeat_ms) is not int or not 10 <= heartbeat_ms <= 600_000:
+            raise WireError(f"HELLO heartbeat_ms must be an int in 10..600000: {heartbeat_ms!r}")
+        raw_services = data.get("services")
+        if not isinstance(raw_services, list) or not 1 <= len(raw_services) <= MAX_SERVICES:
+            raise WireError(f"HELLO services must be a list of 1..{MAX_SERVICES}")
+        services = []
+        n_routes = 0
+        for raw in raw_services:
+            if not isinstance(raw, dict):
+                raise WireError("HELLO service must be an object")
+            name = raw.get("name")
+            if not isinstance(name, str) or not _valid_name(name):
+                raise WireError(f"HELLO service name invalid: {name!r}")
+            routes = raw.get("routes", [])
+            if not isinstance(routes, list) or not all(
+                isinstance(r, str) and 0 < len(r) <= 1024 for r in routes
+            ):
+                raise WireError(f"HELLO routes of {name!r} must be a list of strings")
+            n_routes += len(routes)
+            services.append(ServiceSpec(name=name, routes=tuple(routes)))
+        if n_routes > MAX_ROUTES:
+            raise WireError(f"HELLO announces {n_routes} routes, at most {MAX_ROUTES}")
+        worker = data.get("worker", "")
+        if not isinstance(worker, str) or len(worker) > 256:
+            raise WireError("HELLO worker label must be a string of at most 256 chars")
+        meta = data.get("meta", {})
+        if not isinstance(meta, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+        ):
+            raise WireError("HELLO meta must map strings to strings")
+        return cls(tuple(services), capacity, worker, heartbeat_ms, meta)
+
+
+def _valid_name(name: str) -> bool:
+    return (
+        0 < len(name) <= MAX_NAME_LEN
+        and all(c.isalnum() or c in "-_.:" for c in name)
+    )
+
+
+def welcome(broker_id: str, heartbeat_ms: int) -> list[bytes]:
+    payload = json.dumps({"broker": broker_id, "heartbeat_ms": heartbeat_ms}).encode()
+    return [VERSION, CMD[Command.WELCOME], payload]
+
+
+def error(code: int, text: str) -> list[bytes]:
+    return [VERSION, CMD[Command.ERROR], str(code).encode(), text.encode()]
