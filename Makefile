@@ -10,7 +10,7 @@ CONFIG ?= scale0.toml
 .PHONY: run test unit e2e lint bench deps mongrel2 wrk clean
 
 run: deps
-	$(BIN)/scale0 up --config $(CONFIG)
+	$(BIN)/scale0 up --config $(CONFIG) --exit-with-parent
 
 test: deps
 	$(BIN)/python -m pytest -q tests

@@ -287,6 +287,8 @@ class Dispatcher:
             elif command == p.Command.DRAIN and w is not None:
                 w.draining = True
                 self._update_ready(w)
+                # Ack: every REQUEST sent before this reached the worker first.
+                self.to_workers.append([ident, p.VERSION, p.CMD[p.Command.HEARTBEAT]])
             elif w is None:
                 # Unknown worker (e.g. after a broker restart): ask it to say HELLO.
                 self.to_workers.append([ident, p.VERSION, p.CMD[p.Command.BYE]])

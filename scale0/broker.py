@@ -1,0 +1,270 @@
+"""The broker's I/O loop: sockets, poller and timers around `dispatch.Dispatcher`.
+
+For each Mongrel2 link the broker connects a PULL to its send_spec and an XPUB
+to its recv_spec (MONGREL2.md "Sockets"); workers connect DEALERs to the
+broker's ROUTER. The loop owns every socket and the clock; all decisions are
+the dispatcher's.
+
+A link takes no requests until Mongrel2's SUB has subscribed on our XPUB
+(the slow-joiner gap loses replies sent before that): the PULL is only polled
+while the link is subscribed. Replies for a link that cannot take them right
+now (unsubscribed, or XPUB at its high-water mark with XPUB_NODROP) are held
+in order and the link's intake pauses until they are flushed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import zmq
+
+from .dispatch import Dispatcher, DispatchSettings
+
+log = logging.getLogger(__name__)
+
+BATCH = 256  # messages read from one socket per wake-up before looking at the others
+MAX_HELD_REPLIES = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class LinkSpec:
+    """One Mongrel2 handler: where it PUSHes requests and where it SUBscribes."""
+
+    send_spec: str
+    recv_spec: str
+    recv_ident: bytes = b""
+
+    @classmethod
+    def parse(cls, text: str) -> LinkSpec:
+        """'SEND_SPEC,RECV_SPEC[,RECV_IDENT]' as given on the command line."""
+        parts = [part.strip() for part in text.split(",")]
+        if len(parts) not in (2, 3) or not all(parts[:2]):
+            raise ValueError(f"--mongrel2 {text!r}: expected SEND_SPEC,RECV_SPEC[,RECV_IDENT]")
+        return cls(parts[0], parts[1], parts[2].encode() if len(parts) == 3 else b"")
+
+
+@dataclass(slots=True, eq=False)
+class _Link:
+    index: int
+    spec: LinkSpec
+    pull: zmq.Socket[bytes]
+    pub: zmq.Socket[bytes]
+    subscriptions: int = 0
+    held: deque[bytes] = field(default_factory=deque)
+    replies: int = 0
+
+    @property
+    def writable(self) -> bool:
+        return self.subscriptions > 0 and not self.held
+
+
+class Broker:
+    """Constructors do no I/O: `start()` makes sockets, `run()` loops until `stop()`."""
+
+    def __init__(self, links: list[LinkSpec], bind: str,
+                 settings: DispatchSettings | None = None,
+                 context: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
+        if not links:
+            raise ValueError("a broker needs at least one Mongrel2 link")
+        self.link_specs = links
+        self.bind = bind
+        self.dispatcher = Dispatcher(settings)
+        self._context = context
+        self._links: list[_Link] = []
+        self._router: zmq.Socket[bytes] | None = None
+        self._stopping = False
+        self._wakeup_r: socket.socket | None = None
+        self._wakeup_w: socket.socket | None = None
+        self.endpoint = ""
+
+    # ---- lifecycle -----------------------------------------------------
+
+    def start(self) -> None:
+        ctx = self._context or zmq.Context.instance()
+        router = ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished worker raises, never drops
+        router.setsockopt(zmq.SNDHWM, 0)
+        router.setsockopt(zmq.RCVHWM, 0)
+        router.bind(self.bind)
+        self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._router = router
+        for index, spec in enumerate(self.link_specs):
+            pull = ctx.socket(zmq.PULL)
+            pull.setsockopt(zmq.LINGER, 0)
+            pull.connect(spec.send_spec)
+            pub = ctx.socket(zmq.XPUB)
+            pub.setsockopt(zmq.LINGER, 2000)  # let queued replies go out on a clean stop
+            pub.setsockopt(zmq.XPUB_NODROP, 1)  # at HWM, send raises EAGAIN: we hold replies
+            pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every (re)subscription
+            pub.connect(spec.recv_spec)
+            self._links.append(_Link(index, spec, pull, pub))
+
+    def stop(self) -> None:
+        """Ask the loop to end; safe from a signal handler (sets a flag, wakes the poll)."""
+        self._stopping = True
+        if self._wakeup_w is not None:
+            try:
+                self._wakeup_w.send(b"\0")
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        for link in self._links:
+            link.pull.close(0)
+            link.pub.close()
+        if self._router is not None:
+            self._router.close(0)
+        for sock in (self._wakeup_r, self._wakeup_w):
+            if sock is not None:
+                sock.close()
+
+    def install_signal_handlers(self) -> None:
+        """SIGINT/SIGTERM stop the loop. Handlers only set a flag (and wake the poll)."""
+        self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self._wakeup_r.setblocking(False)
+        self._wakeup_w.setblocking(False)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stop())
+
+    # ---- the loop ------------------------------------------------------
+
+    def run(self) -> None:
+        if self._router is None:
+            self.start()
+        router = self._router
+        assert router is not None
+        d = self.dispatcher
+        links = self._links
+        pull_to_link = {link.pull: link for link in links}
+        pub_to_link = {link.pub: link for link in links}
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        if self._wakeup_r is not None:
+            poller.register(self._wakeup_r, zmq.POLLIN)
+        intake: dict[zmq.Socket[bytes], bool] = {link.pull: False for link in links}
+        monotonic = time.monotonic
+        while not self._stopping:
+            for link in links:
+                # Read from Mongrel2 only while its replies can be delivered.
+                want_in = link.writable
+                if intake.get(link.pull) != want_in:
+                    intake[link.pull] = want_in
+                    if want_in:
+                        poller.register(link.pull, zmq.POLLIN)
+                    else:
+                        poller.unregister(link.pull)
+                poller.register(link.pub, zmq.POLLIN | (zmq.POLLOUT if link.held else 0))
+            timeout_ms = max(0, math.ceil((d.next_deadline() - monotonic()) * 1000))
+            events = poller.poll(timeout_ms)
+            now = monotonic()
+            for sock, _ in events:
+                if sock is router:
+                    self._read_workers(router, now)
+                elif sock in pull_to_link:
+                    link = pull_to_link[sock]
+                    self._read_mongrel2(link, now)
+                elif sock in pub_to_link:
+                    self._read_subscriptions(pub_to_link[sock])
+                elif self._wakeup_r is not None:
+                    try:
+                        self._wakeup_r.recv(64)
+                    except OSError:
+                        pass
+                self._flush(router)
+            if now >= d.next_deadline():
+                d.on_tick(now)
+                self._flush(router)
+        log.info("broker stopping")
+
+    def _read_mongrel2(self, link: _Link, now: float) -> None:
+        d = self.dispatcher
+        pull = link.pull
+        for _ in range(BATCH):
+            try:
+                raw = pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            d.on_mongrel2(link.index, raw, now)
+            if d.to_mongrel2 and not link.writable:
+                return
+
+    def _read_workers(self, router: zmq.Socket[bytes], now: float) -> None:
+        d = self.dispatcher
+        for _ in range(BATCH):
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            d.on_worker(frames[0], frames[1:], now)
+
+    def _read_subscriptions(self, link: _Link) -> None:
+        while True:
+            try:
+                message = link.pub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if message[:1] == b"\x01":
+                link.subscriptions += 1
+                log.info("Mongrel2 at %s subscribed", link.spec.recv_spec)
+            elif message[:1] == b"\x00":
+                link.subscriptions = max(0, link.subscriptions - 1)
+                log.warning("Mongrel2 at %s unsubscribed", link.spec.recv_spec)
+        self._drain_held(link)
+
+    def _flush(self, router: zmq.Socket[bytes]) -> None:
+        d = self.dispatcher
+        if d.to_workers:
+            out, d.to_workers = d.to_workers, []
+            for frames in out:
+                try:
+                    router.send_multipart(frames, zmq.NOBLOCK)
+                except zmq.ZMQError as exc:  # EHOSTUNREACH: that worker is gone
+                    worker = d.workers.get(frames[0])
+                    if worker is not None:
+                        log.warning("worker %s unreachable: %s", worker.label, exc)
+                        d.remove_worker(worker, time.monotonic())
+        if d.to_mongrel2:
+            out2, d.to_mongrel2 = d.to_mongrel2, []
+            links = self._links
+            for index, message in out2:
+                self._send_reply(links[index], message)
+            if d.to_workers:  # removing an unreachable worker may answer clients
+                self._flush(router)
+
+    def _send_reply(self, link: _Link, message: bytes) -> None:
+        ident = link.spec.recv_ident
+        if ident and not message.startswith(ident):
+            # Mongrel2 drops replies whose sender lacks its recv_ident prefix.
+            message = ident + message[message.index(b" "):]
+        if link.writable:
+            try:
+                link.pub.send(message, zmq.NOBLOCK)
+                link.replies += 1
+                return
+            except zmq.Again:
+                pass
+        if len(link.held) >= MAX_HELD_REPLIES:
+            log.error("dropping reply: %d replies held for %s", len(link.held), link.spec.recv_spec)
+            return
+        link.held.append(message)
+
+    def _drain_held(self, link: _Link) -> None:
+        while link.held and link.subscriptions > 0:
+            try:
+                link.pub.send(link.held[0], zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            link.held.popleft()
+            link.replies += 1
+
+    def ready_line(self) -> str:
+        links = " ".join(f"{s.send_spec},{s.recv_spec}" for s in self.link_specs)
+        return f"READY broker pid={os.getpid()} workers={self.endpoint} mongrel2={links}"

@@ -1,0 +1,95 @@
+"""Running a Mongrel2 server: runtime folder, config.sqlite, command line.
+
+MONGREL2.md "Running it": Mongrel2 runs from its config's directory with
+relative chroot "./"; as root it chroots there (uploads, logs and the pid
+file are then relative to it), as another user it runs in test mode with
+the same relative paths. The runtime folder is generated, never committed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+RUNTIME_DIRS = ("run", "logs", "uploads", "tmp")
+
+
+class Mongrel2Error(RuntimeError):
+    """Mongrel2 is missing or its config does not load; the text says what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class Mongrel2Server:
+    config: Path  # the m2sh config (mongrel2.conf)
+    runtime_dir: Path  # where config.sqlite, run/, logs/, uploads/ are generated
+    uuid: str
+
+    @property
+    def upload_dir(self) -> Path:
+        return self.runtime_dir / "uploads"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.runtime_dir / "run" / "mongrel2.pid"
+
+    def prepare(self) -> None:
+        """Create the runtime folder, load config.sqlite, remove a stale pid file."""
+        for tool in ("mongrel2", "m2sh"):
+            if shutil.which(tool) is None:
+                raise Mongrel2Error(
+                    f"'{tool}' not found: install Debian's mongrel2-core "
+                    "(apt-get install mongrel2-core, or `make run` as root)")
+        for name in RUNTIME_DIRS:
+            (self.runtime_dir / name).mkdir(parents=True, exist_ok=True)
+        db = self.runtime_dir / "config.sqlite"
+        db.unlink(missing_ok=True)
+        env = {**os.environ, "LOGNAME": os.environ.get("LOGNAME") or "scale0"}
+        result = subprocess.run(
+            ["m2sh", "load", "-config", str(self.config.resolve()), "-db", "config.sqlite"],
+            cwd=self.runtime_dir, env=env, capture_output=True, text=True, timeout=30)
+        if result.returncode != 0 or not db.exists():
+            raise Mongrel2Error(f"m2sh could not load {self.config}:\n{result.stderr.strip()}")
+        self.remove_pid_file()
+
+    def remove_pid_file(self) -> None:
+        for pid_file in (self.pid_file, self.runtime_dir / ".run" / "mongrel2.pid"):
+            pid_file.unlink(missing_ok=True)
+
+    def argv(self) -> list[str]:
+        return ["mongrel2", "config.sqlite", self.uuid]
+
+
+def server_uuid(config_text: str) -> str:
+    """The first Server(uuid=...) in an m2sh config."""
+    match = re.search(r"""uuid\s*=\s*["']([0-9A-Za-z-]+)["']""", config_text)
+    if match is None:
+        raise Mongrel2Error("no Server(uuid=...) in the Mongrel2 config")
+    return match.group(1)
+
+
+def config_text(*, http_port: int, send_spec: str, recv_spec: str, send_ident: str,
+                uuid: str = "f400bf85-4538-4f7a-8908-67e313d515c2", bind_addr: str = "127.0.0.1",
+                content_length_limit: int = 20480) -> str:
+    """A one-server, one-handler m2sh config routing every path to Scale0."""
+    return f"""\
+scale0 = Handler(send_spec='{send_spec}', send_ident='{send_ident}',
+                 recv_spec='{recv_spec}', recv_ident='', protocol='tnetstring')
+
+main = Server(
+    uuid="{uuid}", access_log="/logs/access.log", error_log="/logs/error.log",
+    chroot="./", pid_file="/run/mongrel2.pid", default_host="localhost",
+    name="main", bind_addr="{bind_addr}", port={http_port},
+    hosts=[Host(name="localhost", routes={{'/': scale0}})])
+
+settings = {{
+    "upload.temp_store": "uploads/upload.XXXXXX",
+    "server.daemonize": 0,
+    "download.flow_control": 1,
+    "limits.content_length": {content_length_limit}
+}}
+servers = [main]
+"""

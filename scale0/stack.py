@@ -1,0 +1,216 @@
+"""`scale0 up`: start and watch Mongrel2, brokers and worker pools from one TOML file.
+
+Each process runs in its own session, so a Ctrl-C at the terminal reaches
+only this supervisor, which then stops everything in order: worker pools
+first (SIGTERM: they finish what they have while brokers and Mongrel2 still
+deliver their replies), then brokers, then Mongrel2; SIGKILL after the grace
+period. A process that dies is restarted with a growing delay; the pid file
+never outlives the stack.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .m2server import Mongrel2Error, Mongrel2Server, server_uuid
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 10.0
+PR_SET_PDEATHSIG = 1
+
+
+class StackError(ValueError):
+    """A stack file that cannot be used; the message names the file and key."""
+
+
+@dataclass(slots=True)
+class _Proc:
+    name: str
+    argv: list[str]
+    cwd: Path
+    popen: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    crashes: int = 0
+    restart_at: float = 0.0
+    stop_signal: int = signal.SIGTERM
+    stop_order: int = 0  # lower stops first
+
+
+@dataclass(slots=True)
+class Stack:
+    mongrel2: Mongrel2Server
+    http_addr: tuple[str, int]
+    procs: list[_Proc] = field(default_factory=list)
+    graceful_timeout_s: float = 30.0
+    _stopping: int = 0
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Stack:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise StackError(f"{path}: {exc}") from exc
+        base = path.resolve().parent
+        return cls.from_dict(data, base, str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base: Path, source: str = "<config>") -> Stack:
+        def need(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
+            value = table.get(key)
+            if not isinstance(value, kind):
+                raise StackError(f"{source}: {where}.{key} must be a {kind.__name__}")
+            return value
+
+        m2 = need(data, "mongrel2", dict, "")
+        config = base / need(m2, "config", str, "mongrel2")
+        runtime = base / m2.get("runtime_dir", "var/mongrel2")
+        host, _, port = str(need(m2, "http", str, "mongrel2")).rpartition(":")
+        if not host or not port.isdigit():
+            raise StackError(f"{source}: mongrel2.http must be HOST:PORT")
+        try:
+            uuid = m2.get("uuid") or server_uuid(config.read_text())
+        except (OSError, Mongrel2Error) as exc:
+            raise StackError(f"{source}: mongrel2.config: {exc}") from exc
+        server = Mongrel2Server(config, runtime, uuid)
+        stack = cls(server, (host, int(port)),
+                    graceful_timeout_s=float(data.get("graceful_timeout", 30.0)))
+        stack.procs.append(_Proc("mongrel2", server.argv(), runtime, stop_signal=signal.SIGINT,
+                                 stop_order=2))
+        scale0 = [sys.executable, "-m", "scale0.cli"]
+        for i, b in enumerate(data.get("broker", [])):
+            where = f"broker[{i}]"
+            argv = [*scale0, "broker", "--bind", need(b, "bind", str, where)]
+            for link in need(b, "mongrel2", list, where):
+                argv += ["--mongrel2", str(link)]
+            for spec, service in b.get("routes", {}).items():
+                argv += ["--route", f"{spec}={service}"]
+            argv += [str(a) for a in b.get("args", [])]
+            stack.procs.append(_Proc(f"broker-{i}", argv, base, stop_order=1))
+        for i, pool in enumerate(data.get("pool", [])):
+            where = f"pool[{i}]"
+            argv = [*scale0, "wsgi", need(pool, "app", str, where)]
+            for endpoint in need(pool, "connect", list, where):
+                argv += ["--connect", str(endpoint)]
+            if "service" in pool:
+                argv += ["--service", need(pool, "service", str, where)]
+            for route in pool.get("routes", []):
+                argv += ["--route", str(route)]
+            argv += ["--processes", str(pool.get("processes", 1)),
+                     "--threads", str(pool.get("threads", 1)),
+                     "--upload-dir", str(server.upload_dir)]
+            argv += [str(a) for a in pool.get("args", [])]
+            stack.procs.append(_Proc(f"pool-{pool.get('service', i)}", argv, base))
+        return stack
+
+    def run(self, ready: Callable[[str], None]) -> int:
+        try:
+            self.mongrel2.prepare()
+        except Mongrel2Error as exc:
+            log.error("%s", exc)
+            return 2
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        announced = False
+        try:
+            while not self._stopping:
+                now = time.monotonic()
+                for proc in self.procs:
+                    self._watch(proc, now)
+                if not announced and _accepts(self.http_addr):
+                    announced = True
+                    ready(f"READY up http://{self.http_addr[0]}:{self.http_addr[1]}/")
+                time.sleep(0.1)  # signals interrupt the sleep; the loop then sees the flag
+        finally:
+            self._stop_all()
+            self.mongrel2.remove_pid_file()
+        return 0
+
+    def _on_signal(self, *_: object) -> None:
+        self._stopping += 1
+        if self._stopping > 1:  # a second signal: force
+            for proc in self.procs:
+                if proc.popen is not None and proc.popen.poll() is None:
+                    proc.popen.kill()
+
+    def _watch(self, proc: _Proc, now: float) -> None:
+        if proc.popen is not None:
+            code = proc.popen.poll()
+            if code is None:
+                return
+            proc.popen = None
+            if now - proc.started_at > 10.0:
+                proc.crashes = 0
+            proc.crashes += 1
+            delay = min(MAX_BACKOFF_S, 0.5 * 2 ** (proc.crashes - 1))
+            proc.restart_at = now + delay
+            log.error("%s exited with %s; restarting in %.1fs%s", proc.name, code, delay,
+                      " (crash loop)" if proc.crashes >= 5 else "")
+            if proc.name == "mongrel2":
+                self.mongrel2.remove_pid_file()
+            return
+        if now >= proc.restart_at:
+            proc.popen = subprocess.Popen(proc.argv, cwd=proc.cwd, start_new_session=True)
+            proc.started_at = now
+            log.info("started %s (pid %d)", proc.name, proc.popen.pid)
+
+    def _stop_all(self) -> None:
+        # Pools first: they finish in-flight requests while brokers and Mongrel2
+        # still carry the replies; then brokers; Mongrel2 last.
+        for order in (0, 1, 2):
+            group = [proc for proc in self.procs if proc.stop_order == order]
+            for proc in group:
+                if proc.popen is not None and proc.popen.poll() is None:
+                    proc.popen.send_signal(proc.stop_signal)
+            deadline = time.monotonic() + self.graceful_timeout_s
+            for proc in group:
+                if proc.popen is None:
+                    continue
+                try:
+                    proc.popen.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop in time: killing it", proc.name)
+                    _kill_group(proc.popen)
+                    proc.popen.wait()
+                proc.popen = None
+
+
+def exit_with_parent() -> None:
+    """Get SIGTERM when the parent dies (Linux PR_SET_PDEATHSIG), e.g. when the
+    `make` that started us is killed: make does not forward signals."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        log.warning("--exit-with-parent is not supported here")
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _kill_group(popen: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(popen.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _accepts(addr: tuple[str, int]) -> bool:
+    try:
+        with socket.create_connection(addr, timeout=0.2):
+            return True
+    except OSError:
+        return False

@@ -1,0 +1,329 @@
+"""Worker runtime: connect to brokers, announce, heartbeat, run requests.
+
+One thread (the loop) owns every ZeroMQ socket: a DEALER per broker and an
+inproc PULL that request threads send their replies into. Requests run on a
+thread pool of `capacity` threads, so heartbeats go on while the app works.
+
+Flow control (MONGREL2.md, download.flow_control): a request that carries
+DOWNLOAD_CREDITS may have at most that many reply bytes unwritten in Mongrel2;
+Mongrel2 grants them back (via the broker's CREDIT) as it writes. A request
+thread blocks in `_Flow.acquire` until it may send, so a slow client slows the
+app instead of growing Mongrel2's queue past its 16-message limit. Without
+credits (flow control off in Mongrel2) pieces are only capped in size: a
+streamed response of many small blocks can then overrun that limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import zmq
+
+from . import mongrel2 as m2
+from . import protocol as p
+from .routing import normalize_path, split_script_name
+
+log = logging.getLogger(__name__)
+
+MAX_OUTSTANDING_MESSAGES = 8  # well under Mongrel2's 16 queued messages per connection
+MAX_MESSAGE_BYTES = 1 << 20
+
+
+class Cancelled(Exception):
+    """The broker cancelled the request (client gone or timed out)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    connect: tuple[str, ...]
+    services: tuple[p.ServiceSpec, ...]
+    capacity: int = 1
+    heartbeat_s: float = 1.0
+    liveness: int = 3
+    graceful_timeout_s: float = 30.0
+    reconnect_max_s: float = 10.0
+    label: str = ""
+
+
+# A request handler runs on a pool thread: (event, script_name, path_info, send) -> close?
+Handler = Callable[[m2.HttpRequest | m2.UploadDone, str, str, Callable[[bytes], None]], bool]
+
+
+class _Flow:
+    """Per-request send window, shared by the loop (grant/cancel) and its thread."""
+
+    def __init__(self, credits: int | None) -> None:
+        self.credits = credits
+        self.outstanding: deque[int] = deque()
+        self.cancelled = False
+        self.cond = threading.Condition()
+
+    def acquire(self, wanted: int) -> int:
+        """Block until some bytes may be sent; return how many (<= wanted)."""
+        with self.cond:
+            while True:
+                if self.cancelled:
+                    raise Cancelled
+                if self.credits is None:
+                    return min(wanted, MAX_MESSAGE_BYTES)
+                if self.credits > 0 and len(self.outstanding) < MAX_OUTSTANDING_MESSAGES:
+                    n = min(wanted, self.credits, MAX_MESSAGE_BYTES)
+                    self.credits -= n
+                    self.outstanding.append(n)
+                    return n
+                self.cond.wait()
+
+    def grant(self, n: int) -> None:
+        with self.cond:
+            if self.credits is not None:
+                self.credits += n
+                while self.outstanding and n >= self.outstanding[0]:
+                    n -= self.outstanding.popleft()
+                if self.outstanding and n:
+                    self.outstanding[0] -= n
+            self.cond.notify_all()
+
+    def cancel(self) -> None:
+        with self.cond:
+            self.cancelled = True
+            self.cond.notify_all()
+
+
+@dataclass(slots=True, eq=False)
+class _BrokerConn:
+    index: int
+    endpoint: str
+    socket: zmq.Socket[bytes] | None = None
+    welcomed: bool = False
+    last_seen: float = 0.0
+    next_heartbeat: float = 0.0
+    retry_at: float = 0.0
+    backoff_s: float = 0.5
+    drain_acked: bool = False
+    index_frame: bytes = field(default=b"")
+
+
+class Worker:
+    """Serves `handler` for the brokers in `settings.connect` until stopped."""
+
+    def __init__(self, handler: Handler, settings: WorkerSettings) -> None:
+        self.handler = handler
+        self.settings = settings
+        self.label = settings.label or f"{socket.gethostname()}:{os.getpid()}"
+        self._stopping = False
+        self._flows: dict[tuple[int, bytes], _Flow] = {}
+        self._local = threading.local()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._inproc = f"inproc://scale0-replies-{id(self)}"
+        self.exit_code = 0
+
+    def stop(self) -> None:
+        """Graceful stop: drain, finish in-flight requests, say BYE. Signal-safe."""
+        self._stopping = True
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stop())
+
+    # ---- the loop ------------------------------------------------------
+
+    def run(self) -> int:
+        s = self.settings
+        self._ctx = ctx = zmq.Context()
+        replies = ctx.socket(zmq.PULL)
+        replies.bind(self._inproc)
+        brokers = [_BrokerConn(i, ep, index_frame=b"%d" % i) for i, ep in enumerate(s.connect)]
+        pool = ThreadPoolExecutor(s.capacity, thread_name_prefix="scale0-req")
+        hello = p.Hello(s.services, s.capacity, self.label, int(s.heartbeat_s * 1000),
+                        {"pid": str(os.getpid())}).encode()
+        drain_started = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                if self._stopping and not drain_started:
+                    drain_started = now
+                    log.info("draining: %d requests in flight", len(self._flows))
+                    for b in brokers:
+                        self._send(b, [p.CMD[p.Command.DRAIN]])
+                if drain_started and (
+                    (not self._flows and all(b.drain_acked or not b.welcomed for b in brokers))
+                    or now - drain_started > s.graceful_timeout_s
+                ):
+                    break
+                for b in brokers:
+                    self._keep_alive(b, hello, now)
+                poller = zmq.Poller()
+                poller.register(replies, zmq.POLLIN)
+                for b in brokers:
+                    if b.socket is not None:
+                        poller.register(b.socket, zmq.POLLIN)
+                timeout_ms = max(1, int(min(s.heartbeat_s, 0.25) * 1000))
+                for sock, _ in poller.poll(timeout_ms):
+                    if sock is replies:
+                        self._forward_replies(replies, brokers)
+                    else:
+                        b = next(b for b in brokers if b.socket is sock)
+                        self._read_broker(b, pool)
+                if self.exit_code:
+                    break
+        finally:
+            for b in brokers:
+                if b.socket is not None and b.welcomed:
+                    self._send(b, [p.CMD[p.Command.BYE]])
+            for flow in self._flows.values():
+                flow.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._forward_replies(replies, brokers)
+            ctx.destroy(linger=500)
+        return self.exit_code
+
+    def _keep_alive(self, b: _BrokerConn, hello: bytes, now: float) -> None:
+        s = self.settings
+        if b.socket is None:
+            if now < b.retry_at:
+                return
+            assert self._ctx is not None
+            b.socket = self._ctx.socket(zmq.DEALER)
+            b.socket.setsockopt(zmq.LINGER, 500)
+            b.socket.connect(b.endpoint)
+            b.welcomed = False
+            b.last_seen = now
+            self._send(b, [p.CMD[p.Command.HELLO], hello])
+            b.next_heartbeat = now + s.heartbeat_s
+            return
+        if now - b.last_seen > s.heartbeat_s * s.liveness:
+            log.warning("broker %s silent for %.1fs: reconnecting", b.endpoint, now - b.last_seen)
+            b.socket.close(0)
+            b.socket = None
+            b.retry_at = now + b.backoff_s
+            b.backoff_s = min(b.backoff_s * 2, s.reconnect_max_s)
+            return
+        if now >= b.next_heartbeat:
+            b.next_heartbeat = now + s.heartbeat_s
+            self._send(b, [p.CMD[p.Command.HEARTBEAT]])
+
+    def _send(self, b: _BrokerConn, frames: list[bytes]) -> None:
+        if b.socket is not None:
+            try:
+                b.socket.send_multipart([p.VERSION, *frames], zmq.NOBLOCK)
+            except zmq.Again:
+                log.warning("broker %s not accepting messages", b.endpoint)
+
+    def _read_broker(self, b: _BrokerConn, pool: ThreadPoolExecutor) -> None:
+        assert b.socket is not None
+        while True:
+            try:
+                frames = b.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            b.last_seen = time.monotonic()
+            if len(frames) < 2 or frames[0] != p.VERSION or len(frames[1]) != 1:
+                log.warning("malformed message from broker %s", b.endpoint)
+                continue
+            command = frames[1][0]
+            if command == p.Command.REQUEST and len(frames) == 6:
+                self._start_request(b, frames[2], frames[4], frames[5], pool)
+            elif command == p.Command.CREDIT and len(frames) == 4:
+                flow = self._flows.get((b.index, frames[2]))
+                if flow is not None and frames[3].isdigit():
+                    flow.grant(int(frames[3]))
+            elif command == p.Command.CANCEL and len(frames) == 3:
+                flow = self._flows.get((b.index, frames[2]))
+                if flow is not None:
+                    flow.cancel()
+            elif command == p.Command.HEARTBEAT:
+                if self._stopping:
+                    b.drain_acked = True
+            elif command == p.Command.WELCOME:
+                b.welcomed = True
+                b.backoff_s = 0.5
+                log.info("connected to broker %s", b.endpoint)
+            elif command == p.Command.BYE:  # the broker does not know us: announce again
+                b.socket.close(0)
+                b.socket = None
+                b.retry_at = 0.0
+                return
+            elif command == p.Command.DRAIN:
+                self.stop()
+            elif command == p.Command.ERROR:
+                text = frames[3].decode("utf-8", "replace") if len(frames) > 3 else ""
+                log.error("broker %s refused us: %s", b.endpoint, text)
+                if not b.welcomed:
+                    self.exit_code = 3  # a HELLO that is refused will be refused again
+            else:
+                log.warning("unexpected command %#x from broker %s", command, b.endpoint)
+
+    def _start_request(self, b: _BrokerConn, rid: bytes, script_name: bytes, raw: bytes,
+                       pool: ThreadPoolExecutor) -> None:
+        try:
+            event = m2.parse_message(raw)
+        except m2.Mongrel2ProtocolError as exc:
+            log.warning("unparseable request from broker: %s", exc)
+            event = None
+        if not isinstance(event, (m2.HttpRequest, m2.UploadDone)):
+            self._send(b, [p.CMD[p.Command.REPLY], rid, p.FLAG_LAST])
+            return
+        credits = event.header(b"DOWNLOAD_CREDITS")
+        flow = _Flow(int(credits) if credits is not None and credits.isdigit() else None)
+        self._flows[(b.index, rid)] = flow
+        pool.submit(self._run_request, b.index_frame, rid, event,
+                    script_name.decode("latin-1"), flow)
+
+    def _forward_replies(self, replies: zmq.Socket[bytes], brokers: list[_BrokerConn]) -> None:
+        while True:
+            try:
+                frames = replies.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            b = brokers[int(frames[0])]
+            if frames[2] == p.FLAG_LAST:
+                self._flows.pop((b.index, frames[1]), None)
+            self._send(b, [p.CMD[p.Command.REPLY], *frames[1:]])
+
+    # ---- request threads -----------------------------------------------
+
+    def _push(self) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] | None = getattr(self._local, "push", None)
+        if sock is None:
+            assert self._ctx is not None
+            sock = self._local.push = self._ctx.socket(zmq.PUSH)
+            sock.connect(self._inproc)
+        return sock
+
+    def _run_request(self, broker: bytes, rid: bytes, event: m2.HttpRequest | m2.UploadDone,
+                     script_name: str, flow: _Flow) -> None:
+        push = self._push()
+        sender, conn_id = event.sender, event.conn_id
+
+        def send(data: bytes) -> None:
+            while data:
+                n = flow.acquire(len(data))
+                piece, data = data[:n], data[n:]
+                push.send_multipart([broker, rid, p.FLAG_MORE, m2.reply(sender, conn_id, piece)])
+
+        close = True
+        try:
+            path = normalize_path(event.path)
+            try:
+                script, path_info = split_script_name(path, script_name)
+            except ValueError:
+                script, path_info = split_script_name(path, "")
+            close = self.handler(event, script, path_info, send)
+        except Cancelled:
+            close = False
+        except Exception:
+            log.exception("request handler failed")
+        finally:
+            last: list[bytes] = [broker, rid, p.FLAG_LAST]
+            if close and not flow.cancelled:
+                last.append(m2.close_reply(sender, conn_id))
+            push.send_multipart(last)
