@@ -1,0 +1,216 @@
+"""End-to-end harness: a real Mongrel2, real broker and worker processes.
+
+Every process a test starts is tracked and stopped (SIGTERM, then SIGKILL)
+when the fixture ends; readiness is a READY line or an HTTP answer, polled
+with a deadline, never a fixed sleep. Ports are picked free.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from scale0.m2server import Mongrel2Server, config_text
+
+ROOT = Path(__file__).resolve().parents[2]
+APPS_DIR = Path(__file__).resolve().parent
+SENDER = "5ca1e000-0000-4000-8000-0000000e2e01"
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 15.0, what: str = "condition",
+             interval_s: float = 0.05) -> Any:
+    """Poll `predicate` until truthy; fail the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+class Proc:
+    """A child process whose stdout we read for its READY line."""
+
+    def __init__(self, name: str, argv: list[str], cwd: Path, env: dict[str, str] | None = None):
+        self.name = name
+        self.log_path = cwd / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=self._log,
+                                      env={**os.environ, **(env or {})}, start_new_session=True)
+        self.ready_line = ""
+
+    def wait_ready(self, timeout_s: float = 15.0, prefix: str = "READY") -> str:
+        """Read stdout lines until one starts with `prefix`; fail after `timeout_s`."""
+        assert self.popen.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        buf = b""
+        while True:
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if line.decode(errors="replace").startswith(prefix):
+                    self.ready_line = line.decode()
+                    return self.ready_line
+            left = deadline - time.monotonic()
+            if left <= 0 or self.popen.poll() is not None:
+                raise AssertionError(f"{self.name} not ready: {self.log_tail()}")
+            if select.select([self.popen.stdout], [], [], left)[0]:
+                buf += os.read(self.popen.stdout.fileno(), 4096)
+
+    def log_tail(self, n: int = 3000) -> str:
+        self._log.flush()
+        return self.log_path.read_bytes()[-n:].decode("utf-8", "replace")
+
+    def send_signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+
+    def kill_group(self, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(self.popen.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, timeout_s: float = 10.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill_group()
+                self.popen.wait(5)
+        self.kill_group()  # pre-forked children, if any are left
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+        self._log.close()
+        return int(self.popen.returncode)
+
+
+class Stack:
+    """Mongrel2 + brokers + worker pools in a temporary folder, on free ports."""
+
+    def __init__(self, tmp: Path) -> None:
+        if shutil.which("mongrel2") is None:
+            pytest.fail("mongrel2 is not installed: run `make test` (installs mongrel2-core)")
+        self.tmp = tmp
+        self.http_port = free_port()
+        self.send_spec = f"tcp://127.0.0.1:{free_port()}"
+        self.recv_spec = f"tcp://127.0.0.1:{free_port()}"
+        self.broker_endpoints: list[str] = []
+        self.procs: list[Proc] = []
+        conf = tmp / "mongrel2.conf"
+        conf.write_text(config_text(http_port=self.http_port, send_spec=self.send_spec,
+                                    recv_spec=self.recv_spec, send_ident=SENDER))
+        self.m2 = Mongrel2Server(conf, tmp / "m2", "f400bf85-4538-4f7a-8908-67e313d515c2")
+        self.mongrel2: Proc | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def start_mongrel2(self) -> Proc:
+        self.m2.prepare()
+        proc = Proc("mongrel2", self.m2.argv(), self.m2.runtime_dir)
+        proc.ready_line = "READY"
+        self.procs.append(proc)
+        self.mongrel2 = proc
+
+        def accepts() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", self.http_port), timeout=0.2):
+                    return True
+            except OSError:
+                return False
+
+        wait_for(accepts, what="Mongrel2 to accept connections")
+        return proc
+
+    def start_broker(self, *args: str, port: int | None = None) -> Proc:
+        endpoint = f"tcp://127.0.0.1:{port or free_port()}"
+        argv = [sys.executable, "-m", "scale0.cli", "broker", "--bind", endpoint,
+                "--mongrel2", f"{self.send_spec},{self.recv_spec}", *args]
+        proc = Proc(f"broker{len(self.broker_endpoints)}", argv, self.tmp)
+        self.procs.append(proc)
+        proc.wait_ready()
+        if endpoint not in self.broker_endpoints:
+            self.broker_endpoints.append(endpoint)
+        return proc
+
+    def start_pool(self, app: str, *args: str, service: str | None = None,
+                   routes: tuple[str, ...] = ("/",), processes: int = 1, threads: int = 2,
+                   env: dict[str, str] | None = None, connect: list[str] | None = None) -> Proc:
+        argv = [sys.executable, "-m", "scale0.cli", "wsgi", app,
+                "--processes", str(processes), "--threads", str(threads),
+                "--upload-dir", str(self.m2.upload_dir), *args]
+        for endpoint in connect or self.broker_endpoints:
+            argv += ["--connect", endpoint]
+        if service:
+            argv += ["--service", service]
+        for route in routes:
+            argv += ["--route", route]
+        env = {"PYTHONPATH": f"{APPS_DIR}{os.pathsep}{ROOT}", **(env or {})}
+        proc = Proc(f"pool-{service or app.replace(':', '-')}-{len(self.procs)}", argv,
+                    self.tmp, env)
+        self.procs.append(proc)
+        proc.wait_ready()
+        return proc
+
+    def wait_ok(self, path: str, timeout_s: float = 15.0) -> requests.Response:
+        def ok() -> requests.Response | None:
+            try:
+                r = requests.get(self.url(path), timeout=2)
+            except requests.RequestException:
+                return None
+            return r if r.status_code == 200 else None
+
+        return wait_for(ok, timeout_s, f"200 from {path}")  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        self.procs.clear()
+        self.m2.remove_pid_file()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One shared stack for a module's tests that do not disturb it."""
+    s = Stack(tmp_path_factory.mktemp("stack"))
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def fresh_stack(tmp_path: Path) -> Iterator[Stack]:
+    """A stack of its own, for tests that kill or restart parts of it."""
+    s = Stack(tmp_path)
+    try:
+        yield s
+    finally:
+        s.stop()

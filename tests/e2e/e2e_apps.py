@@ -1,0 +1,64 @@
+"""WSGI apps the end-to-end tests serve (imported by worker processes)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Iterator
+from wsgiref.types import StartResponse, WSGIEnvironment
+from wsgiref.validate import validator
+
+BIG = 10 * 1024 * 1024
+ENVIRON_KEYS = (
+    "REQUEST_METHOD", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "CONTENT_TYPE",
+    "CONTENT_LENGTH", "SERVER_NAME", "SERVER_PORT", "SERVER_PROTOCOL", "REMOTE_ADDR",
+    "wsgi.url_scheme", "wsgi.multithread", "wsgi.multiprocess",
+)
+
+
+def _json(start_response: StartResponse, data: object, status: str = "200 OK") -> list[bytes]:
+    body = json.dumps(data, sort_keys=True).encode()
+    start_response(status, [("Content-Type", "application/json"),
+                            ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+    path = environ["PATH_INFO"]
+    if path.endswith("/environ"):
+        info = {k: environ.get(k) for k in ENVIRON_KEYS}
+        info["headers"] = {k: v for k, v in environ.items() if k.startswith("HTTP_")}
+        return _json(start_response, info)
+    if path.endswith("/echo"):
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        return _json(start_response, {
+            "method": environ["REQUEST_METHOD"], "length": len(body),
+            "sha256": hashlib.sha256(body).hexdigest(), "query": environ["QUERY_STRING"],
+            "content_type": environ.get("CONTENT_TYPE", ""),
+            "text": body[:200].decode("latin-1")})
+    if path.endswith("/big"):
+        block = bytes(range(256)) * 256  # 64 KiB
+        start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                                  ("Content-Length", str(BIG))])
+        return (block for _ in range(BIG // len(block)))
+    if path.endswith("/stream"):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return _stream(int(environ.get("QUERY_STRING") or 20))
+    if path.endswith("/pid"):
+        import os
+        return _json(start_response, {"pid": os.getpid()})
+    if path.endswith("/fail"):
+        raise RuntimeError("this app fails on purpose")
+    body = b"e2e hello\n"
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def _stream(n: int) -> Iterator[bytes]:
+    for i in range(n):
+        time.sleep(0.01)
+        yield b"chunk %03d\n" % i
+
+
+validated = validator(app)

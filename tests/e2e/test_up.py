@@ -1,0 +1,133 @@
+"""`scale0 up` and `make run`: the whole stack from one command, and a clean stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from scale0.m2server import config_text
+
+from .conftest import ROOT, Proc, free_port, wait_for
+
+
+def processes_mentioning(marker: str) -> list[int]:
+    """Pids whose command line contains `marker`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def write_stack(tmp: Path) -> tuple[Path, int, str]:
+    http_port, send_port, recv_port, broker_port = (free_port() for _ in range(4))
+    server_uuid = str(uuid.uuid4())
+    (tmp / "mongrel2.conf").write_text(config_text(
+        http_port=http_port, send_spec=f"tcp://127.0.0.1:{send_port}",
+        recv_spec=f"tcp://127.0.0.1:{recv_port}", send_ident=str(uuid.uuid4()),
+        uuid=server_uuid))
+    broker = f"tcp://127.0.0.1:{broker_port}"
+    config = tmp / "stack.toml"
+    config.write_text(f"""
+graceful_timeout = 10.0
+[mongrel2]
+config = "mongrel2.conf"
+runtime_dir = "var"
+http = "127.0.0.1:{http_port}"
+[[broker]]
+bind = "{broker}"
+mongrel2 = ["tcp://127.0.0.1:{send_port},tcp://127.0.0.1:{recv_port}"]
+[[pool]]
+app = "examples.hello:app"
+service = "hello"
+routes = ["/"]
+processes = 2
+connect = ["{broker}"]
+[[pool]]
+app = "examples.flask_app:app"
+service = "flask"
+routes = ["/flask"]
+processes = 2
+connect = ["{broker}"]
+""")
+    return config, http_port, server_uuid
+
+
+def wait_200(url: str) -> None:
+    def ok() -> bool:
+        try:
+            return requests.get(url, timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    wait_for(ok, 20, f"200 from {url}")
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_up_serves_both_examples_and_stops_clean(tmp_path: Path, stop_signal: int) -> None:
+    config, http_port, server_uuid = write_stack(tmp_path)
+    for attempt in range(2):  # the second start proves nothing stale blocks it
+        up = Proc(f"up{attempt}", [sys.executable, "-m", "scale0.cli", "up", "--config",
+                                   str(config)], tmp_path, {"PYTHONPATH": str(ROOT)})
+        try:
+            assert up.wait_ready(20, "READY up").startswith("READY up")
+            wait_200(f"http://127.0.0.1:{http_port}/")
+            wait_200(f"http://127.0.0.1:{http_port}/flask/")
+            assert processes_mentioning(server_uuid)  # mongrel2 runs
+            assert len(processes_mentioning(str(tmp_path))) >= 6  # pools and children
+            up.send_signal(stop_signal)
+            assert up.popen.wait(30) == 0
+        finally:
+            up.stop()
+        assert processes_mentioning(server_uuid) == []
+        assert processes_mentioning(str(tmp_path)) == []
+        assert not (tmp_path / "var" / "run" / "mongrel2.pid").exists()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_make_run_answers_curl_and_sigterm_stops_everything() -> None:
+    if not all(_port_free(p) for p in (6767, 6780, 9996, 9997)):
+        pytest.skip("make run's fixed ports (6767, 6780, 9996, 9997) are in use")
+    make = subprocess.Popen(["make", "--no-print-directory", "run"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        def curl_ok() -> bool:
+            out = subprocess.run(["curl", "-s", "-m", "2", "-o", "/dev/null", "-w",
+                                  "%{http_code}", "http://127.0.0.1:6767/"],
+                                 capture_output=True, text=True)
+            return out.stdout == "200"
+
+        wait_for(curl_ok, 60, "make run to answer curl")
+        make.send_signal(signal.SIGTERM)  # make does not forward it: --exit-with-parent
+        make.wait(30)
+        wait_for(lambda: not processes_mentioning("scale0.toml")
+                 and not processes_mentioning("scale0.cli"), 30, "the stack to stop")
+        wait_for(lambda: _port_free(6767), 10, "port 6767 to be released")
+        assert not (ROOT / "var" / "mongrel2" / "run" / "mongrel2.pid").exists()
+    finally:
+        if make.poll() is None:
+            os.killpg(make.pid, signal.SIGKILL)
+            make.wait()
