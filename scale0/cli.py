@@ -152,7 +152,7 @@ def load_app(spec: str) -> Any:
 
 def cmd_wsgi(args: argparse.Namespace) -> int:
     from .supervise import BOOT_FAILED, Pool
-    from .worker import Worker, WorkerSettings
+    from .worker import ReplyStream, Worker, WorkerSettings
     from .wsgi import WsgiSettings, run_wsgi
 
     if args.chdir:
@@ -182,9 +182,9 @@ def cmd_wsgi(args: argparse.Namespace) -> int:
             log.exception("cannot load %s", args.app)
             return BOOT_FAILED
 
-        def handle(event: Any, script_name: str, path_info: str, send: Any) -> bool:
+        def handle(event: Any, script_name: str, path_info: str, stream: ReplyStream) -> bool:
             info = run_wsgi(app, event, script_name=script_name, path_info=path_info,
-                            send=send, settings=wsgi_settings)
+                            send=stream.send, last=stream.last, settings=wsgi_settings)
             return info.close
 
         worker = Worker(handle, worker_settings)

@@ -54,8 +54,62 @@ class WorkerSettings:
     label: str = ""
 
 
-# A request handler runs on a pool thread: (event, script_name, path_info, send) -> close?
-Handler = Callable[[m2.HttpRequest | m2.UploadDone, str, str, Callable[[bytes], None]], bool]
+class ReplyStream:
+    """What a handler writes its HTTP response to, from its pool thread.
+
+    `send` streams bytes within the flow-control window; `last` sends the
+    final bytes and ends the request in the same message (and closes the
+    client connection when `close`). A request not ended by `last` is ended
+    when the handler returns, closing the connection if it returns True.
+    """
+
+    def __init__(self, push: zmq.Socket[bytes], broker: bytes, rid: bytes,
+                 event: m2.HttpRequest | m2.UploadDone, flow: _Flow) -> None:
+        self._push = push
+        self._head = [broker, rid]
+        self._sender = event.sender
+        self._conn_id = event.conn_id
+        self._flow = flow
+        self.ended = False
+
+    def send(self, data: bytes) -> None:
+        flow, sender, conn_id = self._flow, self._sender, self._conn_id
+        while data:
+            n = flow.acquire(len(data))
+            piece, data = data[:n], data[n:]
+            self._push.send_multipart([*self._head, p.FLAG_MORE, m2.reply(sender, conn_id, piece)])
+
+    def last(self, data: bytes, close: bool) -> None:
+        if self.ended:
+            raise RuntimeError("the request has already ended")
+        flow = self._flow
+        frames = [*self._head, p.FLAG_LAST]
+        while data:
+            n = flow.acquire(len(data))
+            if n < len(data):  # over the window: stream all but the tail
+                self.send(data[:n])
+                data = data[n:]
+                continue
+            frames.append(m2.reply(self._sender, self._conn_id, data))
+            break
+        if close:
+            frames.append(m2.close_reply(self._sender, self._conn_id))
+        self.ended = True
+        self._push.send_multipart(frames)
+
+    def end(self, close: bool) -> None:
+        """End the request if `last` did not (also after errors and cancels)."""
+        if not self.ended:
+            frames = [*self._head, p.FLAG_LAST]
+            if close and not self._flow.cancelled:
+                frames.append(m2.close_reply(self._sender, self._conn_id))
+            self.ended = True
+            self._push.send_multipart(frames)
+
+
+# A request handler runs on a pool thread and writes to its ReplyStream;
+# it returns whether the client connection must be closed.
+Handler = Callable[[m2.HttpRequest | m2.UploadDone, str, str, ReplyStream], bool]
 
 
 class _Flow:
@@ -301,15 +355,7 @@ class Worker:
 
     def _run_request(self, broker: bytes, rid: bytes, event: m2.HttpRequest | m2.UploadDone,
                      script_name: str, flow: _Flow) -> None:
-        push = self._push()
-        sender, conn_id = event.sender, event.conn_id
-
-        def send(data: bytes) -> None:
-            while data:
-                n = flow.acquire(len(data))
-                piece, data = data[:n], data[n:]
-                push.send_multipart([broker, rid, p.FLAG_MORE, m2.reply(sender, conn_id, piece)])
-
+        stream = ReplyStream(self._push(), broker, rid, event, flow)
         close = True
         try:
             path = normalize_path(event.path)
@@ -317,13 +363,10 @@ class Worker:
                 script, path_info = split_script_name(path, script_name)
             except ValueError:
                 script, path_info = split_script_name(path, "")
-            close = self.handler(event, script, path_info, send)
+            close = self.handler(event, script, path_info, stream)
         except Cancelled:
             close = False
         except Exception:
             log.exception("request handler failed")
         finally:
-            last: list[bytes] = [broker, rid, p.FLAG_LAST]
-            if close and not flow.cancelled:
-                last.append(m2.close_reply(sender, conn_id))
-            push.send_multipart(last)
+            stream.end(close)

@@ -63,6 +63,7 @@ class ResponseInfo:
     status: int  # the status actually sent (500 when the app failed first)
     body_bytes: int  # body bytes sent, without headers or chunk framing
     close: bool  # the caller must close the client connection after these bytes
+    ended: bool = False  # the final bytes went to run_wsgi's `last` callback
 
 
 class BadRequest(Exception):
@@ -212,8 +213,11 @@ def build_environ(request: HttpRequest | UploadDone, *, script_name: str, path_i
 class _Response:
     """start_response/write state and HTTP/1.x framing for one request."""
 
-    def __init__(self, send: Callable[[bytes], None], request: HttpRequest | UploadDone) -> None:
+    def __init__(self, send: Callable[[bytes], None], request: HttpRequest | UploadDone,
+                 last: Callable[[bytes, bool], None] | None = None) -> None:
         self._send_cb = send
+        self._last_cb = last
+        self.ended = False  # the final bytes went to `last`
         self.head_only = request.method == b"HEAD"
         self.http11 = request.header(b"VERSION") == b"HTTP/1.1"
         connection = _tokens(_header(request.headers, b"connection"))
@@ -292,11 +296,15 @@ class _Response:
         if data:
             self._emit(data)
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes, final: bool = False) -> None:
         if self.transport_error is not None:
             raise self.transport_error
         try:
-            self._send_cb(data)
+            if final and self._last_cb is not None:
+                self.ended = True
+                self._last_cb(data, self.close)
+            else:
+                self._send_cb(data)
         except BaseException as exc:
             self.transport_error = exc  # the transport's error, not the app's
             raise
@@ -316,7 +324,9 @@ class _Response:
         if self.chunked:
             self._send(b"".join((head, b"%x\r\n" % len(data), data, b"\r\n")))
         elif head or data:
-            self._send(head + data)
+            # Complete once the declared length is out (or there is no body).
+            final = self.no_body or self.body_bytes == self.length
+            self._send(head + data, final)
 
     def _head(self, body_length: int | None) -> bytes:
         """Status line and headers; fixes framing and keep-alive (RFC 9112 6, 9.3)."""
@@ -351,9 +361,9 @@ class _Response:
 
     def finish(self) -> None:
         if not self.headers_sent:  # nothing came: the whole body is known to be empty
-            self._send(self._head(0))
+            self._send(self._head(0), final=True)
         elif self.chunked:
-            self._send(b"0\r\n\r\n")
+            self._send(b"0\r\n\r\n", final=True)
         if not self.no_body and self.length is not None and self.body_bytes < self.length:
             logger.error("app body shorter than Content-Length: %d < %d", self.body_bytes,
                          self.length)
@@ -371,7 +381,8 @@ class _Response:
         self.finish()
 
     def info(self) -> ResponseInfo:
-        return ResponseInfo(status=self.status, body_bytes=self.body_bytes, close=self.close)
+        return ResponseInfo(status=self.status, body_bytes=self.body_bytes, close=self.close,
+                            ended=self.ended)
 
 
 def _drive(app: WSGIApplication, environ: dict[str, Any], response: _Response) -> None:
@@ -396,13 +407,18 @@ def _drive(app: WSGIApplication, environ: dict[str, Any], response: _Response) -
 
 def run_wsgi(app: WSGIApplication, request: HttpRequest | UploadDone, *, script_name: str,
              path_info: str, send: Callable[[bytes], None], settings: WsgiSettings,
-             errors: TextIO | None = None) -> ResponseInfo:
+             errors: TextIO | None = None,
+             last: Callable[[bytes, bool], None] | None = None) -> ResponseInfo:
     """Run `app` on one request; send() gets the HTTP response bytes as produced.
+
+    With `last`, the bytes that complete the response go to last(data, close)
+    instead (once at most; then `ResponseInfo.ended`), so a transport can end
+    the request in the same message. Without it, everything goes to send().
 
     App errors never escape (500 before the first byte, else close=True);
     exceptions raised by send() itself propagate after the iterable is closed.
     """
-    response = _Response(send, request)
+    response = _Response(send, request, last)
     try:
         environ = build_environ(request, script_name=script_name, path_info=path_info,
                                 settings=settings, errors=sys.stderr if errors is None else errors)

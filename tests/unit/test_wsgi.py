@@ -761,3 +761,58 @@ def test_flask_app() -> None:
 
     result = run(app, make_request(b"/app/missing"))
     assert result.response.status == 404 and not result.info.close
+
+
+# --- `last`: the bytes that complete a response end the request in one message ---
+
+
+def _run_with_last(app: WSGIApplication, request: HttpRequest | None = None
+                   ) -> tuple[ResponseInfo, list[bytes], list[tuple[bytes, bool]]]:
+    request = request or make_request()
+    sends: list[bytes] = []
+    lasts: list[tuple[bytes, bool]] = []
+    info = run_wsgi(validator(app), request, script_name="", path_info="/x",
+                    send=sends.append, last=lambda data, close: lasts.append((data, close)),
+                    settings=WsgiSettings(), errors=io.StringIO())
+    return info, sends, lasts
+
+
+def _app_with(blocks: list[bytes], headers: list[tuple[str, str]]) -> WSGIApplication:
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain"), *headers])
+        return iter(blocks)
+    return app
+
+
+def test_last_gets_the_whole_small_response() -> None:
+    info, sends, lasts = _run_with_last(_app_with([b"hello"], [("Content-Length", "5")]))
+    assert sends == []
+    assert len(lasts) == 1 and lasts[0][1] is False
+    assert parse(lasts[0][0]).body == b"hello"
+    assert info.ended
+
+
+def test_last_gets_the_block_that_reaches_content_length() -> None:
+    info, sends, lasts = _run_with_last(_app_with([b"ab", b"cd", b"e"], [("Content-Length", "5")]))
+    assert len(sends) == 2 and len(lasts) == 1
+    assert parse(b"".join(sends) + lasts[0][0]).body == b"abcde"
+    assert lasts[0][0] == b"e" and info.ended
+
+
+def test_last_gets_the_chunked_terminator() -> None:
+    _info, sends, lasts = _run_with_last(_app_with([b"ab", b"cd"], []))
+    assert lasts == [(b"0\r\n\r\n", False)]
+    assert parse(b"".join(sends) + lasts[0][0]).body == b"abcd"
+
+
+def test_last_carries_close_for_connection_close() -> None:
+    request = make_request(headers={b"connection": b"close"})
+    _, _, lasts = _run_with_last(_app_with([b"hello"], [("Content-Length", "5")]), request)
+    assert len(lasts) == 1 and lasts[0][1] is True
+
+
+def test_last_is_not_called_when_the_end_is_unknown() -> None:
+    request = make_request(headers={b"VERSION": b"HTTP/1.0"})
+    info, sends, lasts = _run_with_last(_app_with([b"ab", b"cd"], []), request)
+    assert lasts == [] and not info.ended and info.close
+    assert parse(b"".join(sends)).body == b"abcd"
