@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 SAFE_TO_RETRY = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+_CREDITS_TAIL = b'{"type":"credits"},'
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +150,13 @@ class Dispatcher:
 
     def on_mongrel2(self, link: int, raw: bytes, now: float) -> None:
         self._now = now
+        if raw.endswith(_CREDITS_TAIL):
+            # download.flow_control sends one per write; most arrive after the
+            # request ended. Those need no parse (the only per-reply extra cost).
+            head = raw.split(b" ", 2)
+            if (len(head) == 3 and head[1].isdigit()
+                    and (link, int(head[1])) not in self.connections):
+                return
         try:
             event = m2.parse_message(raw)
         except m2.Mongrel2ProtocolError as exc:
