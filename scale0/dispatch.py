@@ -225,6 +225,8 @@ class Dispatcher:
         else:
             r.deadline = now + self.settings.queue_timeout_s
             service.queue[r.rid] = r
+            log.debug("request %d queued for %s (%d waiting)", r.rid, service.name,
+                      len(service.queue))
 
     def _send(self, r: Request, w: Worker, now: float) -> None:
         """Hand `r` to `w` (just popped from ready queues or known to be free)."""

@@ -73,11 +73,11 @@ def server_uuid(config_text: str) -> str:
 
 def config_text(*, http_port: int, send_spec: str, recv_spec: str, send_ident: str,
                 uuid: str = "f400bf85-4538-4f7a-8908-67e313d515c2", bind_addr: str = "127.0.0.1",
-                content_length_limit: int = 20480) -> str:
+                content_length_limit: int = 20480, recv_ident: str = "") -> str:
     """A one-server, one-handler m2sh config routing every path to Scale0."""
     return f"""\
 scale0 = Handler(send_spec='{send_spec}', send_ident='{send_ident}',
-                 recv_spec='{recv_spec}', recv_ident='', protocol='tnetstring')
+                 recv_spec='{recv_spec}', recv_ident='{recv_ident}', protocol='tnetstring')
 
 main = Server(
     uuid="{uuid}", access_log="/logs/access.log", error_log="/logs/error.log",

@@ -110,7 +110,7 @@ class Proc:
 class Stack:
     """Mongrel2 + brokers + worker pools in a temporary folder, on free ports."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, recv_ident: str = "") -> None:
         if shutil.which("mongrel2") is None:
             pytest.fail("mongrel2 is not installed: run `make test` (installs mongrel2-core)")
         self.tmp = tmp
@@ -121,7 +121,9 @@ class Stack:
         self.procs: list[Proc] = []
         conf = tmp / "mongrel2.conf"
         conf.write_text(config_text(http_port=self.http_port, send_spec=self.send_spec,
-                                    recv_spec=self.recv_spec, send_ident=SENDER))
+                                    recv_spec=self.recv_spec, send_ident=SENDER,
+                                    recv_ident=recv_ident))
+        self.link = f"{self.send_spec},{self.recv_spec}" + (f",{recv_ident}" if recv_ident else "")
         self.m2 = Mongrel2Server(conf, tmp / "m2", "f400bf85-4538-4f7a-8908-67e313d515c2")
         self.mongrel2: Proc | None = None
 
@@ -149,10 +151,14 @@ class Stack:
         wait_for(accepts, what="Mongrel2 to accept connections")
         return proc
 
-    def start_broker(self, *args: str, port: int | None = None) -> Proc:
+    def start_broker(self, *args: str, port: int | None = None,
+                     also: tuple[Stack, ...] = ()) -> Proc:
+        """A broker for this stack's Mongrel2 (and those of the stacks in `also`)."""
         endpoint = f"tcp://127.0.0.1:{port or free_port()}"
         argv = [sys.executable, "-m", "scale0.cli", "broker", "--bind", endpoint,
-                "--mongrel2", f"{self.send_spec},{self.recv_spec}", *args]
+                "--mongrel2", self.link, *args]
+        for other in also:
+            argv += ["--mongrel2", other.link]
         proc = Proc(f"broker{len(self.broker_endpoints)}", argv, self.tmp)
         self.procs.append(proc)
         proc.wait_ready()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from wsgiref.types import StartResponse, WSGIEnvironment
 from wsgiref.validate import validator
 
@@ -46,8 +48,14 @@ def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[byt
         start_response("200 OK", [("Content-Type", "text/plain")])
         return _stream(int(environ.get("QUERY_STRING") or 20))
     if path.endswith("/pid"):
-        import os
         return _json(start_response, {"pid": os.getpid()})
+    if path.endswith("/sleep"):
+        seconds = float(environ.get("QUERY_STRING") or 1)
+        marks = os.environ.get("E2E_MARK_DIR")
+        if marks:  # lets a test see that the request reached the app
+            Path(marks, f"sleep-{os.getpid()}-{time.monotonic_ns()}").touch()
+        time.sleep(seconds)
+        return _json(start_response, {"slept": seconds})
     if path.endswith("/fail"):
         raise RuntimeError("this app fails on purpose")
     body = b"e2e hello\n"
