@@ -33,6 +33,40 @@ def processes_mentioning(marker: str) -> list[int]:
     return pids
 
 
+def descendants(root: int) -> set[int]:
+    """Pids of every process below `root` (by parent pid, from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rpartition(")")[2].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    return {pid for pid in pids if Path(f"/proc/{pid}").exists()
+            and "Z" not in _state(pid)}
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return "Z"
+
+
 def write_stack(tmp: Path) -> tuple[Path, int, str]:
     http_port, send_port, recv_port, broker_port = (free_port() for _ in range(4))
     server_uuid = str(uuid.uuid4())
@@ -121,10 +155,11 @@ def test_make_run_answers_curl_and_sigterm_stops_everything() -> None:
             return out.stdout == "200"
 
         wait_for(curl_ok, 60, "make run to answer curl")
+        tree = descendants(make.pid)
+        assert len(tree) >= 8  # up, mongrel2, broker, 2 pools x (arbiter + 2 processes)
         make.send_signal(signal.SIGTERM)  # make does not forward it: --exit-with-parent
         make.wait(30)
-        wait_for(lambda: not processes_mentioning("scale0.toml")
-                 and not processes_mentioning("scale0.cli"), 30, "the stack to stop")
+        wait_for(lambda: not alive(tree), 30, "every process make run started to stop")
         wait_for(lambda: _port_free(6767), 10, "port 6767 to be released")
         assert not (ROOT / "var" / "mongrel2" / "run" / "mongrel2.pid").exists()
     finally:
