@@ -25,12 +25,30 @@ def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[byt
         start_response("200 OK", [("Content-Type", "application/json"),
                                   ("Content-Length", str(len(data)))])
         return [data]
+    if path.startswith("/bytes/"):
+        return _bytes(path[len("/bytes/"):], start_response)
     if path == "/stream":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return _count(int(environ.get("QUERY_STRING") or 10))
     body = b"Hello from Scale0!\n"
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
+
+
+MAX_BYTES = 16 * 1024 * 1024
+
+
+def _bytes(size: str, start_response: StartResponse) -> Iterable[bytes]:
+    """`/bytes/N`: N bytes of b"x" (0 <= N <= 16 MiB, plain decimal), else 400."""
+    n = int(size) if size.isascii() and size.isdigit() and len(size) <= 9 else -1
+    if not 0 <= n <= MAX_BYTES:
+        error = b"N must be a decimal number of bytes <= %d\n" % MAX_BYTES
+        start_response("400 Bad Request", [("Content-Type", "text/plain"),
+                                           ("Content-Length", str(len(error)))])
+        return [error]
+    start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                              ("Content-Length", str(n))])
+    return [b"x" * n]
 
 
 def _count(n: int) -> Iterator[bytes]:

@@ -24,6 +24,12 @@ Invariants (checked by ``check_invariants`` in tests):
   pipelined replies keep their order), or a worker's ``in_flight``.
 * Every request answers its client exactly once, or is dropped because the
   client is gone; each one has a deadline, so none is left hanging.
+* An answered request (an error, a timeout, a disconnect) leaves its
+  connection at once, so the next pipelined one starts; if a worker still
+  holds it, it stays cancelled in that worker's ``in_flight`` (and in
+  ``requests``) until its LAST reply, or the worker's removal, frees the slot.
+* Answers on a connection keep request order: even a request refused at once
+  (404, 413, forged upload) waits its turn behind the active one.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ log = logging.getLogger(__name__)
 
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 SAFE_TO_RETRY = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+_REFUSED_TEXT = {400: "bad upload"}
 _CREDITS_TAIL = b'{"type":"credits"},'
 
 
@@ -75,6 +82,7 @@ class Request:
     cancelled: bool = False
     attempts: int = 0
     reply_prefix: bytes = b""
+    refused: int = 0  # an error status to answer with when its turn on the connection comes
 
 
 @dataclass(slots=True, eq=False)
@@ -134,6 +142,8 @@ class Dispatcher:
         # (link, conn_id) -> requests on that connection, the first one active.
         self.connections: dict[tuple[int, int], deque[Request]] = {}
         self.uploads: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._starting: set[tuple[int, int]] = set()  # connections in _start_next
+        self._nowhere = Service("", b"")  # of refused requests; never has workers
         self.to_workers: list[list[bytes]] = []
         self.to_mongrel2: list[tuple[int, bytes]] = []
         self.counters = Counters()
@@ -153,8 +163,9 @@ class Dispatcher:
         if raw.endswith(_CREDITS_TAIL):
             # download.flow_control sends one per write; most arrive after the
             # request ended. Those need no parse (the only per-reply extra cost).
-            head = raw.split(b" ", 2)
-            if (len(head) == 3 and head[1].isdigit()
+            # Only a '@' path is a special message: a request body may end alike.
+            head = raw.split(b" ", 3)
+            if (len(head) == 4 and head[2][:1] == b"@" and head[1].isdigit()
                     and (link, int(head[1])) not in self.connections):
                 return
         try:
@@ -179,32 +190,46 @@ class Dispatcher:
                     now: float) -> None:
         self.counters.requests += 1
         sender, conn_id = req.sender, req.conn_id
+        try:
+            prefix = m2.reply_prefix(sender, conn_id)
+        except ValueError:
+            # parse_message takes any SENDER without a space, but a reply's must
+            # be [A-Za-z0-9-]+ (MONGREL2.md): nobody could ever be answered.
+            self.counters.bad_mongrel2 += 1
+            log.warning("unanswerable sender %r on link %d", sender, link)
+            return
         close = _wants_close(req)
-        if isinstance(req, m2.UploadDone):
-            expected = self.uploads.pop((link, conn_id), None)
-            if expected is None or expected != req.upload_path:
-                self.counters.forged_uploads += 1
-                log.warning("upload-done without matching upload-start on conn %d", conn_id)
-                self._reply_error(link, sender, conn_id, 400, "bad upload", close=True)
-                return
+        key = (link, conn_id)
+        refused = 0
+        match = None
         length = req.header(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.settings.max_body_bytes:
+        if isinstance(req, m2.UploadDone) and self.uploads.pop(key, None) != req.upload_path:
+            self.counters.forged_uploads += 1
+            log.warning("upload-done without matching upload-start on conn %d", conn_id)
+            refused, close = 400, True
+        elif length is not None and length.isdigit() and int(length) > self.settings.max_body_bytes:
             self.counters.too_large += 1
-            self._reply_error(link, sender, conn_id, 413, close=True)
+            refused, close = 413, True
+        else:
+            match = self.routes.lookup(req.header(b"host"), req.path)
+            if match is None:
+                self.counters.no_route += 1
+                refused = 404
+        on_conn = self.connections.get(key)
+        if refused and on_conn is None:
+            self._reply_error(link, sender, conn_id, refused, _REFUSED_TEXT.get(refused, ""),
+                              close=close)
             return
-        match = self.routes.lookup(req.header(b"host"), req.path)
-        if match is None:
-            self.counters.no_route += 1
-            self._reply_error(link, sender, conn_id, 404, close=close)
-            return
-        service = self.services[match.service]
         rid = self._next_rid
         self._next_rid = rid + 1
-        r = Request(rid, link, sender, conn_id, req.method, raw, service,
-                    match.script_name.encode("latin-1"), now, close)
+        if match is None:  # refused, but pipelined: answer in turn (RFC 9112 section 9.3.2)
+            service, script_name = self._nowhere, b""
+        else:
+            service = self.services[match.service]
+            script_name = match.script_name.encode("latin-1")
+        r = Request(rid, link, sender, conn_id, req.method, raw, service, script_name, now,
+                    close, reply_prefix=prefix, refused=refused)
         self.requests[rid] = r
-        key = (link, conn_id)
-        on_conn = self.connections.get(key)
         if on_conn is not None:  # pipelined: wait behind the active request
             on_conn.append(r)
             return
@@ -214,7 +239,9 @@ class Dispatcher:
     def _route(self, r: Request, now: float) -> None:
         """Send `r` to its service's LRU ready worker, or queue it."""
         service = r.service
-        if service.ready:
+        if r.refused:
+            self._fail(r, r.refused, _REFUSED_TEXT.get(r.refused, ""))
+        elif service.ready:
             self._send(r, service.ready.popitem(last=False)[1], now)
         elif not service.workers:
             self.counters.no_worker += 1
@@ -233,8 +260,6 @@ class Dispatcher:
         r.worker = w
         r.attempts += 1
         w.in_flight[r.rid] = r
-        if not r.reply_prefix:
-            r.reply_prefix = m2.reply_prefix(r.sender, r.conn_id)
         r.deadline = now + r.service.timeout_s
         r.service.active[r.rid] = r
         self.to_workers.append([
@@ -313,19 +338,22 @@ class Dispatcher:
         if len(frames) != 3:
             raise p.WireError("HELLO takes one frame")
         hello = p.Hello.decode(frames[2])
+        # Parse every route before changing anything: a refused HELLO leaves
+        # no half-announced routes behind.
+        routes: list[tuple[Route, str]] = []
+        for spec in hello.services:
+            for route_spec in spec.routes:
+                try:
+                    routes.append((parse_route(route_spec), spec.name))
+                except ValueError as exc:
+                    raise p.WireError(str(exc)) from exc
         old = self.workers.get(ident)
         if old is not None:
             self.remove_worker(old, now)
         services = tuple(self._service(s.name) for s in hello.services)
-        for spec in hello.services:
-            for route_spec in spec.routes:
-                try:
-                    route = parse_route(route_spec)
-                except ValueError as exc:
-                    raise p.WireError(str(exc)) from exc
-                if route in self.configured:
-                    continue  # the broker's own route table wins
-                self.routes.add(route, spec.name)
+        for route, name in routes:
+            if route not in self.configured:  # the broker's own route table wins
+                self.routes.add(route, name)
         w = Worker(ident, hello.worker or ident.hex(), services, hello.capacity, now,
                    now + self.expiry_s)
         self.workers[ident] = w
@@ -347,16 +375,18 @@ class Dispatcher:
             return
         last = frames[3] == p.FLAG_LAST
         if not r.cancelled:
-            prefix = r.reply_prefix
-            for message in frames[4:]:
-                if not message.startswith(prefix):
-                    self.counters.bad_worker += 1
-                    log.warning("worker %s replied to the wrong connection", w.label)
-                    self._fail(r, 502, "bad reply from worker", close=True)
-                    self._finish(r, w, now)
-                    return
-                self.to_mongrel2.append((r.link, message))
-            r.reply_started = r.reply_started or len(frames) > 4
+            prefix, messages = r.reply_prefix, frames[4:]
+            # Check all before forwarding any: a 502 after part of a reply
+            # would corrupt the client's stream.
+            if all(message.startswith(prefix) for message in messages):
+                link = r.link
+                self.to_mongrel2.extend([(link, message) for message in messages])
+                r.reply_started = r.reply_started or bool(messages)
+            else:
+                self.counters.bad_worker += 1
+                log.warning("worker %s replied to the wrong connection", w.label)
+                # Cancelled: the rest is dropped; the slot frees on the LAST reply.
+                self._fail(r, 502, "bad reply from worker", close=True)
         if last:
             w.served += 1
             self.counters.replies += 1
@@ -365,14 +395,17 @@ class Dispatcher:
     def _finish(self, r: Request, w: Worker, now: float) -> None:
         """`r` is over at `w`: free the slot, start the next on its connection."""
         w.in_flight.pop(r.rid, None)
+        r.worker = None
         self._forget(r, cancel=False)
         self._update_ready(w)
         self._pull_queued(w, now)
 
     def remove_worker(self, w: Worker, now: float) -> None:
         """Idempotent. In-flight requests are retried once if safe, else 502."""
-        if self.workers.pop(w.ident, None) is None:
+        if self.workers.get(w.ident) is not w:  # gone, or replaced by a new HELLO
             return
+        del self.workers[w.ident]
+        self._now = now
         for service in w.services:
             service.ready.pop(w.ident, None)
             service.workers.pop(w.ident, None)
@@ -380,6 +413,10 @@ class Dispatcher:
         w.in_flight.clear()
         for r in orphans:
             r.worker = None
+            # Out of `active` before a retry re-adds it: an OrderedDict keeps an
+            # existing key's place, and a later deadline there would hide the
+            # earlier ones behind it from on_tick.
+            r.service.active.pop(r.rid, None)
             if r.cancelled:
                 self._forget(r, cancel=False)
             elif (not r.reply_started and r.method in SAFE_TO_RETRY
@@ -466,8 +503,10 @@ class Dispatcher:
                 self._reply_error(r.link, r.sender, r.conn_id, status, text,
                                   close=close or r.close_after)
         r.cancelled = True
-        if r.worker is None:
-            self._forget(r, cancel=False)
+        # Answered: the connection moves on now, even if a worker still holds
+        # `r` (after a 504 it may never answer), or a pipelined request would
+        # wait behind it with no deadline of its own.
+        self._forget(r, cancel=False)
 
     def _cancel_at_worker(self, r: Request) -> None:
         w = r.worker
@@ -477,25 +516,47 @@ class Dispatcher:
             ])
 
     def _forget(self, r: Request, *, cancel: bool) -> None:
-        """Drop `r` from every index; its worker slot is freed by its last reply."""
+        """Drop `r` from every index and start the next request on its connection.
+
+        A request that a worker still holds stays in `requests` (cancelled)
+        until that worker's last reply, or its removal, frees the slot.
+        """
         if cancel:
-            if r.worker is not None:
-                self._cancel_at_worker(r)
+            self._cancel_at_worker(r)
             r.cancelled = True
         r.service.queue.pop(r.rid, None)
         r.service.active.pop(r.rid, None)
-        if r.worker is None or not cancel:
+        if r.worker is None:
             self.requests.pop(r.rid, None)
         key = (r.link, r.conn_id)
         on_conn = self.connections.get(key)
-        if on_conn and on_conn[0] is r:
+        if not on_conn:
+            return
+        if on_conn[0] is r:
             on_conn.popleft()
-            if on_conn:
-                self._route(on_conn[0], self._now)
-            else:
+            if not on_conn:
                 del self.connections[key]
-        elif on_conn and r in on_conn:
+            elif key not in self._starting:  # else the loop up the stack routes it
+                self._start_next(key, on_conn)
+        elif r in on_conn:
             on_conn.remove(r)
+
+    def _start_next(self, key: tuple[int, int], on_conn: deque[Request]) -> None:
+        """Route the new head of a connection, and the next while heads fail at once.
+
+        A loop, not recursion: a head that fails at once (no worker, queue full)
+        is forgotten inside `_route`, and that `_forget` leaves the next head to
+        this loop, so a long pipeline cannot overflow the stack.
+        """
+        self._starting.add(key)
+        try:
+            while on_conn:
+                head = on_conn[0]
+                self._route(head, self._now)
+                if on_conn and on_conn[0] is head:
+                    break  # queued or sent: it has a deadline now
+        finally:
+            self._starting.discard(key)
 
     def _reply_error(self, link: int, sender: bytes, conn_id: int, status: int,
                      text: str | None = None, *, close: bool = False) -> None:
@@ -519,21 +580,74 @@ class Dispatcher:
 
     def check_invariants(self) -> None:
         """For tests: raise AssertionError if the state is inconsistent."""
+        where: dict[int, str] = {}  # rid -> the one place it is in
+
+        def place(r: Request, here: str) -> None:
+            if r.rid in where:
+                raise AssertionError(f"request {r.rid} in {where[r.rid]} and {here}")
+            if self.requests.get(r.rid) is not r:
+                raise AssertionError(f"request {r.rid} in {here} but not in requests")
+            where[r.rid] = here
+
+        def ordered(pending: OrderedDict[int, Request], what: str) -> None:
+            deadlines = [r.deadline for r in pending.values()]
+            if deadlines != sorted(deadlines):
+                raise AssertionError(f"{what} not in deadline order: {deadlines}")
+
         for service in self.services.values():
+            for ident, w in service.workers.items():
+                if self.workers.get(ident) is not w or service not in w.services:
+                    raise AssertionError(f"{service.name}: stale worker {w.label}")
             for ident, w in service.ready.items():
                 if self.workers.get(ident) is not w or w.draining:
                     raise AssertionError(f"{service.name}: dead or draining worker ready")
                 if len(w.in_flight) >= w.capacity:
                     raise AssertionError(f"{service.name}: full worker ready")
+            if service.ready and service.queue:
+                raise AssertionError(f"{service.name}: requests queued while a worker is ready")
+            ordered(service.queue, f"{service.name} queue")
+            ordered(service.active, f"{service.name} active")
             for r in service.queue.values():
-                if r.worker is not None or r.rid not in self.requests:
+                if r.worker is not None or r.cancelled or r.service is not service:
                     raise AssertionError("queued request is also elsewhere")
+                if self.connections.get((r.link, r.conn_id), (None,))[0] is not r:
+                    raise AssertionError(f"queued request {r.rid} not first on its connection")
+                place(r, "queue")
+            for r in service.active.values():
+                if r.worker is None or r.cancelled or r.worker.in_flight.get(r.rid) is not r:
+                    raise AssertionError(f"active request {r.rid} is not at a worker")
         for w in self.workers.values():
             if len(w.in_flight) > w.capacity:
                 raise AssertionError(f"worker {w.label} over capacity")
+            free = not w.draining and len(w.in_flight) < w.capacity
+            for service in w.services:
+                if service.workers.get(w.ident) is not w:
+                    raise AssertionError(f"worker {w.label} missing from {service.name}")
+                if (w.ident in service.ready) != free:
+                    raise AssertionError(f"worker {w.label}: ready iff free, in {service.name}")
             for r in w.in_flight.values():
                 if r.worker is not w:
                     raise AssertionError("in-flight request points at another worker")
+                if not r.cancelled and (
+                        r.rid not in r.service.active
+                        or self.connections.get((r.link, r.conn_id), (None,))[0] is not r):
+                    raise AssertionError(f"in-flight request {r.rid}: no deadline, or not "
+                                         "first on its connection")
+                place(r, f"worker {w.label}")
+        for key, on_conn in self.connections.items():
+            if not on_conn:
+                raise AssertionError(f"connection {key} with no request")
+            for i, r in enumerate(on_conn):
+                if (r.link, r.conn_id) != key or r.cancelled:
+                    raise AssertionError(f"connection {key}: foreign or cancelled request")
+                if i == 0 and r.rid not in where:
+                    raise AssertionError(f"connection {key}: first request neither queued "
+                                         "nor at a worker")
+                if i > 0:
+                    place(r, f"connection {key} backlog")
+        for rid in self.requests:
+            if rid not in where:
+                raise AssertionError(f"request {rid} is nowhere")
 
 
 def _wants_close(req: m2.Message) -> bool:

@@ -1,0 +1,126 @@
+"""The two stacks measured, each with its own Mongrel2 on free ports in a temp folder.
+
+- direct: Mongrel2 -> bench.direct_handler (one Python process answering itself).
+- scale0: Mongrel2 -> `scale0 broker` -> `scale0 wsgi examples.hello:app`, the
+  shape of scale0.toml's hello stack: one broker, one pool of processes=2
+  threads=4, download.flow_control=1 (scale0.m2server.config_text sets it).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scale0.m2server import Mongrel2Server, config_text
+
+from .procs import BenchError, Proc, WaitTimeout, answers_200, children, free_port, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+SENDER = "5ca1e000-0000-4000-8000-00000000be01"
+M2_UUID = "5ca1e000-0000-4000-8000-00000000be0a"
+READY_TIMEOUT_S = 30.0
+POOL_PROCESSES = 2
+POOL_THREADS = 4
+
+
+@dataclass(slots=True)
+class Scenario:
+    name: str
+    http_port: int
+    procs: list[Proc] = field(default_factory=list)  # in start order
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.http_port}{path}"
+
+    def check_alive(self) -> None:
+        for proc in self.procs:
+            if not proc.alive():
+                raise BenchError(f"{self.name}: {proc.name} exited with {proc.popen.returncode}"
+                                 f"\n{self.log_tails()}")
+
+    def log_tails(self) -> str:
+        return "\n".join(proc.log_tail() for proc in self.procs)
+
+    def wait_ready(self, expected_workers: int = 0) -> None:
+        """HTTP 200 from /, then (scale0) every pre-forked worker process up."""
+        try:
+            wait_until(lambda: answers_200(self.http_port), READY_TIMEOUT_S,
+                       f"{self.name}: HTTP 200 from {self.url('/')}", self.check_alive)
+            if expected_workers:
+                pool = self.procs[-1]
+                wait_until(lambda: len(children(pool.pid)) >= expected_workers,
+                           READY_TIMEOUT_S, f"{self.name}: {expected_workers} worker processes",
+                           self.check_alive)
+        except WaitTimeout as exc:
+            raise BenchError(f"{exc}\n{self.log_tails()}") from None
+
+    def memory_pids(self) -> list[tuple[str, int]]:
+        """(role, pid) of every process to report RSS for, pool workers included."""
+        found: list[tuple[str, int]] = []
+        for proc in self.procs:
+            if proc.name != "pool":
+                found.append((proc.name, proc.pid))
+                continue
+            found.append(("pool supervisor", proc.pid))
+            found += [(f"pool worker {i + 1}", pid)
+                      for i, pid in enumerate(children(proc.pid))]
+        return found
+
+    def stop(self) -> None:
+        """Stop in reverse start order: workers, broker/handler, then Mongrel2."""
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+def _start_mongrel2(scenario: Scenario, tmp: Path) -> tuple[str, str, Path]:
+    """Mongrel2 for `scenario`; returns (send_spec, recv_spec, upload_dir)."""
+    send_spec = f"tcp://127.0.0.1:{free_port()}"
+    recv_spec = f"tcp://127.0.0.1:{free_port()}"
+    conf = tmp / "mongrel2.conf"
+    conf.write_text(config_text(http_port=scenario.http_port, send_spec=send_spec,
+                                recv_spec=recv_spec, send_ident=SENDER, uuid=M2_UUID))
+    server = Mongrel2Server(conf, tmp / "m2", M2_UUID)
+    server.prepare()
+    logs = server.runtime_dir / "logs"
+    scenario.procs.append(Proc("mongrel2", server.argv(), server.runtime_dir, tmp,
+                               stop_signal=signal.SIGINT,
+                               extra_logs=(logs / "error.log",)))
+    return send_spec, recv_spec, server.upload_dir
+
+
+def start_direct(tmp: Path) -> Scenario:
+    tmp.mkdir(parents=True, exist_ok=True)
+    scenario = Scenario("direct", free_port())
+    try:
+        send_spec, recv_spec, _ = _start_mongrel2(scenario, tmp)
+        argv = [sys.executable, "-m", "bench.direct_handler",
+                "--send-spec", send_spec, "--recv-spec", recv_spec]
+        scenario.procs.append(Proc("direct_handler", argv, ROOT, tmp))
+        scenario.wait_ready()
+    except BaseException:
+        scenario.stop()
+        raise
+    return scenario
+
+
+def start_scale0(tmp: Path) -> Scenario:
+    tmp.mkdir(parents=True, exist_ok=True)
+    scenario = Scenario("scale0", free_port())
+    try:
+        send_spec, recv_spec, upload_dir = _start_mongrel2(scenario, tmp)
+        broker = f"tcp://127.0.0.1:{free_port()}"
+        cli = [sys.executable, "-m", "scale0.cli"]
+        scenario.procs.append(Proc("broker", [*cli, "broker", "--bind", broker,
+                                              "--mongrel2", f"{send_spec},{recv_spec}"],
+                                   ROOT, tmp))
+        scenario.procs.append(Proc("pool", [
+            *cli, "wsgi", "examples.hello:app", "--connect", broker, "--service", "hello",
+            "--route", "/", "--processes", str(POOL_PROCESSES),
+            "--threads", str(POOL_THREADS), "--upload-dir", str(upload_dir)], ROOT, tmp))
+        scenario.wait_ready(expected_workers=POOL_PROCESSES)
+    except BaseException:
+        scenario.stop()
+        raise
+    return scenario
