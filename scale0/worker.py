@@ -85,13 +85,13 @@ class ReplyStream:
         flow = self._flow
         frames = [*self._head, p.FLAG_LAST]
         while data:
-            n = flow.acquire(len(data))
-            if n < len(data):  # over the window: stream all but the tail
-                self.send(data[:n])
-                data = data[n:]
-                continue
-            frames.append(m2.reply(self._sender, self._conn_id, data))
-            break
+            n = flow.acquire(len(data))  # these n bytes of credit are ours now
+            piece, data = data[:n], data[n:]
+            if data:  # over the window: stream this piece, the tail ends the request
+                self._push.send_multipart(
+                    [*self._head, p.FLAG_MORE, m2.reply(self._sender, self._conn_id, piece)])
+            else:
+                frames.append(m2.reply(self._sender, self._conn_id, piece))
         if close:
             frames.append(m2.close_reply(self._sender, self._conn_id))
         self.ended = True

@@ -44,6 +44,11 @@ def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[byt
         start_response("200 OK", [("Content-Type", "application/octet-stream"),
                                   ("Content-Length", str(BIG))])
         return (block for _ in range(BIG // len(block)))
+    if path.endswith("/blob"):  # one block bigger than Mongrel2's credit window
+        size = int(environ.get("QUERY_STRING") or 1)
+        start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                                  ("Content-Length", str(size))])
+        return [b"z" * size]
     if path.endswith("/stream"):
         start_response("200 OK", [("Content-Type", "text/plain")])
         return _stream(int(environ.get("QUERY_STRING") or 20))

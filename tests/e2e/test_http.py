@@ -132,6 +132,14 @@ def test_ten_megabyte_response_with_curl(web: Stack) -> None:
     assert out.stdout == f"200 {BIG}"
 
 
+@pytest.mark.parametrize("size", [102_399, 102_400, 102_401, 3_000_000])
+def test_one_block_bigger_than_the_credit_window(web: Stack, size: int) -> None:
+    # Mongrel2 grants 102400 bytes of download credit per request at first.
+    r = requests.get(web.url(f"/app/blob?{size}"), timeout=30)
+    assert r.status_code == 200
+    assert r.content == b"z" * size
+
+
 def test_streamed_response_is_chunked(web: Stack) -> None:
     r = requests.get(web.url("/app/stream?20"), stream=True, timeout=30)
     assert r.status_code == 200
