@@ -35,6 +35,7 @@ Invariants (checked by ``check_invariants`` in tests):
 from __future__ import annotations
 
 import logging
+import random
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -148,7 +149,9 @@ class Dispatcher:
         self.to_mongrel2: list[tuple[int, bytes]] = []
         self.counters = Counters()
         self._now = 0.0
-        self._next_rid = 1
+        # Random start: replies meant for a previous broker process never
+        # match a request of this one.
+        self._next_rid = random.randrange(1, 1 << 48)
         self._next_heartbeat = 0.0
         for spec, service in s.routes:
             route = parse_route(spec)
@@ -182,13 +185,14 @@ class Dispatcher:
         elif isinstance(event, m2.Credits):
             self._on_credits(link, event.conn_id, event.credits)
         elif isinstance(event, m2.UploadStart):
-            self._on_upload_start(link, event)
+            self._on_request(link, raw, event, now)
         else:  # WebSocket and JSON socket messages: not served (yet)
             self._reply_error(link, event.sender, event.conn_id, 501, close=True)
 
-    def _on_request(self, link: int, raw: bytes, req: m2.HttpRequest | m2.UploadDone,
-                    now: float) -> None:
-        self.counters.requests += 1
+    def _on_request(self, link: int, raw: bytes,
+                    req: m2.HttpRequest | m2.UploadStart | m2.UploadDone, now: float) -> None:
+        if not isinstance(req, m2.UploadStart):
+            self.counters.requests += 1
         sender, conn_id = req.sender, req.conn_id
         try:
             prefix = m2.reply_prefix(sender, conn_id)
@@ -203,13 +207,24 @@ class Dispatcher:
         refused = 0
         match = None
         length = req.header(b"content-length")
-        if isinstance(req, m2.UploadDone) and self.uploads.pop(key, None) != req.upload_path:
+        declared = int(length) if length is not None and length.isdigit() else None
+        if isinstance(req, m2.UploadStart) and (req.body or not declared):
+            # Mongrel2's own upload-start has an empty body and a Content-Length
+            # over limits.content_length; a client-forged header on a small
+            # request has neither.
+            self.counters.forged_uploads += 1
+            log.warning("forged upload-start on conn %d", conn_id)
+            refused, close = 400, True
+        elif isinstance(req, m2.UploadDone) and self.uploads.pop(key, None) != req.upload_path:
             self.counters.forged_uploads += 1
             log.warning("upload-done without matching upload-start on conn %d", conn_id)
             refused, close = 400, True
-        elif length is not None and length.isdigit() and int(length) > self.settings.max_body_bytes:
+        elif declared is not None and declared > self.settings.max_body_bytes:
             self.counters.too_large += 1
-            refused, close = 413, True
+            refused, close = 413, True  # for an upload: at its start, not after it
+        elif isinstance(req, m2.UploadStart):
+            self._on_upload_start(link, req)
+            return
         else:
             match = self.routes.lookup(req.header(b"host"), req.path)
             if match is None:
@@ -322,8 +337,8 @@ class Dispatcher:
             elif command == p.Command.DRAIN and w is not None:
                 w.draining = True
                 self._update_ready(w)
-                # Ack: every REQUEST sent before this reached the worker first.
-                self.to_workers.append([ident, p.VERSION, p.CMD[p.Command.HEARTBEAT]])
+                # Ack with DRAIN: every REQUEST sent before it reaches the worker first.
+                self.to_workers.append([ident, p.VERSION, p.CMD[p.Command.DRAIN]])
             elif w is None:
                 # Unknown worker (e.g. after a broker restart): ask it to say HELLO.
                 self.to_workers.append([ident, p.VERSION, p.CMD[p.Command.BYE]])
@@ -381,7 +396,20 @@ class Dispatcher:
             if all(message.startswith(prefix) for message in messages):
                 link = r.link
                 self.to_mongrel2.extend([(link, message) for message in messages])
-                r.reply_started = r.reply_started or bool(messages)
+                if messages and not last:
+                    # A streaming reply is alive: the timeout is between pieces,
+                    # not for the whole download. now + timeout is the latest
+                    # deadline, so `active` stays in deadline order.
+                    r.reply_started = True
+                    r.deadline = now + r.service.timeout_s
+                    r.service.active.move_to_end(rid)
+                elif messages:
+                    r.reply_started = True
+                elif last and not r.reply_started:
+                    self.counters.worker_failures += 1
+                    log.warning("worker %s ended a request without a response", w.label)
+                    self._reply_error(link, r.sender, r.conn_id, 502, "no response from worker",
+                                      close=r.close_after)
             else:
                 self.counters.bad_worker += 1
                 log.warning("worker %s replied to the wrong connection", w.label)
@@ -426,6 +454,11 @@ class Dispatcher:
             else:
                 self.counters.worker_failures += 1
                 self._fail(r, 502, "worker failed", close=r.reply_started)
+        for service in w.services:
+            while service.queue and not service.workers:  # nobody left to serve them
+                self.counters.no_worker += 1
+                self._fail(service.queue.popitem(last=False)[1], 503,
+                           "no worker serves this service")
         log.info("worker %s gone (%d in flight)", w.label, len(orphans))
 
     # ---- time ----------------------------------------------------------

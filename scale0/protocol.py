@@ -104,7 +104,7 @@ class Hello:
         """Validate a HELLO payload; any nonsense raises WireError."""
         try:
             data = json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise WireError(f"HELLO is not JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise WireError("HELLO must be a JSON object")
@@ -148,6 +148,7 @@ class Hello:
 def _valid_name(name: str) -> bool:
     return (
         0 < len(name) <= MAX_NAME_LEN
+        and name.isascii()
         and all(c.isalnum() or c in "-_.:" for c in name)
     )
 

@@ -256,14 +256,25 @@ class Worker:
             return
         if now - b.last_seen > s.heartbeat_s * s.liveness:
             log.warning("broker %s silent for %.1fs: reconnecting", b.endpoint, now - b.last_seen)
-            b.socket.close(0)
-            b.socket = None
-            b.retry_at = now + b.backoff_s
+            self._disconnect(b, retry_at=now + b.backoff_s)
             b.backoff_s = min(b.backoff_s * 2, s.reconnect_max_s)
             return
         if now >= b.next_heartbeat:
             b.next_heartbeat = now + s.heartbeat_s
             self._send(b, [p.CMD[p.Command.HEARTBEAT]])
+
+    def _disconnect(self, b: _BrokerConn, *, retry_at: float) -> None:
+        """Drop the link to `b`. Its requests are cancelled: the broker that
+        sent them has given them up (or is gone), and threads waiting for its
+        credits must not wait forever."""
+        if b.socket is not None:
+            b.socket.close(0)
+        b.socket = None
+        b.welcomed = b.drain_acked = False
+        b.retry_at = retry_at
+        for (index, _), flow in self._flows.items():
+            if index == b.index:
+                flow.cancel()
 
     def _send(self, b: _BrokerConn, frames: list[bytes]) -> None:
         if b.socket is not None:
@@ -295,19 +306,21 @@ class Worker:
                 if flow is not None:
                     flow.cancel()
             elif command == p.Command.HEARTBEAT:
-                if self._stopping:
-                    b.drain_acked = True
+                pass
             elif command == p.Command.WELCOME:
                 b.welcomed = True
                 b.backoff_s = 0.5
                 log.info("connected to broker %s", b.endpoint)
+                if self._stopping:  # reconnected while draining: say so again
+                    self._send(b, [p.CMD[p.Command.DRAIN]])
             elif command == p.Command.BYE:  # the broker does not know us: announce again
-                b.socket.close(0)
-                b.socket = None
-                b.retry_at = 0.0
+                self._disconnect(b, retry_at=0.0)
                 return
             elif command == p.Command.DRAIN:
-                self.stop()
+                if self._stopping:
+                    b.drain_acked = True  # our DRAIN's answer: no REQUEST is on its way
+                else:
+                    self.stop()  # the broker asks us to leave
             elif command == p.Command.ERROR:
                 text = frames[3].decode("utf-8", "replace") if len(frames) > 3 else ""
                 log.error("broker %s refused us: %s", b.endpoint, text)

@@ -1274,7 +1274,7 @@ def test_drain_takes_worker_out_of_ready_queues_and_in_flight_finishes() -> None
     assert sent.ident == b"w1"
     h.worker(b"w1", Cmd.DRAIN)
     (ack,) = h.take_workers()  # every REQUEST sent before it reached the worker first
-    assert (ack.ident, ack.command) == (b"w1", Cmd.HEARTBEAT)
+    assert (ack.ident, ack.command) == (b"w1", Cmd.DRAIN)
     h.quiet()
     assert h.ready("a") == [b"w2"] and h.ready("b") == []
     h.request(2, b"/a")
@@ -1286,11 +1286,11 @@ def test_drain_takes_worker_out_of_ready_queues_and_in_flight_finishes() -> None
     h.quiet()  # nothing new for a draining worker
     assert h.ready("a") == [] and h.ready("b") == []
     h.worker(b"w1", Cmd.BYE)
+    # b's last worker left: its queued request gets 503 now, not at its timeout
+    h.take_error(503, 3)
     h.quiet()
     assert b"w1" not in h.d.workers
     assert list(h.d.services["b"].workers) == []
-    h.tick(10.0)  # the /b request waited for a worker until its queue timeout
-    h.take_error(503, 3)
 
 
 def test_hello_again_replaces_the_worker() -> None:
@@ -1371,7 +1371,7 @@ class DispatchMachine(RuleBasedStateMachine):
             elif msg.command in (Cmd.CANCEL, Cmd.CREDIT):
                 pass  # the fake worker ignores both; it still sends its LAST reply
             else:
-                assert msg.command in (Cmd.HEARTBEAT, Cmd.WELCOME), msg
+                assert msg.command in (Cmd.HEARTBEAT, Cmd.WELCOME, Cmd.DRAIN), msg
         for out in h.take_mongrel2():
             assert out.sender == SENDER
             conn = self.conns.get((out.link, out.conn_id))
@@ -1567,3 +1567,57 @@ def test_counters_add_up_in_a_simple_run() -> None:
     assert counts == {200: 3, 404: 1}
     c = h.d.counters
     assert (c.requests, c.replies, c.no_route) == (4, 3, 1)
+
+
+# ---- later fixes: forged upload-start, 413 at upload start, empty LAST, idle deadline ----
+
+
+def test_forged_upload_start_on_a_small_request_is_400_not_recorded() -> None:
+    # A client's own header on a small request: a body came with it, or no length.
+    h = Harness()
+    h.hello(b"w1")
+    h.m2(m2_request(1, b"/app", method=b"POST", body=b"hi",
+                    extra={b"x-mongrel2-upload-start": b"/etc/passwd"}))
+    h.take_error(400, 1, close=True)
+    h.m2(m2_request(2, b"/app", extra={b"x-mongrel2-upload-start": b"/etc/passwd"}))
+    h.take_error(400, 2, close=True)
+    assert h.d.uploads == {} and h.d.counters.forged_uploads == 2
+    # ... so a later upload-done on that connection has nothing to match
+    h.m2(m2_upload(2, b"/etc/passwd", done=b"/etc/passwd"))
+    h.take_error(400, 2, close=True)
+
+
+def test_upload_over_max_body_is_413_at_its_start() -> None:
+    h = Harness(max_body_bytes=1000)
+    h.hello(b"w1")
+    h.m2(m2_upload(1, b"uploads/upload.Big"))  # declares 5000 bytes
+    h.take_error(413, 1, close=True)
+    assert h.d.uploads == {} and h.d.counters.too_large == 1
+
+
+def test_last_without_any_response_is_502() -> None:
+    h = Harness()
+    h.hello(b"w1")
+    h.request(1)
+    sent = h.take_one_request()
+    h.reply(sent)  # LAST with no message at all
+    h.take_error(502, 1)
+    assert h.d.requests == {} and h.ready("app") == [b"w1"]
+
+
+def test_streaming_reply_deadline_is_between_pieces() -> None:
+    h = Harness(request_timeout_s=60.0)
+    h.hello(b"w1")
+    h.request(1)
+    sent = h.take_one_request()
+    piece = ok_reply(SENDER, 1, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for now in (50.0, 100.0, 150.0):  # a piece every 50 s: alive for 150 s
+        h.tick(now)
+        h.reply(sent, piece, last=False)
+        assert len(h.take_mongrel2()) == 1
+    h.tick(209.0)
+    assert h.take_mongrel2() == []
+    h.tick(210.5)  # 60 s after the last piece: a started reply is closed, not 504'd
+    (close,) = h.take_mongrel2()
+    assert close.is_close
+    assert h.d.counters.request_timeouts == 1
