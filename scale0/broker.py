@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from .dispatch import Dispatcher, DispatchSettings
+from .frames import recv_frames, recv_one, send_frames, send_one
 
 log = logging.getLogger(__name__)
 
@@ -149,28 +150,29 @@ class Broker:
         poller.register(router, zmq.POLLIN)
         if self._wakeup_r is not None:
             poller.register(self._wakeup_r, zmq.POLLIN)
-        intake: dict[zmq.Socket[bytes], bool] = {link.pull: False for link in links}
+        # What each link's sockets are registered for; changed only on a change
+        # of state, not re-registered on every wake-up.
+        registered: dict[zmq.Socket[bytes], int] = {}
+        for link in links:
+            registered[link.pub] = zmq.POLLIN
+            poller.register(link.pub, zmq.POLLIN)
         monotonic = time.monotonic
         while not self._stopping:
             for link in links:
-                # Read from Mongrel2 only while its replies can be delivered.
-                want_in = link.writable
-                if intake.get(link.pull) != want_in:
-                    intake[link.pull] = want_in
-                    if want_in:
-                        poller.register(link.pull, zmq.POLLIN)
-                    else:
-                        poller.unregister(link.pull)
-                poller.register(link.pub, zmq.POLLIN | (zmq.POLLOUT if link.held else 0))
-            timeout_ms = max(0, math.ceil((d.next_deadline() - monotonic()) * 1000))
+                # Read from Mongrel2 only while its replies can be delivered;
+                # wait for POLLOUT only while replies are held.
+                self._want(poller, registered, link.pull, zmq.POLLIN if link.writable else 0)
+                self._want(poller, registered, link.pub,
+                           zmq.POLLIN | (zmq.POLLOUT if link.held else 0))
+            deadline = d.next_deadline()
+            timeout_ms = max(0, math.ceil((deadline - monotonic()) * 1000))
             events = poller.poll(timeout_ms)
             now = monotonic()
             for sock, _ in events:
                 if sock is router:
                     self._read_workers(router, now)
                 elif sock in pull_to_link:
-                    link = pull_to_link[sock]
-                    self._read_mongrel2(link, now)
+                    self._read_mongrel2(pull_to_link[sock], now)
                 elif sock in pub_to_link:
                     self._read_subscriptions(pub_to_link[sock])
                 elif self._wakeup_r is not None:
@@ -178,18 +180,28 @@ class Broker:
                         self._wakeup_r.recv(64)
                     except OSError:
                         pass
-                self._flush(router)
-            if now >= d.next_deadline():
+            self._flush(router)
+            if now >= deadline:
                 d.on_tick(now)
                 self._flush(router)
         log.info("broker stopping")
+
+    @staticmethod
+    def _want(poller: zmq.Poller, registered: dict[zmq.Socket[bytes], int],
+              sock: zmq.Socket[bytes], flags: int) -> None:
+        if registered.get(sock, 0) != flags:
+            registered[sock] = flags
+            if flags:
+                poller.register(sock, flags)
+            else:
+                poller.unregister(sock)
 
     def _read_mongrel2(self, link: _Link, now: float) -> None:
         d = self.dispatcher
         pull = link.pull
         for _ in range(BATCH):
             try:
-                raw = pull.recv(zmq.NOBLOCK)
+                raw = recv_one(pull)
             except zmq.Again:
                 return
             d.on_mongrel2(link.index, raw, now)
@@ -200,7 +212,7 @@ class Broker:
         d = self.dispatcher
         for _ in range(BATCH):
             try:
-                frames = router.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(router)
             except zmq.Again:
                 return
             d.on_worker(frames[0], frames[1:], now)
@@ -225,7 +237,7 @@ class Broker:
             out, d.to_workers = d.to_workers, []
             for frames in out:
                 try:
-                    router.send_multipart(frames, zmq.NOBLOCK)
+                    send_frames(router, frames)
                 except zmq.ZMQError as exc:  # EHOSTUNREACH: that worker is gone
                     worker = d.workers.get(frames[0])
                     if worker is not None:
@@ -246,7 +258,7 @@ class Broker:
             message = ident + message[message.index(b" "):]
         if link.writable:
             try:
-                link.pub.send(message, zmq.NOBLOCK)
+                send_one(link.pub, message)
                 link.replies += 1
                 return
             except zmq.Again:
@@ -259,7 +271,7 @@ class Broker:
     def _drain_held(self, link: _Link) -> None:
         while link.held and link.subscriptions > 0:
             try:
-                link.pub.send(link.held[0], zmq.NOBLOCK)
+                send_one(link.pub, link.held[0])
             except zmq.Again:
                 return
             link.held.popleft()

@@ -30,6 +30,7 @@ import zmq
 
 from . import mongrel2 as m2
 from . import protocol as p
+from .frames import recv_frames, send_frames
 from .routing import normalize_path, split_script_name
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,8 @@ class ReplyStream:
         while data:
             n = flow.acquire(len(data))
             piece, data = data[:n], data[n:]
-            self._push.send_multipart([*self._head, p.FLAG_MORE, m2.reply(sender, conn_id, piece)])
+            send_frames(self._push, [*self._head, p.FLAG_MORE, m2.reply(sender, conn_id, piece)],
+                        block=True)
 
     def last(self, data: bytes, close: bool) -> None:
         if self.ended:
@@ -88,14 +90,14 @@ class ReplyStream:
             n = flow.acquire(len(data))  # these n bytes of credit are ours now
             piece, data = data[:n], data[n:]
             if data:  # over the window: stream this piece, the tail ends the request
-                self._push.send_multipart(
-                    [*self._head, p.FLAG_MORE, m2.reply(self._sender, self._conn_id, piece)])
+                send_frames(self._push, [*self._head, p.FLAG_MORE,
+                                         m2.reply(self._sender, self._conn_id, piece)], block=True)
             else:
                 frames.append(m2.reply(self._sender, self._conn_id, piece))
         if close:
             frames.append(m2.close_reply(self._sender, self._conn_id))
         self.ended = True
-        self._push.send_multipart(frames)
+        send_frames(self._push, frames, block=True)
 
     def end(self, close: bool) -> None:
         """End the request if `last` did not (also after errors and cancels)."""
@@ -104,7 +106,7 @@ class ReplyStream:
             if close and not self._flow.cancelled:
                 frames.append(m2.close_reply(self._sender, self._conn_id))
             self.ended = True
-            self._push.send_multipart(frames)
+            send_frames(self._push, frames, block=True)
 
 
 # A request handler runs on a pool thread and writes to its ReplyStream;
@@ -200,6 +202,8 @@ class Worker:
         hello = p.Hello(s.services, s.capacity, self.label, int(s.heartbeat_s * 1000),
                         {"pid": str(os.getpid())}).encode()
         drain_started = 0.0
+        polled: tuple[zmq.Socket[bytes] | None, ...] = ()
+        poller = zmq.Poller()
         try:
             while True:
                 now = time.monotonic()
@@ -215,11 +219,14 @@ class Worker:
                     break
                 for b in brokers:
                     self._keep_alive(b, hello, now)
-                poller = zmq.Poller()
-                poller.register(replies, zmq.POLLIN)
-                for b in brokers:
-                    if b.socket is not None:
-                        poller.register(b.socket, zmq.POLLIN)
+                sockets = tuple(b.socket for b in brokers)
+                if sockets != polled:  # rebuilt only when a broker (re)connects
+                    polled = sockets
+                    poller = zmq.Poller()
+                    poller.register(replies, zmq.POLLIN)
+                    for sock in sockets:
+                        if sock is not None:
+                            poller.register(sock, zmq.POLLIN)
                 timeout_ms = max(1, int(min(s.heartbeat_s, 0.25) * 1000))
                 for sock, _ in poller.poll(timeout_ms):
                     if sock is replies:
@@ -279,7 +286,7 @@ class Worker:
     def _send(self, b: _BrokerConn, frames: list[bytes]) -> None:
         if b.socket is not None:
             try:
-                b.socket.send_multipart([p.VERSION, *frames], zmq.NOBLOCK)
+                send_frames(b.socket, [p.VERSION, *frames])
             except zmq.Again:
                 log.warning("broker %s not accepting messages", b.endpoint)
 
@@ -287,7 +294,7 @@ class Worker:
         assert b.socket is not None
         while True:
             try:
-                frames = b.socket.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(b.socket)
             except zmq.Again:
                 return
             b.last_seen = time.monotonic()
@@ -348,7 +355,7 @@ class Worker:
     def _forward_replies(self, replies: zmq.Socket[bytes], brokers: list[_BrokerConn]) -> None:
         while True:
             try:
-                frames = replies.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(replies)
             except zmq.Again:
                 return
             b = brokers[int(frames[0])]
