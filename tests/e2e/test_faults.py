@@ -1,0 +1,105 @@
+"""Workers and brokers failing on the real stack: what the client sees."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import subprocess
+from pathlib import Path
+
+import requests
+
+from .conftest import Proc, Stack, wait_for
+
+
+def _children(proc: Proc) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(proc.popen.pid)], capture_output=True, text=True)
+    return [int(pid) for pid in out.stdout.split()]
+
+
+def _marks(stack: Stack) -> Path:
+    marks = stack.tmp / "marks"
+    marks.mkdir(exist_ok=True)
+    return marks
+
+
+def _slow_and_fast_pools(stack: Stack) -> tuple[Proc, Proc, Path]:
+    """Two one-process pools of the same service; the first one answers first."""
+    marks = _marks(stack)
+    first = stack.start_pool("e2e_apps:app", service="app", routes=("/",), threads=1,
+                             env={"E2E_MARK_DIR": str(marks)})
+    stack.wait_ok("/")
+    second = stack.start_pool("e2e_apps:app", service="app", routes=("/",), threads=1,
+                              env={"E2E_MARK_DIR": str(marks)})
+    wait_for(lambda: second.log_tail().count("connected to broker") >= 1, what="second pool")
+    return first, second, marks
+
+
+def test_sigkilled_worker_get_is_retried_on_another(fresh_stack: Stack) -> None:
+    fresh_stack.start_mongrel2()
+    fresh_stack.start_broker()
+    first, second, marks = _slow_and_fast_pools(fresh_stack)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(requests.get, fresh_stack.url("/sleep?2"), timeout=20)
+        mark = wait_for(lambda: list(marks.iterdir()), what="the slow request at a worker")[0]
+        victim_pid = int(mark.name.split("-")[1])
+        victim = first if victim_pid in _children(first) else second
+        victim.kill_group(signal.SIGKILL)  # the worker process dies mid-request
+        r = slow.result()
+    # GET is safe to repeat: the broker sent it once more, to the other worker
+    assert r.status_code == 200 and r.json() == {"slept": 2.0}
+    assert len(list(marks.iterdir())) == 2
+
+
+def test_sigkilled_worker_post_is_502_fast(fresh_stack: Stack) -> None:
+    fresh_stack.start_mongrel2()
+    fresh_stack.start_broker("--heartbeat", "0.5")
+    first, second, marks = _slow_and_fast_pools(fresh_stack)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(requests.post, fresh_stack.url("/sleep?30"), data=b"x", timeout=20)
+        mark = wait_for(lambda: list(marks.iterdir()), what="the slow request at a worker")[0]
+        victim = first if int(mark.name.split("-")[1]) in _children(first) else second
+        victim.kill_group(signal.SIGKILL)
+        r = slow.result()  # within the heartbeat expiry, not the 30 s sleep or 120 s idle kill
+    assert r.status_code == 502
+    assert len(list(marks.iterdir())) == 1  # never repeated
+    assert requests.get(fresh_stack.url("/"), timeout=10).status_code == 200
+
+
+def test_broker_restart_workers_come_back(fresh_stack: Stack) -> None:
+    fresh_stack.start_mongrel2()
+    broker = fresh_stack.start_broker("--heartbeat", "0.5")
+    endpoint = fresh_stack.broker_endpoints[0]
+    port = int(endpoint.rsplit(":", 1)[1])
+    fresh_stack.start_pool("e2e_apps:app", "--heartbeat", "0.5", service="app", routes=("/",),
+                           processes=2)
+    fresh_stack.wait_ok("/")
+    broker.stop()
+    fresh_stack.procs.remove(broker)
+    fresh_stack.start_broker("--heartbeat", "0.5", port=port)
+    # workers notice the silence, reconnect and announce again: no manual step
+    r = fresh_stack.wait_ok("/echo?back", timeout_s=15)
+    assert r.json()["query"] == "back"
+
+
+def test_sigterm_on_a_pool_finishes_in_flight_requests(fresh_stack: Stack) -> None:
+    fresh_stack.start_mongrel2()
+    fresh_stack.start_broker()
+    marks = _marks(fresh_stack)
+    stays = fresh_stack.start_pool("e2e_apps:app", service="app", routes=("/",), threads=1)
+    fresh_stack.wait_ok("/")
+    leaves = fresh_stack.start_pool("e2e_apps:app", service="app", routes=("/",), threads=2,
+                                    env={"E2E_MARK_DIR": str(marks)})
+    wait_for(lambda: "connected to broker" in leaves.log_tail(), what="second pool")
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        # LRU: the first goes to the older pool, which is then full; the second
+        # lands on the pool that is about to leave
+        busy = [pool.submit(requests.get, fresh_stack.url("/sleep?2"), timeout=20)
+                for _ in range(2)]
+        wait_for(lambda: list(marks.iterdir()), what="a slow request at the leaving pool")
+        leaves.send_signal(signal.SIGTERM)
+        assert [b.result().status_code for b in busy] == [200, 200]  # finished, not cut off
+        assert leaves.popen.wait(20) == 0
+    assert stays.popen.poll() is None
+    for _ in range(5):
+        assert requests.get(fresh_stack.url("/"), timeout=10).status_code == 200
