@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Retry-After sent with 503 (default: 5)")
     b.add_argument("--max-body", type=_positive(int), default=1 << 30, metavar="BYTES",
                    help="larger request bodies get 413 (default: 1 GiB)")
+    b.add_argument("--keepalive", type=_positive(float), default=30.0, metavar="SECONDS",
+                   help="send Mongrel2 a ctl keep-alive for requests waiting this long, and "
+                        "again as often, so its idle killer (min_ping) spares them "
+                        "(default: 30)")
     _add_common(b)
     b.set_defaults(func=cmd_broker)
 
@@ -118,7 +122,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
     settings = DispatchSettings(
         heartbeat_s=args.heartbeat, liveness=args.liveness, queue_size=args.queue_size,
         queue_timeout_s=args.queue_timeout, request_timeout_s=args.request_timeout,
-        retry_after_s=args.retry_after, max_body_bytes=args.max_body, routes=tuple(args.route))
+        retry_after_s=args.retry_after, max_body_bytes=args.max_body,
+        keepalive_s=args.keepalive, routes=tuple(args.route))
     broker = Broker(args.mongrel2, args.bind, settings)
     broker.install_signal_handlers()
     try:

@@ -62,6 +62,9 @@ class DispatchSettings:
     retry_after_s: int = 5
     max_body_bytes: int = 1 << 30
     max_retries: int = 1
+    # Mongrel2 kills connections idle for limits.min_ping (120 s): a request
+    # waiting this long gets a ctl keep-alive, and again every keepalive_s.
+    keepalive_s: float = 30.0
     routes: tuple[tuple[str, str], ...] = ()  # (route spec, service) from the broker config
 
 
@@ -153,6 +156,7 @@ class Dispatcher:
         # match a request of this one.
         self._next_rid = random.randrange(1, 1 << 48)
         self._next_heartbeat = 0.0
+        self._next_keepalive = s.keepalive_s
         for spec, service in s.routes:
             route = parse_route(spec)
             self.routes.add(route, service)
@@ -474,6 +478,9 @@ class Dispatcher:
                 r = active.popitem(last=False)[1]
                 self.counters.request_timeouts += 1
                 self._fail(r, 504, "worker did not answer in time", close=r.reply_started)
+        if now >= self._next_keepalive:
+            self._next_keepalive = now + self.settings.keepalive_s
+            self._keep_alive(now)
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.settings.heartbeat_s
             for w in list(self.workers.values()):
@@ -483,9 +490,20 @@ class Dispatcher:
                 else:
                     self.to_workers.append([w.ident, p.VERSION, p.CMD[p.Command.HEARTBEAT]])
 
+    def _keep_alive(self, now: float) -> None:
+        """ctl keep-alive for every request waiting longer than keepalive_s.
+        O(requests waiting), once per keepalive_s."""
+        oldest = now - self.settings.keepalive_s
+        for service in self.services.values():
+            for pending in (service.queue, service.active):
+                for r in pending.values():
+                    if r.received_at <= oldest and not r.cancelled:
+                        self.to_mongrel2.append(
+                            (r.link, m2.keep_alive_reply(r.sender, r.conn_id)))
+
     def next_deadline(self) -> float:
         """When on_tick next has work. O(services); the loop calls it once per wake-up."""
-        deadline = self._next_heartbeat
+        deadline = min(self._next_heartbeat, self._next_keepalive)
         for service in self.services.values():
             for pending in (service.queue, service.active):
                 if pending:

@@ -73,8 +73,10 @@ def server_uuid(config_text: str) -> str:
 
 def config_text(*, http_port: int, send_spec: str, recv_spec: str, send_ident: str,
                 uuid: str = "f400bf85-4538-4f7a-8908-67e313d515c2", bind_addr: str = "127.0.0.1",
-                content_length_limit: int = 20480, recv_ident: str = "") -> str:
+                content_length_limit: int = 20480, recv_ident: str = "",
+                settings: dict[str, int] | None = None) -> str:
     """A one-server, one-handler m2sh config routing every path to Scale0."""
+    extra = "".join(f',\n    "{key}": {value}' for key, value in (settings or {}).items())
     return f"""\
 scale0 = Handler(send_spec='{send_spec}', send_ident='{send_ident}',
                  recv_spec='{recv_spec}', recv_ident='{recv_ident}', protocol='tnetstring')
@@ -89,7 +91,7 @@ settings = {{
     "upload.temp_store": "uploads/upload.XXXXXX",
     "server.daemonize": 0,
     "download.flow_control": 1,
-    "limits.content_length": {content_length_limit}
+    "limits.content_length": {content_length_limit}{extra}
 }}
 servers = [main]
 """

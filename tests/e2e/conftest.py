@@ -110,7 +110,8 @@ class Proc:
 class Stack:
     """Mongrel2 + brokers + worker pools in a temporary folder, on free ports."""
 
-    def __init__(self, tmp: Path, recv_ident: str = "") -> None:
+    def __init__(self, tmp: Path, recv_ident: str = "",
+                 m2_settings: dict[str, int] | None = None) -> None:
         if shutil.which("mongrel2") is None:
             pytest.fail("mongrel2 is not installed: run `make test` (installs mongrel2-core)")
         self.tmp = tmp
@@ -122,7 +123,7 @@ class Stack:
         conf = tmp / "mongrel2.conf"
         conf.write_text(config_text(http_port=self.http_port, send_spec=self.send_spec,
                                     recv_spec=self.recv_spec, send_ident=SENDER,
-                                    recv_ident=recv_ident))
+                                    recv_ident=recv_ident, settings=m2_settings))
         self.link = f"{self.send_spec},{self.recv_spec}" + (f",{recv_ident}" if recv_ident else "")
         self.m2 = Mongrel2Server(conf, tmp / "m2", "f400bf85-4538-4f7a-8908-67e313d515c2")
         self.mongrel2: Proc | None = None

@@ -1606,7 +1606,7 @@ def test_last_without_any_response_is_502() -> None:
 
 
 def test_streaming_reply_deadline_is_between_pieces() -> None:
-    h = Harness(request_timeout_s=60.0)
+    h = Harness(request_timeout_s=60.0, keepalive_s=10_000.0)
     h.hello(b"w1")
     h.request(1)
     sent = h.take_one_request()
@@ -1621,3 +1621,24 @@ def test_streaming_reply_deadline_is_between_pieces() -> None:
     (close,) = h.take_mongrel2()
     assert close.is_close
     assert h.d.counters.request_timeouts == 1
+
+
+def test_long_requests_get_ctl_keep_alives() -> None:
+    h = Harness(keepalive_s=30.0, request_timeout_s=500.0, queue_timeout_s=500.0,
+                heartbeat_s=1000.0)
+    h.hello(b"w1")
+    h.request(1)
+    sent = h.take_one_request()
+    h.request(2)  # queued behind the busy worker
+    h.tick(29.0)
+    assert h.take_mongrel2() == []
+    h.tick(30.0)
+    out = h.d.to_mongrel2
+    h.d.to_mongrel2 = []
+    assert sorted(out) == sorted([(0, m2.keep_alive_reply(SENDER, 1)),
+                                  (0, m2.keep_alive_reply(SENDER, 2))])
+    h.serve(sent)
+    h.take_mongrel2()
+    h.take_requests()  # the queued one now runs
+    h.tick(60.0)
+    assert h.d.to_mongrel2 == [(0, m2.keep_alive_reply(SENDER, 2))]
