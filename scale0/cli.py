@@ -50,6 +50,28 @@ def _route_to_service(text: str) -> tuple[str, str]:
     return spec, service
 
 
+def _service_seconds(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not sep or not name or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"expected SERVICE=SECONDS (> 0), got {text!r}")
+    return name, seconds
+
+
+def _service_page(text: str) -> tuple[str, bytes]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected SERVICE=FILE, got {text!r}")
+    try:
+        with open(path, "rb") as page:
+            return name, page.read()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"maintenance page for {name}: {exc}") from exc
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"], help="default: info")
@@ -82,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Retry-After sent with 503 (default: 5)")
     b.add_argument("--max-body", type=_positive(int), default=1 << 30, metavar="BYTES",
                    help="larger request bodies get 413 (default: 1 GiB)")
+    b.add_argument("--service-timeout", action="append", type=_service_seconds, default=[],
+                   metavar="SERVICE=SECONDS", help="request timeout of one service (repeatable)")
+    b.add_argument("--maintenance-page", action="append", type=_service_page, default=[],
+                   metavar="SERVICE=FILE",
+                   help="HTML sent with the 503 while no worker of SERVICE is connected")
     b.add_argument("--keepalive", type=_positive(float), default=30.0, metavar="SECONDS",
                    help="send Mongrel2 a ctl keep-alive for requests waiting this long, and "
                         "again as often, so its idle killer (min_ping) spares them "
@@ -123,7 +150,9 @@ def cmd_broker(args: argparse.Namespace) -> int:
         heartbeat_s=args.heartbeat, liveness=args.liveness, queue_size=args.queue_size,
         queue_timeout_s=args.queue_timeout, request_timeout_s=args.request_timeout,
         retry_after_s=args.retry_after, max_body_bytes=args.max_body,
-        keepalive_s=args.keepalive, routes=tuple(args.route))
+        keepalive_s=args.keepalive, routes=tuple(args.route),
+        service_timeouts=tuple(args.service_timeout),
+        maintenance_pages=tuple(args.maintenance_page))
     broker = Broker(args.mongrel2, args.bind, settings)
     broker.install_signal_handlers()
     try:

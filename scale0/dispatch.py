@@ -37,7 +37,6 @@ from __future__ import annotations
 import logging
 import random
 from collections import OrderedDict, deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from . import mongrel2 as m2
@@ -66,6 +65,9 @@ class DispatchSettings:
     # waiting this long gets a ctl keep-alive, and again every keepalive_s.
     keepalive_s: float = 30.0
     routes: tuple[tuple[str, str], ...] = ()  # (route spec, service) from the broker config
+    service_timeouts: tuple[tuple[str, float], ...] = ()  # per-service request_timeout_s
+    # Per service: the 503 page (HTML) sent while no worker of it is connected.
+    maintenance_pages: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass(slots=True, eq=False)
@@ -157,6 +159,8 @@ class Dispatcher:
         self._next_rid = random.randrange(1, 1 << 48)
         self._next_heartbeat = 0.0
         self._next_keepalive = s.keepalive_s
+        self._timeouts = dict(s.service_timeouts)
+        self._maintenance = dict(s.maintenance_pages)
         for spec, service in s.routes:
             route = parse_route(spec)
             self.routes.add(route, service)
@@ -264,7 +268,8 @@ class Dispatcher:
             self._send(r, service.ready.popitem(last=False)[1], now)
         elif not service.workers:
             self.counters.no_worker += 1
-            self._fail(r, 503, "no worker serves this service")
+            self._fail(r, 503, "no worker serves this service",
+                       page=self._maintenance.get(service.name))
         elif len(service.queue) >= self.settings.queue_size:
             self.counters.queue_full += 1
             self._fail(r, 503, "queue full")
@@ -516,7 +521,8 @@ class Dispatcher:
         service = self.services.get(name)
         if service is None:
             service = self.services[name] = Service(
-                name, name.encode(), timeout_s=self.settings.request_timeout_s)
+                name, name.encode(),
+                timeout_s=self._timeouts.get(name, self.settings.request_timeout_s))
         return service
 
     def _update_ready(self, w: Worker) -> None:
@@ -543,7 +549,8 @@ class Dispatcher:
                 service.ready.pop(w.ident, None)
             self._send(r, w, now)
 
-    def _fail(self, r: Request, status: int, text: str, *, close: bool = False) -> None:
+    def _fail(self, r: Request, status: int, text: str, *, close: bool = False,
+              page: bytes | None = None) -> None:
         """Answer `r` with an error (or just close if its reply had started)."""
         if r.worker is not None:
             self._cancel_at_worker(r)
@@ -552,7 +559,7 @@ class Dispatcher:
                 self.to_mongrel2.append((r.link, m2.close_reply(r.sender, r.conn_id)))
             else:
                 self._reply_error(r.link, r.sender, r.conn_id, status, text,
-                                  close=close or r.close_after)
+                                  close=close or r.close_after, page=page)
         r.cancelled = True
         # Answered: the connection moves on now, even if a worker still holds
         # `r` (after a 504 it may never answer), or a pipelined request would
@@ -610,11 +617,19 @@ class Dispatcher:
             self._starting.discard(key)
 
     def _reply_error(self, link: int, sender: bytes, conn_id: int, status: int,
-                     text: str | None = None, *, close: bool = False) -> None:
-        headers: Iterable[tuple[bytes, bytes]] = ()
+                     text: str | None = None, *, close: bool = False,
+                     page: bytes | None = None) -> None:
+        headers: list[tuple[bytes, bytes]] = []
         if status == 503:
-            headers = ((b"Retry-After", b"%d" % self.settings.retry_after_s),)
-        body = m2.error_response(status, text, headers=tuple(headers), close=close)
+            headers.append((b"Retry-After", b"%d" % self.settings.retry_after_s))
+        if page is None:
+            body = m2.error_response(status, text, headers=headers, close=close)
+        else:
+            headers += [(b"Content-Type", b"text/html; charset=utf-8"),
+                        (b"Content-Length", b"%d" % len(page))]
+            if close:
+                headers.append((b"Connection", b"close"))
+            body = m2.http_response(status, headers, page)
         try:
             self.to_mongrel2.append((link, m2.reply(sender, conn_id, body)))
             if close:

@@ -20,7 +20,9 @@ from .e2e_apps import BIG
 @pytest.fixture(scope="module")
 def web(stack: Stack) -> Iterator[Stack]:
     stack.start_mongrel2()
-    stack.start_broker("--route", "/ghost=ghost")
+    page = stack.tmp / "maintenance.html"
+    page.write_text("<h1>ghost is down for maintenance</h1>")
+    stack.start_broker("--route", "/ghost=ghost", "--maintenance-page", f"ghost={page}")
     stack.start_pool("e2e_apps:app", service="app", routes=("/app",), processes=2)
     stack.start_pool("e2e_apps:validated", service="validated", routes=("/validated",),
                      env={"PYTHONWARNINGS": "error"})
@@ -208,6 +210,7 @@ def test_service_without_worker_is_503_with_retry_after(web: Stack) -> None:
     r = requests.get(web.url("/ghost/x"), timeout=10)
     assert r.status_code == 503
     assert int(r.headers["Retry-After"]) > 0
+    assert r.text == "<h1>ghost is down for maintenance</h1>"  # its maintenance page
 
 
 def test_app_exception_is_500_and_the_worker_goes_on(web: Stack) -> None:

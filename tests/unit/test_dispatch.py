@@ -1642,3 +1642,28 @@ def test_long_requests_get_ctl_keep_alives() -> None:
     h.take_requests()  # the queued one now runs
     h.tick(60.0)
     assert h.d.to_mongrel2 == [(0, m2.keep_alive_reply(SENDER, 2))]
+
+
+def test_per_service_request_timeout() -> None:
+    h = Harness(request_timeout_s=60.0, service_timeouts=(("fast", 2.0),), keepalive_s=1e6)
+    h.hello(b"w1", {"fast": ("/fast",), "slow": ("/slow",)}, capacity=2)
+    h.request(1, b"/fast")
+    h.request(2, b"/slow")
+    assert len(h.take_requests()) == 2
+    h.tick(2.5)
+    h.take_error(504, 1)
+    h.tick(59.0)
+    assert h.take_mongrel2() == []  # the other service keeps the default 60 s
+    h.tick(60.5)
+    h.take_error(504, 2)
+
+
+def test_maintenance_page_while_a_service_has_no_worker() -> None:
+    page = b"<h1>Back soon</h1>"
+    h = Harness(routes=(("/shop", "shop"),), maintenance_pages=(("shop", page),))
+    h.request(1, b"/shop/cart")
+    (out,) = h.take_mongrel2()
+    assert out.status == 503
+    assert out.headers[b"content-type"].startswith(b"text/html")
+    assert out.headers[b"retry-after"] == b"5"
+    assert out.body.split(b"\r\n\r\n", 1)[1] == page
