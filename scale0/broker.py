@@ -71,12 +71,20 @@ class Broker:
 
     def __init__(self, links: list[LinkSpec], bind: str,
                  settings: DispatchSettings | None = None,
-                 context: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
+                 context: zmq.Context[zmq.Socket[bytes]] | None = None, *,
+                 graceful_timeout_s: float = 30.0, startup_grace_s: float | None = None) -> None:
         if not links:
             raise ValueError("a broker needs at least one Mongrel2 link")
         self.link_specs = links
         self.bind = bind
         self.dispatcher = Dispatcher(settings)
+        s = self.dispatcher.settings
+        self.graceful_timeout_s = graceful_timeout_s
+        # Workers of a previous broker reconnect within heartbeat x liveness:
+        # until then requests wait (in Mongrel2 or our socket), not 404/503.
+        self.startup_grace_s = (s.heartbeat_s * s.liveness if startup_grace_s is None
+                                else startup_grace_s)
+        self._forced = False
         self._context = context
         self._links: list[_Link] = []
         self._router: zmq.Socket[bytes] | None = None
@@ -109,7 +117,10 @@ class Broker:
             self._links.append(_Link(index, spec, pull, pub))
 
     def stop(self) -> None:
-        """Ask the loop to end; safe from a signal handler (sets a flag, wakes the poll)."""
+        """Graceful stop: take no new requests, finish those held, then end.
+        A second call ends at once. Safe from a signal handler (sets flags,
+        wakes the poll)."""
+        self._forced = self._stopping
         self._stopping = True
         if self._wakeup_w is not None:
             try:
@@ -120,9 +131,13 @@ class Broker:
     def close(self) -> None:
         for link in self._links:
             link.pull.close(0)
-            link.pub.close()
+            link.pub.close()  # LINGER 2 s: replies still queued go out first
         if self._router is not None:
             self._router.close(0)
+        if self._context is None:
+            # Our own context: term() waits for the lingering replies; process
+            # exit alone would kill the I/O thread with them still queued.
+            zmq.Context.instance().term()
         for sock in (self._wakeup_r, self._wakeup_w):
             if sock is not None:
                 sock.close()
@@ -157,14 +172,28 @@ class Broker:
             registered[link.pub] = zmq.POLLIN
             poller.register(link.pub, zmq.POLLIN)
         monotonic = time.monotonic
-        while not self._stopping:
+        intake_opens = monotonic() + self.startup_grace_s
+        drain_until = 0.0
+        while True:
+            now = monotonic()
+            if self._stopping and not drain_until:
+                drain_until = now + self.graceful_timeout_s
+                self._stop_intake(now)
+            if drain_until and (self._forced or now >= drain_until or self._drained()):
+                break
+            intake = now >= intake_opens and not drain_until
             for link in links:
                 # Read from Mongrel2 only while its replies can be delivered;
                 # wait for POLLOUT only while replies are held.
-                self._want(poller, registered, link.pull, zmq.POLLIN if link.writable else 0)
+                self._want(poller, registered, link.pull,
+                           zmq.POLLIN if intake and link.writable else 0)
                 self._want(poller, registered, link.pub,
                            zmq.POLLIN | (zmq.POLLOUT if link.held else 0))
             deadline = d.next_deadline()
+            if not intake and not drain_until:
+                deadline = min(deadline, intake_opens)
+            if drain_until:
+                deadline = min(deadline, now + 0.1)  # re-check _drained() often
             timeout_ms = max(0, math.ceil((deadline - monotonic()) * 1000))
             events = poller.poll(timeout_ms)
             now = monotonic()
@@ -181,10 +210,37 @@ class Broker:
                     except OSError:
                         pass
             self._flush(router)
-            if now >= deadline:
+            if now >= d.next_deadline():
                 d.on_tick(now)
                 self._flush(router)
+        left = d.shutdown(monotonic())  # whatever the grace period did not finish
+        self._flush(router)
+        if left:
+            log.warning("stopped with %d requests unfinished (answered 503)", left)
         log.info("broker stopping")
+
+    def _stop_intake(self, now: float) -> None:
+        """Disconnect from Mongrel2's PUSH (it sends new requests to other
+        brokers, or holds them until one connects) and take in what already
+        arrived here."""
+        log.info("draining: no new requests, %d in progress",
+                 len(self.dispatcher.requests))
+        for link in self._links:
+            try:
+                link.pull.disconnect(link.spec.send_spec)
+            except zmq.ZMQError:
+                pass
+            for _ in range(1_000_000):  # bounded: what was queued before the disconnect
+                try:
+                    raw = recv_one(link.pull)
+                except zmq.Again:
+                    break
+                self.dispatcher.on_mongrel2(link.index, raw, now)
+        if self._router is not None:
+            self._flush(self._router)
+
+    def _drained(self) -> bool:
+        return not self.dispatcher.requests and not any(link.held for link in self._links)
 
     @staticmethod
     def _want(poller: zmq.Poller, registered: dict[zmq.Socket[bytes], int],

@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--maintenance-page", action="append", type=_service_page, default=[],
                    metavar="SERVICE=FILE",
                    help="HTML sent with the 503 while no worker of SERVICE is connected")
+    b.add_argument("--graceful-timeout", type=_positive(float), default=30.0, metavar="SECONDS",
+                   help="on SIGTERM, time to finish requests in progress (default: 30)")
     b.add_argument("--keepalive", type=_positive(float), default=30.0, metavar="SECONDS",
                    help="send Mongrel2 a ctl keep-alive for requests waiting this long, and "
                         "again as often, so its idle killer (min_ping) spares them "
@@ -153,7 +155,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
         keepalive_s=args.keepalive, routes=tuple(args.route),
         service_timeouts=tuple(args.service_timeout),
         maintenance_pages=tuple(args.maintenance_page))
-    broker = Broker(args.mongrel2, args.bind, settings)
+    broker = Broker(args.mongrel2, args.bind, settings,
+                    graceful_timeout_s=args.graceful_timeout)
     broker.install_signal_handlers()
     try:
         broker.start()

@@ -506,6 +506,15 @@ class Dispatcher:
                         self.to_mongrel2.append(
                             (r.link, m2.keep_alive_reply(r.sender, r.conn_id)))
 
+    def shutdown(self, now: float) -> int:
+        """Answer every request still held (503, or a close if its reply had
+        started) so that no client waits for a broker that is gone."""
+        self._now = now
+        left = [r for r in self.requests.values() if not r.cancelled]
+        for r in left:
+            self._fail(r, 503, "broker shutting down", close=True)
+        return len(left)
+
     def next_deadline(self) -> float:
         """When on_tick next has work. O(services); the loop calls it once per wake-up."""
         deadline = min(self._next_heartbeat, self._next_keepalive)
