@@ -150,3 +150,49 @@ def test_graceful_broker_restart_under_load(fresh_stack: Stack) -> None:
     # no answer, so at most one per client thread can be lost.
     assert results and set(counts) <= {200, "ReadTimeout"}, counts
     assert counts.get("ReadTimeout", 0) <= len(threads), counts
+
+
+def test_rolling_worker_restarts_under_load_are_invisible(fresh_stack: Stack) -> None:
+    """Start a new pool, then SIGTERM the old one, three times over, under load:
+    every request gets a 200 and no connection fails."""
+    import threading
+    import time
+
+    fresh_stack.start_mongrel2()
+    fresh_stack.start_broker()
+    current = fresh_stack.start_pool("e2e_apps:app", service="app", routes=("/",), threads=2)
+    fresh_stack.wait_ok("/")
+    results: list[int | str] = []
+    stop = threading.Event()
+
+    def load() -> None:  # bounded: until `stop`, at most 90 s
+        session = requests.Session()
+        deadline = time.monotonic() + 90
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                results.append(session.get(fresh_stack.url("/sleep?0.02"), timeout=20)
+                               .status_code)
+            except requests.RequestException as exc:
+                results.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(3):
+            seen = len(results)
+            fresh = fresh_stack.start_pool("e2e_apps:app", service="app", routes=("/",),
+                                           threads=2)
+            wait_for(lambda p=fresh: "connected to broker" in p.log_tail(), what="new pool")
+            current.send_signal(signal.SIGTERM)  # drains: finishes what it has, then leaves
+            assert current.popen.wait(20) == 0
+            fresh_stack.procs.remove(current)
+            current.stop()
+            current = fresh
+            wait_for(lambda s=seen: len(results) >= s + 30, 30, "load after the swap")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    counts = {r: results.count(r) for r in set(results)}
+    assert len(results) > 90 and set(counts) == {200}, counts
