@@ -196,3 +196,17 @@ def test_rolling_worker_restarts_under_load_are_invisible(fresh_stack: Stack) ->
             t.join(30)
     counts = {r: results.count(r) for r in set(results)}
     assert len(results) > 90 and set(counts) == {200}, counts
+
+
+def test_bodies_over_max_body_get_413(fresh_stack: Stack) -> None:
+    fresh_stack.start_mongrel2()
+    fresh_stack.start_broker("--max-body", "10000")
+    fresh_stack.start_pool("e2e_apps:app", service="app", routes=("/",))
+    fresh_stack.wait_ok("/")
+    ok = requests.post(fresh_stack.url("/echo"), data=b"x" * 10000, timeout=10)
+    assert ok.status_code == 200 and ok.json()["length"] == 10000
+    inline = requests.post(fresh_stack.url("/echo"), data=b"x" * 15000, timeout=10)
+    assert inline.status_code == 413  # under Mongrel2's 20480: a plain request
+    spooled = requests.post(fresh_stack.url("/echo"), data=b"x" * 500_000, timeout=10)
+    assert spooled.status_code == 413  # temp_store upload: refused at its start
+    assert requests.get(fresh_stack.url("/"), timeout=10).status_code == 200
