@@ -319,12 +319,17 @@ class Broker:
                 return
             except zmq.Again:
                 pass
+        if not link.held:
+            log.warning("Mongrel2 at %s is not taking replies: holding them, intake paused",
+                        link.spec.recv_spec)
         if len(link.held) >= MAX_HELD_REPLIES:
             log.error("dropping reply: %d replies held for %s", len(link.held), link.spec.recv_spec)
             return
         link.held.append(message)
 
     def _drain_held(self, link: _Link) -> None:
+        if not link.held:
+            return
         while link.held and link.subscriptions > 0:
             try:
                 send_one(link.pub, link.held[0])
@@ -332,6 +337,8 @@ class Broker:
                 return
             link.held.popleft()
             link.replies += 1
+        if not link.held:
+            log.info("Mongrel2 at %s takes replies again", link.spec.recv_spec)
 
     def ready_line(self) -> str:
         links = " ".join(f"{s.send_spec},{s.recv_spec}" for s in self.link_specs)

@@ -87,6 +87,11 @@ def test_broker_survives_garbage_on_both_inputs(fresh_stack: Stack) -> None:
         broker = fresh_stack.start_broker("--mongrel2", f"{send_spec},{recv_spec}")
         fresh_stack.start_pool("e2e_apps:app", service="app", routes=("/",))
         fresh_stack.wait_ok("/")
+        # ZeroMQ sends a SUB's subscription from the thread that uses the
+        # socket: poll it until the broker has seen it (then it reads the link).
+        wait_for(lambda: (fake_sub.poll(10) or True)
+                 and broker.log_tail().count("subscribed") >= 2,
+                 what="the broker to see the fake link's subscription")
 
         captures = _captures()
         for i in range(N_MESSAGES):

@@ -1,0 +1,79 @@
+"""A Mongrel2 that stops reading replies slows the broker; no reply is lost.
+
+A fake Mongrel2 link (PUSH and SUB bound here, tnetstring requests) sends
+more requests than the reply path can buffer while its SUB reads nothing.
+The broker's XPUB (XPUB_NODROP) then refuses replies; the broker holds them
+and stops taking requests from that link. Once the SUB reads again, every
+request gets exactly one reply.
+"""
+
+from __future__ import annotations
+
+import tnetstring
+import zmq
+
+from scale0 import mongrel2 as m2
+
+from .conftest import Stack, free_port, wait_for
+
+SENDER = b"5ca1e000-0000-4000-8000-0000000bac01"
+N_REQUESTS = 6000
+
+
+def _request(conn_id: int) -> bytes:
+    headers = {b"METHOD": b"GET", b"VERSION": b"HTTP/1.1", b"PATH": b"/blob",
+               b"URI": b"/blob?20000", b"QUERY": b"20000",
+               b"PATTERN": b"/", b"URL_SCHEME": b"http", b"REMOTE_ADDR": b"127.0.0.1",
+               b"host": b"localhost"}
+    return b"%s %d /blob %s0:," % (SENDER, conn_id, tnetstring.dumps(headers))
+
+
+def test_slow_reader_gets_every_reply(fresh_stack: Stack) -> None:
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    sub = ctx.socket(zmq.SUB)
+    try:
+        for sock in (push, sub):
+            sock.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RCVHWM, 100)
+        send_spec = f"tcp://127.0.0.1:{free_port()}"
+        recv_spec = f"tcp://127.0.0.1:{free_port()}"
+        push.bind(send_spec)
+        sub.bind(recv_spec)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        # The stack's own Mongrel2 is not started: this broker serves the fake link.
+        broker = fresh_stack.start_broker("--queue-size", str(N_REQUESTS), "--queue-timeout",
+                                          "300", "--mongrel2", f"{send_spec},{recv_spec}")
+        fresh_stack.start_pool("e2e_apps:app", service="app", routes=("/",), threads=4)
+        wait_for(lambda: "ready: services=app" in broker.log_tail(), what="the worker")
+        # ZeroMQ sends a SUB's subscription from the thread that uses the
+        # socket: poll it (reading nothing) until the broker has seen it.
+        wait_for(lambda: sub.poll(10) == 0 and "subscribed" in broker.log_tail(),
+                 what="the broker to see our subscription")
+        for conn_id in range(1, N_REQUESTS + 1):
+            push.send(_request(conn_id))
+        # 20 KB replies x 6000 outgrow every buffer on the way: with nobody
+        # reading, the broker must hold replies (not drop them) and pause.
+        wait_for(lambda: "is not taking replies" in broker.log_tail(), 60,
+                 "the broker to hold replies")
+        got: dict[int, bytes] = {}
+
+        def read_some() -> bool:
+            while sub.poll(200):
+                reply = m2.parse_reply(sub.recv())
+                for conn_id in reply.conn_ids:
+                    if reply.body:  # the close reply of HTTP/1.0 etc. has none
+                        assert conn_id not in got, f"two replies for {conn_id}"
+                        got[conn_id] = reply.body
+            return len(got) >= N_REQUESTS
+
+        wait_for(read_some, 120, f"{N_REQUESTS} replies")
+        assert sorted(got) == list(range(1, N_REQUESTS + 1))
+        assert all(body.startswith(b"HTTP/1.1 200 OK") and body.endswith(b"z" * 100)
+                   for body in got.values())
+        assert "takes replies again" in broker.log_tail()
+        assert broker.popen.poll() is None
+    finally:
+        push.close(0)
+        sub.close(0)
+        ctx.term()
