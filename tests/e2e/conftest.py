@@ -14,7 +14,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -221,3 +223,58 @@ def fresh_stack(tmp_path: Path) -> Iterator[Stack]:
         yield s
     finally:
         s.stop()
+
+
+class Load:
+    """Client threads looping GETs, bounded in time, counting outcomes.
+
+    Outcomes: "2xx", the status code for anything else, "hanging" (no answer
+    within `timeout_s`) and "connection error".
+    """
+
+    def __init__(self, url_for: Callable[[int], str], *, clients: int = 4,
+                 max_s: float = 60.0, timeout_s: float = 20.0) -> None:
+        self.url_for = url_for
+        self.max_s = max_s
+        self.timeout_s = timeout_s
+        self.outcomes: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(n,))
+                         for n in range(clients)]
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(self.timeout_s + 5)
+
+    @property
+    def clients(self) -> int:
+        return len(self._threads)
+
+    def sent(self) -> int:
+        with self._lock:
+            return sum(self.outcomes.values())
+
+    def wait_more(self, n: int, timeout_s: float = 30.0) -> None:
+        target = self.sent() + n
+        wait_for(lambda: self.sent() >= target, timeout_s, f"{n} more answers")
+
+    def _client(self, n: int) -> None:
+        session = requests.Session()
+        deadline = time.monotonic() + self.max_s
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                status = session.get(self.url_for(n), timeout=self.timeout_s).status_code
+                outcome = "2xx" if 200 <= status < 300 else str(status)
+            except requests.ReadTimeout:
+                outcome, session = "hanging", requests.Session()
+            except requests.RequestException:
+                outcome, session = "connection error", requests.Session()
+            with self._lock:
+                self.outcomes[outcome] += 1

@@ -14,13 +14,8 @@ import json
 import os
 import signal
 import subprocess
-import threading
-import time
-from collections import Counter
 
-import requests
-
-from .conftest import Stack, wait_for
+from .conftest import Load, Stack, wait_for
 
 CLIENTS = 8
 LOAD_S = 60.0
@@ -38,64 +33,31 @@ def test_faults_under_load_report(fresh_stack: Stack) -> None:
                  routes=("/flask",), processes=2, threads=4)
     s.wait_ok("/")
     s.wait_ok("/flask/")
-    outcomes: Counter[str] = Counter()
-    lock = threading.Lock()
-    stop = threading.Event()
-
-    def client(n: int) -> None:
-        session = requests.Session()
-        path = "/flask/" if n % 2 else "/"
-        deadline = time.monotonic() + LOAD_S
-        while not stop.is_set() and time.monotonic() < deadline:
-            try:
-                status = session.get(s.url(path), timeout=CLIENT_TIMEOUT_S).status_code
-                outcome = "2xx" if 200 <= status < 300 else str(status)
-            except requests.ReadTimeout:
-                outcome = "hanging"
-                session = requests.Session()
-            except requests.RequestException:
-                outcome = "connection error"
-                session = requests.Session()
-            with lock:
-                outcomes[outcome] += 1
-
-    def sent() -> int:
-        with lock:
-            return sum(outcomes.values())
-
-    def settle(more: int = 100) -> None:
-        target = sent() + more
-        wait_for(lambda: sent() >= target, 30, f"{more} more answers")
-
-    clients = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
-    for t in clients:
-        t.start()
+    paths = ("/", "/flask/")
     steps = []
-    try:
-        settle()
+    with Load(lambda n: s.url(paths[n % 2]), clients=CLIENTS, max_s=LOAD_S,
+              timeout_s=CLIENT_TIMEOUT_S) as load:
+        load.wait_more(100)
         pids = subprocess.run(["pgrep", "-P", str(hello.popen.pid)], capture_output=True,
                               text=True).stdout.split()
         os.kill(int(pids[0]), signal.SIGKILL)
         steps.append("SIGKILL one hello worker process (its pool respawns it)")
-        settle()
+        load.wait_more(100)
         extra = s.start_pool("examples.hello:app", "--heartbeat", "0.5", service="hello",
                              routes=("/",), processes=1, threads=4)
         wait_for(lambda: "connected to broker" in extra.log_tail(), what="the added pool")
         steps.append("add a hello pool")
-        settle()
+        load.wait_more(100)
         hello.send_signal(signal.SIGTERM)
         assert hello.popen.wait(30) == 0
         steps.append("drain and stop the first hello pool (SIGTERM)")
-        settle()
+        load.wait_more(100)
         broker.stop()
         s.procs.remove(broker)
         s.start_broker("--heartbeat", "0.5", port=port)
         steps.append("restart the broker (SIGTERM, then a new one on the same port)")
-        settle(200)
-    finally:
-        stop.set()
-        for t in clients:
-            t.join(CLIENT_TIMEOUT_S + 5)
+        load.wait_more(200)
+    outcomes = load.outcomes
     report = {"sent": sum(outcomes.values()), **dict(sorted(outcomes.items())), "steps": steps}
     print("proof under load:", json.dumps(report))
     if os.environ.get("SCALE0_PROOF_REPORT"):
