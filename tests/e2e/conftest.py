@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import requests
+import zmq
 
 from scale0.m2server import Mongrel2Server, config_text
 
@@ -278,3 +279,39 @@ class Load:
                 outcome, session = "connection error", requests.Session()
             with self._lock:
                 self.outcomes[outcome] += 1
+
+
+class FakeMongrel2:
+    """The handler-facing half of a Mongrel2, bound here: a PUSH that sends
+    requests and a SUB that receives replies. `link` is the broker's
+    --mongrel2 argument. Use as a context manager; it closes its sockets."""
+
+    def __init__(self, sub_hwm: int = 1000) -> None:
+        self.ctx = zmq.Context()
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.sub = self.ctx.socket(zmq.SUB)
+        for sock in (self.push, self.sub):
+            sock.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.RCVHWM, sub_hwm)
+        send_spec = f"tcp://127.0.0.1:{free_port()}"
+        recv_spec = f"tcp://127.0.0.1:{free_port()}"
+        self.push.bind(send_spec)
+        self.sub.bind(recv_spec)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.link = f"{send_spec},{recv_spec}"
+
+    def wait_subscribed(self, broker: Proc, links_before: int = 0) -> None:
+        """ZeroMQ sends a SUB's subscription from the thread that uses the
+        socket (real Mongrel2 polls its SUB all the time): poll ours, reading
+        nothing, until the broker logs it (it reads a link only after that)."""
+        wait_for(lambda: self.sub.poll(10) == 0
+                 and broker.log_tail(1_000_000).count("subscribed") > links_before,
+                 what="the broker to see the fake Mongrel2's subscription")
+
+    def __enter__(self) -> FakeMongrel2:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.push.close(0)
+        self.sub.close(0)
+        self.ctx.term()

@@ -10,11 +10,10 @@ request gets exactly one reply.
 from __future__ import annotations
 
 import tnetstring
-import zmq
 
 from scale0 import mongrel2 as m2
 
-from .conftest import Stack, free_port, wait_for
+from .conftest import FakeMongrel2, Stack, wait_for
 
 SENDER = b"5ca1e000-0000-4000-8000-0000000bac01"
 N_REQUESTS = 6000
@@ -29,29 +28,15 @@ def _request(conn_id: int) -> bytes:
 
 
 def test_slow_reader_gets_every_reply(fresh_stack: Stack) -> None:
-    ctx = zmq.Context()
-    push = ctx.socket(zmq.PUSH)
-    sub = ctx.socket(zmq.SUB)
-    try:
-        for sock in (push, sub):
-            sock.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.RCVHWM, 100)
-        send_spec = f"tcp://127.0.0.1:{free_port()}"
-        recv_spec = f"tcp://127.0.0.1:{free_port()}"
-        push.bind(send_spec)
-        sub.bind(recv_spec)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
+    with FakeMongrel2(sub_hwm=100) as fake:
         # The stack's own Mongrel2 is not started: this broker serves the fake link.
         broker = fresh_stack.start_broker("--queue-size", str(N_REQUESTS), "--queue-timeout",
-                                          "300", "--mongrel2", f"{send_spec},{recv_spec}")
+                                          "300", "--mongrel2", fake.link)
         fresh_stack.start_pool("e2e_apps:app", service="app", routes=("/",), threads=4)
         wait_for(lambda: "ready: services=app" in broker.log_tail(), what="the worker")
-        # ZeroMQ sends a SUB's subscription from the thread that uses the
-        # socket: poll it (reading nothing) until the broker has seen it.
-        wait_for(lambda: sub.poll(10) == 0 and "subscribed" in broker.log_tail(),
-                 what="the broker to see our subscription")
+        fake.wait_subscribed(broker)
         for conn_id in range(1, N_REQUESTS + 1):
-            push.send(_request(conn_id))
+            fake.push.send(_request(conn_id))
         # 20 KB replies x 6000 outgrow every buffer on the way: with nobody
         # reading, the broker must hold replies (not drop them) and pause.
         wait_for(lambda: "is not taking replies" in broker.log_tail(), 60,
@@ -59,8 +44,8 @@ def test_slow_reader_gets_every_reply(fresh_stack: Stack) -> None:
         got: dict[int, bytes] = {}
 
         def read_some() -> bool:
-            while sub.poll(200):
-                reply = m2.parse_reply(sub.recv())
+            while fake.sub.poll(200):
+                reply = m2.parse_reply(fake.sub.recv())
                 for conn_id in reply.conn_ids:
                     if reply.body:  # the close reply of HTTP/1.0 etc. has none
                         assert conn_id not in got, f"two replies for {conn_id}"
@@ -73,7 +58,3 @@ def test_slow_reader_gets_every_reply(fresh_stack: Stack) -> None:
                    for body in got.values())
         assert "takes replies again" in broker.log_tail()
         assert broker.popen.poll() is None
-    finally:
-        push.close(0)
-        sub.close(0)
-        ctx.term()

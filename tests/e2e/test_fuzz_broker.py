@@ -18,7 +18,7 @@ import zmq
 
 from scale0 import protocol as p
 
-from .conftest import Stack, free_port, wait_for
+from .conftest import FakeMongrel2, Stack, wait_for
 
 CAPTURES = Path(__file__).resolve().parents[1] / "fixtures" / "mongrel2-captures"
 N_MESSAGES = 3000
@@ -73,60 +73,49 @@ def test_broker_survives_garbage_on_both_inputs(fresh_stack: Stack) -> None:
     rng = random.Random(20261124)
     fresh_stack.start_mongrel2()
     ctx = zmq.Context()
-    fake_push = ctx.socket(zmq.PUSH)
-    fake_sub = ctx.socket(zmq.SUB)
     dealers: list[zmq.Socket[bytes]] = []
     try:
-        for sock in (fake_push, fake_sub):
-            sock.setsockopt(zmq.LINGER, 0)
-        send_spec = f"tcp://127.0.0.1:{free_port()}"
-        recv_spec = f"tcp://127.0.0.1:{free_port()}"
-        fake_push.bind(send_spec)
-        fake_sub.bind(recv_spec)
-        fake_sub.setsockopt(zmq.SUBSCRIBE, b"")
-        broker = fresh_stack.start_broker("--mongrel2", f"{send_spec},{recv_spec}")
-        fresh_stack.start_pool("e2e_apps:app", service="app", routes=("/",))
-        fresh_stack.wait_ok("/")
-        # ZeroMQ sends a SUB's subscription from the thread that uses the
-        # socket: poll it until the broker has seen it (then it reads the link).
-        wait_for(lambda: (fake_sub.poll(10) or True)
-                 and broker.log_tail().count("subscribed") >= 2,
-                 what="the broker to see the fake link's subscription")
+        with FakeMongrel2() as fake:
+            fake_push, fake_sub = fake.push, fake.sub
+            broker = fresh_stack.start_broker("--mongrel2", fake.link)
+            fresh_stack.start_pool("e2e_apps:app", service="app", routes=("/",))
+            fresh_stack.wait_ok("/")  # the real link is subscribed
+            fake.wait_subscribed(broker, links_before=1)
 
-        captures = _captures()
-        for i in range(N_MESSAGES):
-            if i % 3 == 0:
-                message = rng.randbytes(rng.randint(0, 200))
-            else:
-                message = _mutate(rng, rng.choice(captures))
-            fake_push.send(message)
-        endpoint = fresh_stack.broker_endpoints[0]
-        for _ in range(20):
-            dealer = ctx.socket(zmq.DEALER)
-            dealer.setsockopt(zmq.LINGER, 0)
-            dealer.connect(endpoint)
-            dealers.append(dealer)
-        for i in range(N_MESSAGES):
-            dealers[i % len(dealers)].send_multipart(_worker_garbage(rng))
+            captures = _captures()
+            for i in range(N_MESSAGES):
+                if i % 3 == 0:
+                    message = rng.randbytes(rng.randint(0, 200))
+                else:
+                    message = _mutate(rng, rng.choice(captures))
+                fake_push.send(message)
+            endpoint = fresh_stack.broker_endpoints[0]
+            for _ in range(20):
+                dealer = ctx.socket(zmq.DEALER)
+                dealer.setsockopt(zmq.LINGER, 0)
+                dealer.connect(endpoint)
+                dealers.append(dealer)
+            for i in range(N_MESSAGES):
+                dealers[i % len(dealers)].send_multipart(_worker_garbage(rng))
 
-        # The broker answered what it could on the fake link (400s for readable
-        # senders, 404s for lucky requests) ...
-        assert wait_for(lambda: fake_sub.poll(100), what="answers on the fake link")
+            # The broker answered what it could on the fake link (400s for readable
+            # senders, 404s for lucky requests) ...
+            assert wait_for(lambda: fake_sub.poll(100), what="answers on the fake link")
 
-        def digested() -> bool:  # ... read both inputs to the end (the last ones
-            log = broker.log_tail(2_000_000)  # sent are a known bad version) ...
-            return log.count("malformed Mongrel2 message") > N_MESSAGES // 3 and (
-                log.count("bad message from worker") + log.count("malformed worker message")
-                > N_MESSAGES // 3)
+            def digested() -> bool:  # ... read both inputs to the end (the last ones
+                log = broker.log_tail(2_000_000)  # sent are a known bad version) ...
+                return log.count("malformed Mongrel2 message") > N_MESSAGES // 3 and (
+                    log.count("bad message from worker") + log.count("malformed worker message")
+                    > N_MESSAGES // 3)
 
-        wait_for(digested, 30, "the broker to read all the garbage")
-        # ... and keeps serving the real link.
-        for i in range(20):
-            r = requests.get(fresh_stack.url(f"/echo?after={i}"), timeout=10)
-            assert r.status_code == 200 and r.json()["query"] == f"after={i}"
-        assert broker.popen.poll() is None
-        assert "Traceback" not in broker.log_tail(200_000)
+            wait_for(digested, 30, "the broker to read all the garbage")
+            # ... and keeps serving the real link.
+            for i in range(20):
+                r = requests.get(fresh_stack.url(f"/echo?after={i}"), timeout=10)
+                assert r.status_code == 200 and r.json()["query"] == f"after={i}"
+            assert broker.popen.poll() is None
+            assert "Traceback" not in broker.log_tail(200_000)
     finally:
-        for sock in (fake_push, fake_sub, *dealers):
-            sock.close(0)
+        for dealer in dealers:
+            dealer.close(0)
         ctx.term()

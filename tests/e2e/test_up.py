@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from bench.procs import children
 from scale0.m2server import config_text
 
 from .conftest import ROOT, Proc, free_port, wait_for
@@ -34,21 +35,11 @@ def processes_mentioning(marker: str) -> list[int]:
 
 
 def descendants(root: int) -> set[int]:
-    """Pids of every process below `root` (by parent pid, from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rpartition(")")[2].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
+    """Pids of every process below `root`."""
     found: set[int] = set()
     todo = [root]
     while todo:
-        for child in children.get(todo.pop(), []):
+        for child in children(todo.pop()):
             if child not in found:
                 found.add(child)
                 todo.append(child)
