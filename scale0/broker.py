@@ -10,6 +10,16 @@ A link takes no requests until Mongrel2's SUB has subscribed on our XPUB
 while the link is subscribed. Replies for a link that cannot take them right
 now (unsubscribed, or XPUB at its high-water mark with XPUB_NODROP) are held
 in order and the link's intake pauses until they are flushed.
+
+Handing over without losing requests: libzmq drops whatever Mongrel2's PUSH
+has queued for a peer when that peer's connection ends, and a plain
+`disconnect()` also discards what already reached our side. So a stopping
+broker half-closes instead: it shuts down the write side of its PULL's TCP
+connection (the fd comes from the socket monitor), Mongrel2's libzmq sees
+EOF and closes its end, and only then, with every byte Mongrel2 wrote
+before that now read and dispatched, does the broker disconnect. Mongrel2
+sends new requests to the other brokers meanwhile (or keeps them until one
+connects).
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from .dispatch import Dispatcher, DispatchSettings
 from .frames import recv_frames, recv_one, send_frames, send_one
@@ -32,6 +43,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 256  # messages read from one socket per wake-up before looking at the others
 MAX_HELD_REPLIES = 100_000
+HANDOVER_TIMEOUT_S = 2.0  # wait this long for Mongrel2 to close a half-closed link
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +69,13 @@ class _Link:
     spec: LinkSpec
     pull: zmq.Socket[bytes]
     pub: zmq.Socket[bytes]
+    monitor: zmq.Socket[bytes]
     subscriptions: int = 0
     held: deque[bytes] = field(default_factory=deque)
     replies: int = 0
+    fd: int = -1  # the PULL's current TCP/IPC connection, from the monitor; -1 if none
+    closing_until: float = 0.0  # half-closed: reading what is left until Mongrel2 closes
+    closed: bool = False  # disconnected from Mongrel2's PUSH for good
 
     @property
     def writable(self) -> bool:
@@ -108,13 +124,14 @@ class Broker:
         for index, spec in enumerate(self.link_specs):
             pull = ctx.socket(zmq.PULL)
             pull.setsockopt(zmq.LINGER, 0)
+            monitor = pull.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
             pull.connect(spec.send_spec)
             pub = ctx.socket(zmq.XPUB)
             pub.setsockopt(zmq.LINGER, 2000)  # let queued replies go out on a clean stop
             pub.setsockopt(zmq.XPUB_NODROP, 1)  # at HWM, send raises EAGAIN: we hold replies
             pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every (re)subscription
             pub.connect(spec.recv_spec)
-            self._links.append(_Link(index, spec, pull, pub))
+            self._links.append(_Link(index, spec, pull, pub, monitor))
 
     def stop(self) -> None:
         """Graceful stop: take no new requests, finish those held, then end.
@@ -130,6 +147,8 @@ class Broker:
 
     def close(self) -> None:
         for link in self._links:
+            link.pull.disable_monitor()
+            link.monitor.close(0)
             link.pull.close(0)
             link.pub.close()  # LINGER 2 s: replies still queued go out first
         if self._router is not None:
@@ -161,6 +180,7 @@ class Broker:
         links = self._links
         pull_to_link = {link.pull: link for link in links}
         pub_to_link = {link.pub: link for link in links}
+        monitor_to_link = {link.monitor: link for link in links}
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         if self._wakeup_r is not None:
@@ -171,6 +191,7 @@ class Broker:
         for link in links:
             registered[link.pub] = zmq.POLLIN
             poller.register(link.pub, zmq.POLLIN)
+            poller.register(link.monitor, zmq.POLLIN)
         monotonic = time.monotonic
         intake_opens = monotonic() + self.startup_grace_s
         drain_until = 0.0
@@ -179,14 +200,17 @@ class Broker:
             if self._stopping and not drain_until:
                 drain_until = now + self.graceful_timeout_s
                 self._stop_intake(now)
-            if drain_until and (self._forced or now >= drain_until or self._drained()):
-                break
+            if drain_until:
+                self._finish_handovers(now)
+                if self._forced or now >= drain_until or self._drained():
+                    break
             intake = now >= intake_opens and not drain_until
             for link in links:
-                # Read from Mongrel2 only while its replies can be delivered;
+                # Read from Mongrel2 only while its replies can be delivered
+                # (or while handing over: every request sent here must be read);
                 # wait for POLLOUT only while replies are held.
-                self._want(poller, registered, link.pull,
-                           zmq.POLLIN if intake and link.writable else 0)
+                take = (intake and link.writable) or link.closing_until > 0
+                self._want(poller, registered, link.pull, zmq.POLLIN if take else 0)
                 self._want(poller, registered, link.pub,
                            zmq.POLLIN | (zmq.POLLOUT if link.held else 0))
             deadline = d.next_deadline()
@@ -204,6 +228,8 @@ class Broker:
                     self._read_mongrel2(pull_to_link[sock], now)
                 elif sock in pub_to_link:
                     self._read_subscriptions(pub_to_link[sock])
+                elif sock in monitor_to_link:
+                    self._read_monitor(monitor_to_link[sock], now)
                 elif self._wakeup_r is not None:
                     try:
                         self._wakeup_r.recv(64)
@@ -220,27 +246,65 @@ class Broker:
         log.info("broker stopping")
 
     def _stop_intake(self, now: float) -> None:
-        """Disconnect from Mongrel2's PUSH (it sends new requests to other
-        brokers, or holds them until one connects) and take in what already
-        arrived here."""
+        """Start the handover of every link (see the module docstring)."""
         log.info("draining: no new requests, %d in progress",
                  len(self.dispatcher.requests))
         for link in self._links:
+            if link.fd < 0:  # not connected: nothing can be in flight to us
+                self._close_link(link, now)
+                continue
             try:
-                link.pull.disconnect(link.spec.send_spec)
-            except zmq.ZMQError:
-                pass
-            for _ in range(1_000_000):  # bounded: what was queued before the disconnect
-                try:
-                    raw = recv_one(link.pull)
-                except zmq.Again:
-                    break
-                self.dispatcher.on_mongrel2(link.index, raw, now)
+                with socket.socket(fileno=os.dup(link.fd)) as conn:
+                    conn.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                log.warning("cannot half-close the link to %s (%s): disconnecting",
+                            link.spec.send_spec, exc)
+                self._close_link(link, now)
+                continue
+            link.closing_until = now + HANDOVER_TIMEOUT_S
+
+    def _finish_handovers(self, now: float) -> None:
+        for link in self._links:
+            if link.closing_until and now >= link.closing_until:
+                log.warning("Mongrel2 at %s did not close the half-closed link in %.0f s:"
+                            " disconnecting", link.spec.send_spec, HANDOVER_TIMEOUT_S)
+                self._close_link(link, now)
+
+    def _close_link(self, link: _Link, now: float) -> None:
+        """Read every request that reached us, then leave Mongrel2's PUSH for good."""
+        if link.closed:
+            return
+        for _ in range(1_000_000):  # bounded: what Mongrel2 wrote before closing
+            try:
+                raw = recv_one(link.pull)
+            except zmq.Again:
+                break
+            self.dispatcher.on_mongrel2(link.index, raw, now)
+        try:
+            link.pull.disconnect(link.spec.send_spec)
+        except zmq.ZMQError:
+            pass
+        link.closed = True
+        link.closing_until = 0.0
         if self._router is not None:
             self._flush(self._router)
 
+    def _read_monitor(self, link: _Link, now: float) -> None:
+        while True:
+            try:
+                event = parse_monitor_message(link.monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_CONNECTED:
+                link.fd = int(event["value"])
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                link.fd = -1
+                if link.closing_until:  # Mongrel2 closed its end: all it sent is here
+                    self._close_link(link, now)
+
     def _drained(self) -> bool:
-        return not self.dispatcher.requests and not any(link.held for link in self._links)
+        return (not self.dispatcher.requests
+                and all(link.closed and not link.held for link in self._links))
 
     @staticmethod
     def _want(poller: zmq.Poller, registered: dict[zmq.Socket[bytes], int],

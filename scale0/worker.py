@@ -255,6 +255,10 @@ class Worker:
             assert self._ctx is not None
             b.socket = self._ctx.socket(zmq.DEALER)
             b.socket.setsockopt(zmq.LINGER, 500)
+            # No high-water mark: a reply (a LAST above all) is never dropped
+            # while the broker is connected. Memory stays bounded by the flow
+            # window (at most 8 messages per request) and the capacity.
+            b.socket.setsockopt(zmq.SNDHWM, 0)
             b.socket.connect(b.endpoint)
             b.welcomed = False
             b.last_seen = now
