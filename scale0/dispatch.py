@@ -38,6 +38,7 @@ import logging
 import random
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import mongrel2 as m2
 from . import protocol as p
@@ -89,6 +90,9 @@ class Request:
     attempts: int = 0
     reply_prefix: bytes = b""
     refused: int = 0  # an error status to answer with when its turn on the connection comes
+    status: int = 0  # of the answer, once known (only kept while recording)
+    bytes_out: int = 0  # response bytes forwarded (only counted while recording)
+    worker_label: str = ""  # the last worker it was sent to
 
 
 @dataclass(slots=True, eq=False)
@@ -115,6 +119,28 @@ class Service:
     queue: OrderedDict[int, Request] = field(default_factory=OrderedDict)
     active: OrderedDict[int, Request] = field(default_factory=OrderedDict)
     workers: dict[bytes, Worker] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The end of one request, for the access log, metrics and `tap`.
+
+    `status` is what the client was sent (499, as nginx logs it, when the
+    client left first); `ended_at - received_at` is the time in the broker.
+    """
+
+    link: int
+    conn_id: int
+    method: str
+    path: str
+    service: str
+    worker: str
+    status: int
+    bytes_in: int
+    bytes_out: int
+    received_at: float
+    ended_at: float
+    attempts: int
 
 
 @dataclass(slots=True)
@@ -153,6 +179,10 @@ class Dispatcher:
         self.to_workers: list[list[bytes]] = []
         self.to_mongrel2: list[tuple[int, bytes]] = []
         self.counters = Counters()
+        # Set `record` to get a Done in `done` for every request that ends;
+        # the loop drains `done` like the outboxes. Off, nothing is kept.
+        self.record = False
+        self.done: list[Done] = []
         self._now = 0.0
         # Random start: replies meant for a previous broker process never
         # match a request of this one.
@@ -242,6 +272,10 @@ class Dispatcher:
         if refused and on_conn is None:
             self._reply_error(link, sender, conn_id, refused, _REFUSED_TEXT.get(refused, ""),
                               close=close)
+            if self.record:
+                self.done.append(Done(link, conn_id, req.method.decode("latin-1"),
+                                      req.path.decode("latin-1"), "", "", refused, len(raw),
+                                      0, now, now, 0))
             return
         rid = self._next_rid
         self._next_rid = rid + 1
@@ -282,6 +316,7 @@ class Dispatcher:
     def _send(self, r: Request, w: Worker, now: float) -> None:
         """Hand `r` to `w` (just popped from ready queues or known to be free)."""
         r.worker = w
+        r.worker_label = w.label
         r.attempts += 1
         w.in_flight[r.rid] = r
         r.deadline = now + r.service.timeout_s
@@ -300,6 +335,8 @@ class Dispatcher:
             return
         self.counters.client_gone += 1
         for r in on_conn:
+            if not r.cancelled:
+                self._record(r, 499)
             self._forget(r, cancel=True)
 
     def _on_credits(self, link: int, conn_id: int, credits: int) -> None:
@@ -405,6 +442,10 @@ class Dispatcher:
             if all(message.startswith(prefix) for message in messages):
                 link = r.link
                 self.to_mongrel2.extend([(link, message) for message in messages])
+                if self.record and messages:
+                    if not r.reply_started:
+                        r.status = _status_of(messages[0], len(prefix))
+                    r.bytes_out += sum(map(len, messages)) - len(prefix) * len(messages)
                 if messages and not last:
                     # A streaming reply is alive: the timeout is between pieces,
                     # not for the whole download. now + timeout is the latest
@@ -419,6 +460,9 @@ class Dispatcher:
                     log.warning("worker %s ended a request without a response", w.label)
                     self._reply_error(link, r.sender, r.conn_id, 502, "no response from worker",
                                       close=r.close_after)
+                    r.status = 502
+                if last:
+                    self._record(r, r.status)
             else:
                 self.counters.bad_worker += 1
                 log.warning("worker %s replied to the wrong connection", w.label)
@@ -564,6 +608,7 @@ class Dispatcher:
         if r.worker is not None:
             self._cancel_at_worker(r)
         if not r.cancelled:
+            self._record(r, r.status if r.reply_started else status)
             if r.reply_started:
                 self.to_mongrel2.append((r.link, m2.close_reply(r.sender, r.conn_id)))
             else:
@@ -574,6 +619,13 @@ class Dispatcher:
         # `r` (after a 504 it may never answer), or a pipelined request would
         # wait behind it with no deadline of its own.
         self._forget(r, cancel=False)
+
+    def _record(self, r: Request, status: int) -> None:
+        if self.record:
+            self.done.append(Done(
+                r.link, r.conn_id, r.method.decode("latin-1"), _path_of(r.raw),
+                r.service.name, r.worker_label, status, len(r.raw), r.bytes_out,
+                r.received_at, self._now, r.attempts))
 
     def _cancel_at_worker(self, r: Request) -> None:
         w = r.worker
@@ -653,6 +705,27 @@ class Dispatcher:
             self._reply_error(link, parts[0], int(parts[1]), status, "malformed request",
                               close=True)
 
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """The state an operator looks at (control `status`, metrics, status
+        page), as plain JSON-able data. O(services + workers + routes)."""
+        routes: dict[str, list[str]] = {}
+        for route, name in self.routes.routes():
+            routes.setdefault(name, []).append(str(route))
+        services = [{
+            "name": sv.name, "routes": routes.get(sv.name, []), "queued": len(sv.queue),
+            "in_flight": len(sv.active), "workers": len(sv.workers), "ready": len(sv.ready),
+            "capacity": sum(w.capacity for w in sv.workers.values()),
+            "timeout_s": sv.timeout_s,
+        } for sv in sorted(self.services.values(), key=lambda sv: sv.name)]
+        workers = [{
+            "id": w.ident.hex(), "label": w.label, "services": [sv.name for sv in w.services],
+            "capacity": w.capacity, "in_flight": len(w.in_flight), "draining": w.draining,
+            "served": w.served, "age_s": round(now - w.connected_at, 3),
+        } for w in self.workers.values()]
+        return {"services": services, "workers": workers,
+                "counters": {f: getattr(self.counters, f) for f in Counters.__slots__},
+                "requests": len(self.requests), "connections": len(self.connections)}
+
     def check_invariants(self) -> None:
         """For tests: raise AssertionError if the state is inconsistent."""
         where: dict[int, str] = {}  # rid -> the one place it is in
@@ -729,6 +802,18 @@ def _wants_close(req: m2.Message) -> bool:
     if req.header(b"VERSION") == b"HTTP/1.0":
         return (req.header(b"connection") or b"").lower() != b"keep-alive"
     return b"close" in (req.header(b"connection") or b"").lower()
+
+
+def _status_of(message: bytes, offset: int) -> int:
+    """The status code of the HTTP response starting at `offset`, or 0."""
+    line = message[offset:offset + 12]
+    return int(line[9:12]) if line[:5] == b"HTTP/" and line[9:12].isdigit() else 0
+
+
+def _path_of(raw: bytes) -> str:
+    """PATH of a Mongrel2 request message ('SENDER ID PATH ...')."""
+    parts = raw.split(b" ", 3)
+    return parts[2].decode("latin-1") if len(parts) > 3 else ""
 
 
 def _head(pending: OrderedDict[int, Request]) -> Request:

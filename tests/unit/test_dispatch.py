@@ -1667,3 +1667,61 @@ def test_maintenance_page_while_a_service_has_no_worker() -> None:
     assert out.headers[b"content-type"].startswith(b"text/html")
     assert out.headers[b"retry-after"] == b"5"
     assert out.body.split(b"\r\n\r\n", 1)[1] == page
+
+
+# ---- records of finished requests (access log, metrics, tap) and the snapshot ---------
+
+
+def test_every_ended_request_is_recorded_once_with_its_status() -> None:
+    h = Harness(request_timeout_s=10.0)
+    h.d.record = True
+    h.hello(b"w1", capacity=2)
+    h.now = 1.0
+    h.request(1, b"/app/ok?q=1")
+    ok = h.take_one_request()
+    h.request(2, b"/app/slow")
+    slow = h.take_one_request()
+    h.now = 1.5
+    h.serve(ok)
+    h.request(3, b"/nowhere")  # 404 at once
+    h.request(4, b"/app/gone")  # queued (no free slot? capacity 2: one left) -> sent
+    gone = h.take_one_request()
+    h.m2(m2_disconnect(4))  # the client leaves first: 499
+    h.tick(11.0)  # /app/slow times out: 504
+    h.reply(slow, ok_reply(SENDER, 2, b"late"))  # late: not recorded again
+    h.reply(gone, ok_reply(SENDER, 4))  # cancelled: not recorded again
+    done = {(r.conn_id, r.path): r for r in h.d.done}
+    assert len(h.d.done) == 4
+    assert done[1, "/app/ok?q=1"].status == 200
+    assert done[1, "/app/ok?q=1"].worker == "w1" and done[1, "/app/ok?q=1"].service == "app"
+    assert done[1, "/app/ok?q=1"].ended_at - done[1, "/app/ok?q=1"].received_at == 0.5
+    assert done[1, "/app/ok?q=1"].bytes_out == len(OK_RESPONSE)
+    assert done[3, "/nowhere"].status == 404 and done[3, "/nowhere"].service == ""
+    assert done[4, "/app/gone"].status == 499
+    assert done[2, "/app/slow"].status == 504
+
+
+def test_nothing_is_recorded_unless_asked() -> None:
+    h = Harness()
+    h.hello(b"w1")
+    h.request(1)
+    h.serve(h.take_one_request())
+    h.request(2, b"/nowhere")
+    assert h.d.done == []
+
+
+def test_snapshot_lists_services_routes_workers_and_counters() -> None:
+    h = Harness()
+    h.hello(b"w1", {"app": ("/app",), "api": ("example.com/api",)}, capacity=2)
+    h.now = 5.0
+    h.request(1)
+    h.take_one_request()
+    snap = h.d.snapshot(7.5)
+    json.dumps(snap)  # plain data
+    services = {sv["name"]: sv for sv in snap["services"]}
+    assert services["app"]["routes"] == ["/app"] and services["api"]["routes"] == [
+        "example.com/api"]
+    assert services["app"]["in_flight"] == 1 and services["app"]["capacity"] == 2
+    (w,) = snap["workers"]
+    assert (w["label"], w["in_flight"], w["capacity"], w["age_s"]) == ("w1", 1, 2, 7.5)
+    assert snap["counters"]["requests"] == 1 and snap["requests"] == 1
