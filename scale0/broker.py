@@ -31,18 +31,21 @@ import signal
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from .dispatch import Dispatcher, DispatchSettings
+from .dispatch import Dispatcher, DispatchSettings, Done
 from .frames import recv_frames, recv_one, send_frames, send_one
 
 log = logging.getLogger(__name__)
 
 BATCH = 256  # messages read from one socket per wake-up before looking at the others
 MAX_HELD_REPLIES = 100_000
+SNAPSHOT_EVERY_S = 0.5  # how stale `Broker.snapshot` may be, when other threads read it
 HANDOVER_TIMEOUT_S = 2.0  # wait this long for Mongrel2 to close a half-closed link
 
 
@@ -108,6 +111,21 @@ class Broker:
         self._wakeup_r: socket.socket | None = None
         self._wakeup_w: socket.socket | None = None
         self.endpoint = ""
+        # Consumers of finished requests (access log, metrics, tap), called
+        # from the loop with each batch of Done records; see add_done_sink().
+        self._done_sinks: list[Callable[[list[Done]], None]] = []
+        # The dispatcher's snapshot() for other threads (metrics, status page):
+        # replaced whole every SNAPSHOT_EVERY_S while `publish_snapshots`, so a
+        # reader needs no lock. Empty until the loop runs.
+        self.publish_snapshots = False
+        self.snapshot: dict[str, Any] = {}
+
+    def add_done_sink(self, sink: Callable[[list[Done]], None]) -> None:
+        """Call `sink` from the loop with every batch of finished requests.
+        A sink must be quick (hand work to another thread if it is not) and
+        must not raise: an exception is logged and the batch dropped for it."""
+        self._done_sinks.append(sink)
+        self.dispatcher.record = True
 
     # ---- lifecycle -----------------------------------------------------
 
@@ -195,6 +213,7 @@ class Broker:
         monotonic = time.monotonic
         intake_opens = monotonic() + self.startup_grace_s
         drain_until = 0.0
+        next_snapshot = 0.0
         while True:
             now = monotonic()
             if self._stopping and not drain_until:
@@ -218,6 +237,8 @@ class Broker:
                 deadline = min(deadline, intake_opens)
             if drain_until:
                 deadline = min(deadline, now + 0.1)  # re-check _drained() often
+            if self.publish_snapshots:
+                deadline = min(deadline, next_snapshot)
             timeout_ms = max(0, math.ceil((deadline - monotonic()) * 1000))
             events = poller.poll(timeout_ms)
             now = monotonic()
@@ -239,11 +260,27 @@ class Broker:
             if now >= deadline:  # new deadlines are later; an early tick is harmless
                 d.on_tick(now)
                 self._flush(router)
+            if d.done:
+                self._pass_done()
+            if self.publish_snapshots and now >= next_snapshot:
+                next_snapshot = now + SNAPSHOT_EVERY_S
+                self.snapshot = d.snapshot(now)
         left = d.shutdown(monotonic())  # whatever the grace period did not finish
         self._flush(router)
+        self._pass_done()
         if left:
             log.warning("stopped with %d requests unfinished (answered 503)", left)
         log.info("broker stopping")
+
+    def _pass_done(self) -> None:
+        batch, self.dispatcher.done = self.dispatcher.done, []
+        if not batch:
+            return
+        for sink in self._done_sinks:
+            try:
+                sink(batch)
+            except Exception:
+                log.exception("a consumer of finished requests failed")
 
     def _stop_intake(self, now: float) -> None:
         """Start the handover of every link (see the module docstring)."""
