@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 BATCH = 256  # messages read from one socket per wake-up before looking at the others
 MAX_HELD_REPLIES = 100_000
 SNAPSHOT_EVERY_S = 0.5  # how stale `Broker.snapshot` may be, when other threads read it
-HANDOVER_TIMEOUT_S = 2.0  # wait this long for Mongrel2 to close a half-closed link
+HANDOVER_TIMEOUT_S = 2.0  # wait this long for Mongrel2 (or a relay) to let go of a link
+RELAY_WINDOW = 512  # messages a relay may send us ahead of our reading them
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,29 +57,40 @@ class LinkSpec:
     send_spec: str
     recv_spec: str
     recv_ident: bytes = b""
+    relay: bool = False  # requests come from a `scale0 relay` at send_spec
 
     @classmethod
     def parse(cls, text: str) -> LinkSpec:
-        """'SEND_SPEC,RECV_SPEC[,RECV_IDENT]' as given on the command line."""
+        """'SEND_SPEC,RECV_SPEC[,RECV_IDENT]' as given on the command line;
+        SEND_SPEC 'relay+tcp://...' names a relay instead of Mongrel2 itself."""
         parts = [part.strip() for part in text.split(",")]
         if len(parts) not in (2, 3) or not all(parts[:2]):
             raise ValueError(f"--mongrel2 {text!r}: expected SEND_SPEC,RECV_SPEC[,RECV_IDENT]")
-        return cls(parts[0], parts[1], parts[2].encode() if len(parts) == 3 else b"")
+        send, relay = parts[0], parts[0].startswith("relay+")
+        return cls(send.removeprefix("relay+"), parts[1],
+                   parts[2].encode() if len(parts) == 3 else b"", relay)
+
+    def __str__(self) -> str:
+        send = f"relay+{self.send_spec}" if self.relay else self.send_spec
+        return f"{send},{self.recv_spec}"
 
 
 @dataclass(slots=True, eq=False)
 class _Link:
     index: int
     spec: LinkSpec
-    pull: zmq.Socket[bytes]
+    pull: zmq.Socket[bytes]  # a PULL from Mongrel2, or a DEALER to a relay
     pub: zmq.Socket[bytes]
-    monitor: zmq.Socket[bytes]
+    monitor: zmq.Socket[bytes] | None  # the PULL's connection events; None for a relay
     subscriptions: int = 0
     held: deque[bytes] = field(default_factory=deque)
     replies: int = 0
     fd: int = -1  # the PULL's current TCP/IPC connection, from the monitor; -1 if none
     closing_until: float = 0.0  # half-closed: reading what is left until Mongrel2 closes
     closed: bool = False  # disconnected from Mongrel2's PUSH for good
+    joined: bool = False  # relay: HELLO sent
+    unacked: int = 0  # relay: messages read since our last CREDIT
+    left_at: float = 0.0  # relay: when LEAVE was sent
 
     @property
     def writable(self) -> bool:
@@ -140,9 +152,16 @@ class Broker:
         self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._router = router
         for index, spec in enumerate(self.link_specs):
-            pull = ctx.socket(zmq.PULL)
-            pull.setsockopt(zmq.LINGER, 0)
-            monitor = pull.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            monitor: zmq.Socket[bytes] | None = None
+            if spec.relay:
+                pull = ctx.socket(zmq.DEALER)
+                pull.setsockopt(zmq.LINGER, 1000)
+                pull.setsockopt(zmq.RCVHWM, 0)  # bounded by our credit
+            else:
+                pull = ctx.socket(zmq.PULL)
+                pull.setsockopt(zmq.LINGER, 0)
+                monitor = pull.get_monitor_socket(
+                    zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
             pull.connect(spec.send_spec)
             pub = ctx.socket(zmq.XPUB)
             pub.setsockopt(zmq.LINGER, 2000)  # let queued replies go out on a clean stop
@@ -165,8 +184,9 @@ class Broker:
 
     def close(self) -> None:
         for link in self._links:
-            link.pull.disable_monitor()
-            link.monitor.close(0)
+            if link.monitor is not None:
+                link.pull.disable_monitor()
+                link.monitor.close(0)
             link.pull.close(0)
             link.pub.close()  # LINGER 2 s: replies still queued go out first
         if self._router is not None:
@@ -198,7 +218,7 @@ class Broker:
         links = self._links
         pull_to_link = {link.pull: link for link in links}
         pub_to_link = {link.pub: link for link in links}
-        monitor_to_link = {link.monitor: link for link in links}
+        monitor_to_link = {link.monitor: link for link in links if link.monitor is not None}
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         if self._wakeup_r is not None:
@@ -209,11 +229,15 @@ class Broker:
         for link in links:
             registered[link.pub] = zmq.POLLIN
             poller.register(link.pub, zmq.POLLIN)
-            poller.register(link.monitor, zmq.POLLIN)
+            if link.monitor is not None:
+                poller.register(link.monitor, zmq.POLLIN)
+        relays = any(link.spec.relay for link in links)
         monotonic = time.monotonic
         intake_opens = monotonic() + self.startup_grace_s
         drain_until = 0.0
         next_snapshot = 0.0
+        next_relay_beat = 0.0
+        taking = False
         while True:
             now = monotonic()
             if self._stopping and not drain_until:
@@ -224,6 +248,13 @@ class Broker:
                 if self._forced or now >= drain_until or self._drained():
                     break
             intake = now >= intake_opens and not drain_until
+            if intake and not taking:
+                taking = True
+                log.info("taking requests")
+                next_relay_beat = now  # a relay sends nothing before our HELLO
+            if now >= next_relay_beat:
+                next_relay_beat = now + d.settings.heartbeat_s
+                self._beat_relays(intake)
             for link in links:
                 # Read from Mongrel2 only while its replies can be delivered
                 # (or while handing over: every request sent here must be read);
@@ -239,6 +270,8 @@ class Broker:
                 deadline = min(deadline, now + 0.1)  # re-check _drained() often
             if self.publish_snapshots:
                 deadline = min(deadline, next_snapshot)
+            if relays:
+                deadline = min(deadline, next_relay_beat)
             timeout_ms = max(0, math.ceil((deadline - monotonic()) * 1000))
             events = poller.poll(timeout_ms)
             now = monotonic()
@@ -287,6 +320,13 @@ class Broker:
         log.info("draining: no new requests, %d in progress",
                  len(self.dispatcher.requests))
         for link in self._links:
+            if link.spec.relay:
+                if link.joined:  # no new connections; LEAVE once our requests are done
+                    send_one(link.pull, b"DRAIN")
+                    link.closing_until = math.inf
+                else:
+                    self._close_link(link, now)
+                continue
             if link.fd < 0:  # not connected: nothing can be in flight to us
                 self._close_link(link, now)
                 continue
@@ -299,24 +339,36 @@ class Broker:
                 self._close_link(link, now)
                 continue
             link.closing_until = now + HANDOVER_TIMEOUT_S
+            log.info("handing over: half-closed the link to %s (fd %d)",
+                     link.spec.send_spec, link.fd)
 
     def _finish_handovers(self, now: float) -> None:
         for link in self._links:
+            if link.spec.relay and link.closing_until and not link.left_at:
+                if not self.dispatcher.requests:
+                    send_one(link.pull, b"LEAVE")  # the relay answers BYE after all it sent
+                    link.left_at = now
+                    link.closing_until = now + HANDOVER_TIMEOUT_S
+                continue
             if link.closing_until and now >= link.closing_until:
-                log.warning("Mongrel2 at %s did not close the half-closed link in %.0f s:"
-                            " disconnecting", link.spec.send_spec, HANDOVER_TIMEOUT_S)
+                log.warning("%s did not let go of the link in %.0f s: disconnecting",
+                            link.spec.send_spec, HANDOVER_TIMEOUT_S)
                 self._close_link(link, now)
 
     def _close_link(self, link: _Link, now: float) -> None:
         """Read every request that reached us, then leave Mongrel2's PUSH for good."""
         if link.closed:
             return
-        for _ in range(1_000_000):  # bounded: what Mongrel2 wrote before closing
+        link.closed = True
+        read = 0
+        while read < 1_000_000 and not link.spec.relay:  # bounded: what Mongrel2 wrote
             try:
                 raw = recv_one(link.pull)
             except zmq.Again:
                 break
+            read += 1
             self.dispatcher.on_mongrel2(link.index, raw, now)
+        log.info("left Mongrel2 at %s (%d more requests read)", link.spec.send_spec, read)
         try:
             link.pull.disconnect(link.spec.send_spec)
         except zmq.ZMQError:
@@ -327,6 +379,8 @@ class Broker:
             self._flush(self._router)
 
     def _read_monitor(self, link: _Link, now: float) -> None:
+        if link.monitor is None:
+            return
         while True:
             try:
                 event = parse_monitor_message(link.monitor.recv_multipart(zmq.NOBLOCK))
@@ -354,6 +408,9 @@ class Broker:
                 poller.unregister(sock)
 
     def _read_mongrel2(self, link: _Link, now: float) -> None:
+        if link.spec.relay:
+            self._read_relay(link, now)
+            return
         d = self.dispatcher
         pull = link.pull
         for _ in range(BATCH):
@@ -364,6 +421,44 @@ class Broker:
             d.on_mongrel2(link.index, raw, now)
             if d.to_mongrel2 and not link.writable:
                 return
+
+    def _read_relay(self, link: _Link, now: float) -> None:
+        d = self.dispatcher
+        for _ in range(BATCH):
+            try:
+                frames = recv_frames(link.pull)
+            except zmq.Again:
+                break
+            if len(frames) == 1:
+                d.on_mongrel2(link.index, frames[0], now)
+                link.unacked += 1
+                if d.to_mongrel2 and not link.writable:
+                    break
+            elif frames == [b"", b"BYE"]:
+                self._close_link(link, now)
+                return
+            elif frames == [b"", b"WHO"]:  # the relay restarted: join again
+                link.joined = False
+                if not self._stopping:
+                    self._beat_relays(True)
+            elif frames != [b"", b"HEARTBEAT"]:
+                log.warning("unexpected message from the relay at %s", link.spec.send_spec)
+        if link.unacked >= RELAY_WINDOW // 4 and not link.closed:
+            send_one(link.pull, b"CREDIT %d" % link.unacked)
+            link.unacked = 0
+
+    def _beat_relays(self, intake: bool) -> None:
+        """HELLO once intake opens (so a relay sends nothing during the
+        startup grace), then a HEARTBEAT every heartbeat interval."""
+        for link in self._links:
+            if not link.spec.relay or link.closed:
+                continue
+            if link.joined:
+                send_one(link.pull, b"HEARTBEAT")
+            elif intake:
+                send_one(link.pull, b"HELLO S0R1 %d" % RELAY_WINDOW)
+                link.joined, link.unacked = True, 0
+                log.info("joined the relay at %s", link.spec.send_spec)
 
     def _read_workers(self, router: zmq.Socket[bytes], now: float) -> None:
         d = self.dispatcher
@@ -442,5 +537,5 @@ class Broker:
             log.info("Mongrel2 at %s takes replies again", link.spec.recv_spec)
 
     def ready_line(self) -> str:
-        links = " ".join(f"{s.send_spec},{s.recv_spec}" for s in self.link_specs)
+        links = " ".join(str(spec) for spec in self.link_specs)
         return f"READY broker pid={os.getpid()} workers={self.endpoint} mongrel2={links}"

@@ -137,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(w)
     w.set_defaults(func=cmd_wsgi)
 
+    r = sub.add_parser("relay", help="share one Mongrel2 handler between brokers, losing "
+                                     "nothing when a broker leaves (see scale0/relay.py)")
+    r.add_argument("--mongrel2", required=True, metavar="SEND_SPEC",
+                   help="the Mongrel2 handler's send_spec to PULL from")
+    r.add_argument("--bind", default="tcp://127.0.0.1:6781",
+                   help="ROUTER endpoint brokers connect to, as "
+                        "--mongrel2 relay+ENDPOINT,RECV_SPEC (default: tcp://127.0.0.1:6781)")
+    _add_common(r)
+    r.set_defaults(func=cmd_relay)
+
     u = sub.add_parser("up", help="start and supervise Mongrel2, brokers and worker pools")
     u.add_argument("--config", required=True, help="a TOML stack file, e.g. scale0.toml")
     u.add_argument("--log-level", default="info",
@@ -168,6 +178,24 @@ def cmd_broker(args: argparse.Namespace) -> int:
         broker.run()
     finally:
         broker.close()
+    return 0
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    from .relay import Relay
+
+    relay = Relay(args.mongrel2, args.bind, heartbeat_s=args.heartbeat, liveness=args.liveness)
+    relay.install_signal_handlers()
+    try:
+        relay.start()
+    except Exception as exc:
+        log.error("cannot start the relay: %s", exc)
+        return 2
+    _ready(relay.ready_line())
+    try:
+        relay.run()
+    finally:
+        relay.close()
     return 0
 
 

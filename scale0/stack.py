@@ -3,7 +3,7 @@
 Each process runs in its own session, so a Ctrl-C at the terminal reaches
 only this supervisor, which then stops everything in order: worker pools
 first (SIGTERM: they finish what they have while brokers and Mongrel2 still
-deliver their replies), then brokers, then Mongrel2; SIGKILL after the grace
+deliver their replies), then brokers, then relays, then Mongrel2; SIGKILL after the grace
 period. A process that dies is restarted with a growing delay; the pid file
 never outlives the stack.
 """
@@ -89,8 +89,14 @@ class Stack:
         stack = cls(server, (host, int(port)),
                     graceful_timeout_s=float(data.get("graceful_timeout", 30.0)))
         stack.procs.append(_Proc("mongrel2", server.argv(), runtime, stop_signal=signal.SIGINT,
-                                 stop_order=2))
+                                 stop_order=3))
         scale0 = [sys.executable, "-m", "scale0.cli"]
+        for i, r in enumerate(data.get("relay", [])):
+            where = f"relay[{i}]"
+            argv = [*scale0, "relay", "--mongrel2", need(r, "mongrel2", str, where),
+                    "--bind", need(r, "bind", str, where)]
+            argv += [str(a) for a in r.get("args", [])]
+            stack.procs.append(_Proc(f"relay-{i}", argv, base, stop_order=2))
         for i, b in enumerate(data.get("broker", [])):
             where = f"broker[{i}]"
             argv = [*scale0, "broker", "--bind", need(b, "bind", str, where)]
@@ -169,8 +175,9 @@ class Stack:
 
     def _stop_all(self) -> None:
         # Pools first: they finish in-flight requests while brokers and Mongrel2
-        # still carry the replies; then brokers; Mongrel2 last.
-        for order in (0, 1, 2):
+        # still carry the replies; then brokers (each hands its link back to
+        # the relay); then relays; Mongrel2 last.
+        for order in (0, 1, 2, 3):
             group = [proc for proc in self.procs if proc.stop_order == order]
             for proc in group:
                 if proc.popen is not None and proc.popen.poll() is None:

@@ -155,6 +155,17 @@ class Stack:
         wait_for(accepts, what="Mongrel2 to accept connections")
         return proc
 
+    def start_relay(self) -> Proc:
+        """A relay in front of this stack's Mongrel2; brokers started after it
+        take their requests from the relay."""
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        proc = Proc("relay", [sys.executable, "-m", "scale0.cli", "relay", "--mongrel2",
+                              self.send_spec, "--bind", endpoint], self.tmp)
+        self.procs.append(proc)
+        proc.wait_ready()
+        self.link = f"relay+{endpoint},{self.recv_spec}"
+        return proc
+
     def start_broker(self, *args: str, port: int | None = None,
                      also: tuple[Stack, ...] = ()) -> Proc:
         """A broker for this stack's Mongrel2 (and those of the stacks in `also`)."""

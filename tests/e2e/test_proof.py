@@ -2,7 +2,8 @@
 
 A bounded load (threads looping GETs on two services, at most LOAD_S seconds,
 on loopback) runs while the test SIGKILLs a worker process, adds a pool,
-drains (SIGTERMs) a pool and restarts the broker gracefully. It reports sent,
+drains (SIGTERMs) a pool and restarts the broker gracefully (behind the relay,
+as in scale0.toml). It reports sent,
 2xx, 5xx by code, connection errors and requests left hanging (no answer
 within CLIENT_TIMEOUT_S), and writes them to the path in SCALE0_PROOF_REPORT
 if set (docs/reliability.md quotes a run).
@@ -25,6 +26,7 @@ CLIENT_TIMEOUT_S = 10.0
 def test_faults_under_load_report(fresh_stack: Stack) -> None:
     s = fresh_stack
     s.start_mongrel2()
+    s.start_relay()  # as in scale0.toml: Mongrel2 -> relay -> broker
     broker = s.start_broker("--heartbeat", "0.5")
     port = int(s.broker_endpoints[0].rsplit(":", 1)[1])
     hello = s.start_pool("examples.hello:app", "--heartbeat", "0.5", service="hello",

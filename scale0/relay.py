@@ -1,0 +1,314 @@
+"""The relay: one Mongrel2 handler shared by several brokers, without loss.
+
+Mongrel2's PUSH deals every message round-robin to whichever handlers are
+connected. With several brokers connected directly, that breaks what
+belongs to one client connection: an upload's start and done, the download
+credits of a streamed reply and a pipelined second request land on
+different brokers. And a broker that leaves loses whatever Mongrel2 had
+already queued for it (MONGREL2.md; docs/reliability.md).
+
+The relay is the only handler Mongrel2 sees: it PULLs from Mongrel2's
+send_spec and deals requests to brokers over a ROUTER; brokers still PUBlish
+their replies straight to Mongrel2's recv_spec. It lives as long as its
+Mongrel2 (under `scale0 up` it stops after the brokers), so brokers can come
+and go without Mongrel2 noticing. Three rules:
+
+* **Sticky connections.** Every message of a client connection goes to the
+  broker that got its first request, until Mongrel2 reports the disconnect
+  or that broker leaves.
+* **Credits.** A broker says how many messages it can take (HELLO, then
+  CREDIT as it reads them); a new connection goes to the broker, among
+  those not draining, that has credit and was used least recently. With no
+  broker able to take it, the relay stops reading from Mongrel2 (requests
+  wait there, not lost). A sticky message is always delivered.
+* **Leaving is a handshake.** DRAIN: no new connections for this broker.
+  LEAVE: forget my connections; the relay answers BYE, and everything it
+  sent before BYE arrives before BYE on the same ordered connection. So a
+  broker that reads until BYE has lost nothing.
+
+Wire (ROUTER on the relay, DEALER on the broker), `docs/protocol.md` section
+"Relay": broker -> relay single frames ``HELLO S0R1 <window>``,
+``CREDIT <n>``, ``HEARTBEAT``, ``DRAIN``, ``LEAVE``; relay -> broker one
+frame (a Mongrel2 message, byte for byte) or two frames ``""`` +
+``HEARTBEAT`` | ``BYE`` | ``WHO`` (the relay does not know this broker:
+say HELLO again).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import socket
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import zmq
+
+from .frames import recv_frames, recv_one, send_frames
+
+log = logging.getLogger(__name__)
+
+VERSION = b"S0R1"
+MAX_CONNECTIONS = 200_000  # sticky entries kept; the least recently used go first
+BATCH = 256
+
+HEARTBEAT = b"HEARTBEAT"
+BYE = b"BYE"
+WHO = b"WHO"
+
+
+@dataclass(slots=True, eq=False)
+class BrokerPeer:
+    ident: bytes
+    credit: int
+    expires_at: float
+    draining: bool = False
+    sent: int = 0
+
+
+class RelayCore:
+    """The relay's decisions, with no sockets and no clock of its own.
+
+    `to_brokers` collects ``[ident, *frames]`` to send. Invariant: a peer in
+    `ready` is in `peers`, not draining and has credit > 0; `ready` is LRU.
+    """
+
+    def __init__(self, heartbeat_s: float = 1.0, liveness: int = 3) -> None:
+        self.heartbeat_s = heartbeat_s
+        self.expiry_s = heartbeat_s * liveness
+        self.peers: dict[bytes, BrokerPeer] = {}
+        self.ready: OrderedDict[bytes, BrokerPeer] = OrderedDict()
+        self.owners: OrderedDict[tuple[bytes, bytes], BrokerPeer] = OrderedDict()
+        self.to_brokers: list[list[bytes]] = []
+        self.dropped = 0  # per-connection messages with no broker to take them
+        self.malformed = 0
+        self._next_heartbeat = 0.0
+
+    @property
+    def intake(self) -> bool:
+        """Whether a new connection could be placed now (else stop reading)."""
+        return bool(self.ready)
+
+    def on_mongrel2(self, raw: bytes) -> None:
+        head = raw.split(b" ", 3)
+        if len(head) < 4:
+            self.malformed += 1
+            log.warning("malformed message from Mongrel2 (%d bytes): dropped", len(raw))
+            return
+        key = (head[0], head[1])
+        owner = self.owners.get(key)
+        if owner is not None and self.peers.get(owner.ident) is owner:
+            self.owners.move_to_end(key)
+            if head[2][:1] == b"@" and b'"disconnect"' in head[3][:64]:
+                del self.owners[key]
+            self._send(owner, raw)
+            return
+        if head[2] == b"@*":  # Mongrel2's disconnect or credits for a connection nobody holds
+            self.owners.pop(key, None)
+            self.dropped += 1
+            return
+        if not self.ready:  # the loop only reads while `intake`; a race is not lost
+            self.dropped += 1
+            log.error("no broker can take a request: dropped")
+            return
+        peer = self.ready.popitem(last=False)[1]
+        self.owners[key] = peer
+        self.owners.move_to_end(key)
+        while len(self.owners) > MAX_CONNECTIONS:
+            self.owners.popitem(last=False)
+        self._send(peer, raw)
+
+    def on_broker(self, ident: bytes, frame: bytes, now: float) -> None:
+        command, _, arg = frame.partition(b" ")
+        peer = self.peers.get(ident)
+        if command == b"HELLO":
+            version, _, window = arg.partition(b" ")
+            if version != VERSION or not window.isdigit():
+                self.malformed += 1
+                log.warning("bad HELLO from broker %s: %r", ident.hex(), frame[:64])
+                return
+            if peer is not None:
+                self._remove(peer)
+            peer = self.peers[ident] = BrokerPeer(ident, int(window), now + self.expiry_s)
+            log.info("broker %s joined (window %d)", ident.hex(), peer.credit)
+        elif peer is None:
+            self.to_brokers.append([ident, b"", WHO])
+            return
+        elif command == b"CREDIT" and arg.isdigit():
+            peer.credit += int(arg)
+        elif command == b"HEARTBEAT":
+            pass
+        elif command == b"DRAIN":
+            peer.draining = True
+            log.info("broker %s draining", ident.hex())
+        elif command == b"LEAVE":
+            self._remove(peer)
+            self.to_brokers.append([ident, b"", BYE])
+            log.info("broker %s left", ident.hex())
+            return
+        else:
+            self.malformed += 1
+            log.warning("unknown command from broker %s: %r", ident.hex(), frame[:64])
+            return
+        peer.expires_at = now + self.expiry_s
+        self._update(peer)
+
+    def on_tick(self, now: float) -> None:
+        if now < self._next_heartbeat:
+            return
+        self._next_heartbeat = now + self.heartbeat_s
+        for peer in list(self.peers.values()):
+            if peer.expires_at <= now:
+                log.warning("broker %s silent: dropped", peer.ident.hex())
+                self._remove(peer)
+            else:
+                self.to_brokers.append([peer.ident, b"", HEARTBEAT])
+
+    def next_deadline(self) -> float:
+        return self._next_heartbeat
+
+    def unreachable(self, ident: bytes) -> None:
+        peer = self.peers.get(ident)
+        if peer is not None:
+            log.warning("broker %s unreachable: dropped", ident.hex())
+            self._remove(peer)
+
+    def _send(self, peer: BrokerPeer, raw: bytes) -> None:
+        peer.credit -= 1
+        peer.sent += 1
+        self.to_brokers.append([peer.ident, raw])
+        self._update(peer)
+
+    def _update(self, peer: BrokerPeer) -> None:
+        if peer.credit > 0 and not peer.draining and self.peers.get(peer.ident) is peer:
+            if peer.ident not in self.ready:
+                self.ready[peer.ident] = peer
+        else:
+            self.ready.pop(peer.ident, None)
+
+    def _remove(self, peer: BrokerPeer) -> None:
+        # Its sticky entries die lazily: an owner not in `peers` is no owner.
+        self.peers.pop(peer.ident, None)
+        self.ready.pop(peer.ident, None)
+
+
+class Relay:
+    """The I/O loop around RelayCore. Constructors do no I/O."""
+
+    def __init__(self, send_spec: str, bind: str, *, heartbeat_s: float = 1.0,
+                 liveness: int = 3) -> None:
+        self.send_spec = send_spec
+        self.bind = bind
+        self.core = RelayCore(heartbeat_s, liveness)
+        self.endpoint = ""
+        self._stopping = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._pull: zmq.Socket[bytes] | None = None
+        self._router: zmq.Socket[bytes] | None = None
+
+    def start(self) -> None:
+        self._ctx = ctx = zmq.Context()
+        router = ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 1000)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.setsockopt(zmq.SNDHWM, 0)  # bounded by the brokers' credit
+        router.setsockopt(zmq.RCVHWM, 0)
+        router.bind(self.bind)
+        self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        pull = ctx.socket(zmq.PULL)
+        pull.setsockopt(zmq.LINGER, 0)
+        pull.connect(self.send_spec)
+        self._router, self._pull = router, pull
+
+    def stop(self) -> None:
+        """Signal-safe: end the loop. Whatever Mongrel2 sends meanwhile waits
+        in Mongrel2 for the next relay (stop brokers first)."""
+        self._stopping = True
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stop())
+
+    def run(self) -> None:
+        if self._router is None:
+            self.start()
+        router, pull, core = self._router, self._pull, self.core
+        assert router is not None and pull is not None
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        reading = False
+        while not self._stopping:
+            if core.intake != reading:
+                reading = core.intake
+                if reading:
+                    poller.register(pull, zmq.POLLIN)
+                else:
+                    poller.unregister(pull)
+            now = time.monotonic()
+            timeout_ms = max(0, math.ceil((core.next_deadline() - now) * 1000))
+            events = dict(poller.poll(timeout_ms))
+            now = time.monotonic()
+            if router in events:
+                for _ in range(BATCH):
+                    try:
+                        frames = recv_frames(router)
+                    except zmq.Again:
+                        break
+                    if len(frames) == 2:
+                        core.on_broker(frames[0], frames[1], now)
+                    else:
+                        core.malformed += 1
+                self._flush(router)
+            if pull in events:
+                for _ in range(BATCH):
+                    if not core.intake:
+                        break
+                    try:
+                        raw = recv_one(pull)
+                    except zmq.Again:
+                        break
+                    core.on_mongrel2(raw)
+                self._flush(router)
+            if self._wake_r in events:
+                try:
+                    self._wake_r.recv(64)
+                except OSError:
+                    pass
+            core.on_tick(now)
+            self._flush(router)
+        log.info("relay stopping")
+
+    def _flush(self, router: zmq.Socket[bytes]) -> None:
+        core = self.core
+        while core.to_brokers:
+            out, core.to_brokers = core.to_brokers, []
+            for frames in out:
+                try:
+                    send_frames(router, frames)
+                except zmq.ZMQError:  # EHOSTUNREACH: that broker's connection is gone
+                    core.unreachable(frames[0])
+                    if len(frames) == 2:  # a Mongrel2 message: give it to another
+                        core.on_mongrel2(frames[1])
+
+    def close(self) -> None:
+        if self._pull is not None:
+            self._pull.close(0)
+        if self._router is not None:
+            self._router.close()
+        if self._ctx is not None:
+            self._ctx.term()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def ready_line(self) -> str:
+        return f"READY relay brokers={self.endpoint} mongrel2={self.send_spec}"

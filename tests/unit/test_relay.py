@@ -1,0 +1,114 @@
+"""RelayCore: placing connections on brokers, stickiness, credit, leaving."""
+
+from __future__ import annotations
+
+from scale0.relay import RelayCore
+
+S = b"5ca1e000-0000-4000-8000-000000000001"
+
+
+def req(conn: int, path: bytes = b"/") -> bytes:
+    return S + b" %d " % conn + path + b" 2:{},0:,"
+
+
+def disconnect(conn: int) -> bytes:
+    return S + b' %d @* 17:{"METHOD":"JSON"},21:{"type":"disconnect"},' % conn
+
+
+def credits(conn: int) -> bytes:
+    return S + b' %d @* 17:{"METHOD":"JSON"},18:{"type":"credits"},' % conn
+
+
+def core(*brokers: bytes, window: int = 10) -> RelayCore:
+    c = RelayCore(heartbeat_s=1.0, liveness=3)
+    for ident in brokers:
+        c.on_broker(ident, b"HELLO S0R1 %d" % window, 0.0)
+    return c
+
+
+def sent(c: RelayCore) -> list[tuple[bytes, bytes]]:
+    out, c.to_brokers = c.to_brokers, []
+    return [(f[0], f[-1]) for f in out]
+
+
+def test_new_connections_go_round_robin_and_follow_ups_stick() -> None:
+    c = core(b"A", b"B")
+    for conn in (1, 2, 3):
+        c.on_mongrel2(req(conn))
+    assert [who for who, _ in sent(c)] == [b"A", b"B", b"A"]
+    c.on_mongrel2(credits(2))
+    c.on_mongrel2(req(2, b"/again"))
+    c.on_mongrel2(disconnect(2))
+    assert sent(c) == [(b"B", credits(2)), (b"B", req(2, b"/again")), (b"B", disconnect(2))]
+    # After the disconnect the id is free; a message for it has no owner.
+    c.on_mongrel2(credits(2))
+    assert sent(c) == [] and c.dropped == 1
+
+
+def test_no_credit_stops_intake_and_credit_resumes_it() -> None:
+    c = core(b"A", window=2)
+    c.on_mongrel2(req(1))
+    c.on_mongrel2(req(2))
+    assert not c.intake
+    c.on_mongrel2(req(1, b"/sticky"))  # a sticky message still goes, over credit
+    assert [who for who, _ in sent(c)] == [b"A"] * 3
+    c.on_broker(b"A", b"CREDIT 3", 0.5)
+    assert c.intake and c.peers[b"A"].credit == 2
+
+
+def test_draining_broker_keeps_its_connections_but_gets_no_new_ones() -> None:
+    c = core(b"A", b"B")
+    c.on_mongrel2(req(1))  # A
+    sent(c)
+    c.on_broker(b"A", b"DRAIN", 0.1)
+    c.on_mongrel2(req(2))
+    c.on_mongrel2(req(1, b"/pipelined"))
+    c.on_mongrel2(req(3))
+    assert sent(c) == [(b"B", req(2)), (b"A", req(1, b"/pipelined")), (b"B", req(3))]
+
+
+def test_leave_is_answered_bye_and_its_connections_move_on() -> None:
+    c = core(b"A", b"B")
+    c.on_mongrel2(req(1))  # A
+    sent(c)
+    c.on_broker(b"A", b"LEAVE", 0.2)
+    assert c.to_brokers == [[b"A", b"", b"BYE"]]
+    sent(c)
+    c.on_mongrel2(req(1, b"/next"))
+    assert sent(c) == [(b"B", req(1, b"/next"))]
+    c.on_broker(b"A", b"HEARTBEAT", 0.3)  # it is unknown now: say HELLO again
+    assert c.to_brokers == [[b"A", b"", b"WHO"]]
+
+
+def test_silent_broker_expires_and_heartbeats_go_to_the_others() -> None:
+    c = core(b"A", b"B")
+    c.on_tick(0.0)
+    sent(c)
+    c.on_broker(b"B", b"HEARTBEAT", 2.5)
+    c.on_tick(3.0)
+    assert set(c.peers) == {b"B"}
+    assert sent(c) == [(b"B", b"HEARTBEAT")]
+
+
+def test_unreachable_broker_is_dropped() -> None:
+    c = core(b"A", b"B")
+    c.unreachable(b"A")
+    c.on_mongrel2(req(1))
+    assert sent(c) == [(b"B", req(1))]
+
+
+def test_bad_input_is_counted_not_raised() -> None:
+    c = core(b"A")
+    c.on_mongrel2(b"garbage")
+    c.on_broker(b"A", b"HELLO S0R9 10", 0.1)
+    c.on_broker(b"A", b"WHAT", 0.1)
+    c.on_broker(b"A", b"CREDIT x", 0.1)
+    assert c.malformed == 4 and sent(c) == []
+    assert c.intake  # A is still there
+
+
+def test_nobody_at_all_drops_a_message_with_a_count() -> None:
+    c = RelayCore()
+    assert not c.intake
+    c.on_mongrel2(req(1))
+    assert c.dropped == 1 and c.to_brokers == []
