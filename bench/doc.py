@@ -29,10 +29,12 @@ loopback ports in a temporary folder (config from
   each reply itself with `scale0.mongrel2.parse_message`/`reply`). Nothing
   behind Mongrel2 can be faster: this is the ceiling.
 - **scale0**: Mongrel2 -> `scale0 broker` -> `scale0 wsgi examples.hello:app
-  --processes 2 --threads 4`, the shape of the hello stack in `scale0.toml`
-  (one broker, one pool, flow control on).
+  --processes 2 --threads 4` (one broker, one pool, flow control on).
+- **scale0+relay**: the same with `scale0 relay` between Mongrel2 and the
+  broker: the shape of the hello stack in `scale0.toml`. The difference to
+  **scale0** is the relay's cost.
 
-Both give the same bytes (checked before measuring): `GET /` is the 19-byte
+All give the same bytes (checked before measuring): `GET /` is the 19-byte
 `Hello from Scale0!\\n`, `GET /bytes/65536` is 64 KiB; HTTP/1.1 keep-alive with
 Content-Length. 64 KiB fits in Mongrel2's initial download credits (102400
 bytes per request), so the direct handler sends it as one message.

@@ -70,17 +70,20 @@ def _errors(results: Results, case: Case, scenarios: list[str]) -> str:
 
 
 def results_table(results: Results, cases: list[Case], scenarios: list[str]) -> str:
-    base, other = scenarios
-    lines = [f"| payload | connections | {base} req/s (p50 / p99) | "
-             f"{other} req/s (p50 / p99) | {other}/{base} | errors |",
-             "|---|---:|---:|---:|---:|---|"]
+    """One row per case: the baseline (first scenario), then each other with
+    its ratio to the baseline measured in the same run."""
+    base, others = scenarios[0], scenarios[1:]
+    head = f"| payload | connections | {base} req/s (p50 / p99) | "
+    head += "".join(f"{o} req/s (p50 / p99) | {o}/{base} | " for o in others)
+    lines = [head + "errors |", "|---|---:|---:|" + "---:|---:|" * len(others) + "---|"]
     for case in cases:
         a = statistics.median(r.requests_per_s for r in results[case, base])
-        b = statistics.median(r.requests_per_s for r in results[case, other])
-        ratio = f"{b / a:.2f}x" if a > 0 else "-"
-        lines.append(f"| {case.payload} | {case.connections} | {_cell(results[case, base])} | "
-                     f"{_cell(results[case, other])} | {ratio} | "
-                     f"{_errors(results, case, scenarios)} |")
+        row = f"| {case.payload} | {case.connections} | {_cell(results[case, base])} | "
+        for other in others:
+            b = statistics.median(r.requests_per_s for r in results[case, other])
+            ratio = f"{b / a:.2f}x" if a > 0 else "-"
+            row += f"{_cell(results[case, other])} | {ratio} | "
+        lines.append(row + f"{_errors(results, case, scenarios)} |")
     return "\n".join(lines)
 
 

@@ -111,7 +111,7 @@ def _ratio(results: Results, case: Case) -> float:
 
 
 def report(results: Results, mem: Memory, settings: Settings) -> None:
-    names = ["direct", "scale0"]
+    names = ["direct", "scale0", "scale0+relay"]
     table = results_table(results, CASES, names)
     per_run = runs_table(results, CASES, names)
     mem_table = memory_table(mem)
@@ -150,6 +150,7 @@ def main() -> int:
         log(f"starting stacks in {tmp}")
         scenarios.append(start_direct(tmp / "direct"))
         scenarios.append(start_scale0(tmp / "scale0"))
+        scenarios.append(start_scale0(tmp / "scale0-relay", relay=True))
         check_answers(scenarios)
         results = measure(scenarios, settings)
         mem = memory(scenarios)

@@ -1,9 +1,11 @@
 """The two stacks measured, each with its own Mongrel2 on free ports in a temp folder.
 
 - direct: Mongrel2 -> bench.direct_handler (one Python process answering itself).
-- scale0: Mongrel2 -> `scale0 broker` -> `scale0 wsgi examples.hello:app`, the
-  shape of scale0.toml's hello stack: one broker, one pool of processes=2
-  threads=4, download.flow_control=1 (scale0.m2server.config_text sets it).
+- scale0: Mongrel2 -> `scale0 broker` -> `scale0 wsgi examples.hello:app`:
+  one broker, one pool of processes=2 threads=4, download.flow_control=1
+  (scale0.m2server.config_text sets it).
+- scale0+relay: the same with `scale0 relay` between Mongrel2 and the broker,
+  the shape of scale0.toml's hello stack.
 """
 
 from __future__ import annotations
@@ -105,16 +107,21 @@ def start_direct(tmp: Path) -> Scenario:
     return scenario
 
 
-def start_scale0(tmp: Path) -> Scenario:
+def start_scale0(tmp: Path, *, relay: bool = False) -> Scenario:
     tmp.mkdir(parents=True, exist_ok=True)
-    scenario = Scenario("scale0", free_port())
+    scenario = Scenario("scale0+relay" if relay else "scale0", free_port())
     try:
         send_spec, recv_spec, upload_dir = _start_mongrel2(scenario, tmp)
         broker = f"tcp://127.0.0.1:{free_port()}"
         cli = [sys.executable, "-m", "scale0.cli"]
+        link = f"{send_spec},{recv_spec}"
+        if relay:
+            relay_at = f"tcp://127.0.0.1:{free_port()}"
+            scenario.procs.append(Proc("relay", [*cli, "relay", "--mongrel2", send_spec,
+                                                 "--bind", relay_at], ROOT, tmp))
+            link = f"relay+{relay_at},{recv_spec}"
         scenario.procs.append(Proc("broker", [*cli, "broker", "--bind", broker,
-                                              "--mongrel2", f"{send_spec},{recv_spec}"],
-                                   ROOT, tmp))
+                                              "--mongrel2", link], ROOT, tmp))
         scenario.procs.append(Proc("pool", [
             *cli, "wsgi", "examples.hello:app", "--connect", broker, "--service", "hello",
             "--route", "/", "--processes", str(POOL_PROCESSES),
