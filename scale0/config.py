@@ -304,8 +304,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[CommonConfig], *,
     """Flags for every setting of `cls` (and --config FILE when `settings_file`)."""
     if settings_file:
         parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
-                            help="a TOML file of these settings (top-level keys: the "
-                                 "setting names, e.g. queue_size = 100)")
+                            help="a TOML file of these settings (top-level keys named "
+                                 "like the settings below)")
     for f, spec in specs(cls):
         help_text = f"{spec.help} ({help_note(f, spec)})".replace("%", "%%")
         kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
@@ -402,7 +402,7 @@ def resolve(cls: type[C], args: argparse.Namespace, environ: Mapping[str, str]) 
     values.update(from_args(cls, args))
     for f, spec in specs(cls):
         if spec.required and not values.get(f.name):
-            where = f.name if spec.positional else flag(f.name)
+            where = (spec.metavar or f.name) if spec.positional else flag(f.name)
             raise ConfigError(f"missing setting {f.name!r}: give {where}, "
                               f"{env_name(f.name)} or {f.name} in the --config file")
     config = cls(**values)
