@@ -8,13 +8,13 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
-from . import __version__
+from . import __version__, config, m2db
 from . import protocol as p
+from .accesslog import AccessLog, AccessLogError
 from .broker import Broker, LinkSpec
 from .dispatch import DispatchSettings
-from .routing import parse_route
 
 log = logging.getLogger("scale0")
 
@@ -30,172 +30,101 @@ def _ready(line: str) -> None:
     print(line, flush=True)
 
 
-def _positive(kind: type[float] | type[int]) -> Any:
-    def parse(text: str) -> float | int:
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0: {text}")
-        return value
-    return parse
-
-
-def _route_to_service(text: str) -> tuple[str, str]:
-    spec, sep, service = text.rpartition("=")
-    if not sep or not spec or not service:
-        raise argparse.ArgumentTypeError(f"expected [HOST]/PATH=SERVICE, got {text!r}")
-    try:
-        parse_route(spec)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-    return spec, service
-
-
-def _service_seconds(text: str) -> tuple[str, float]:
-    name, sep, value = text.partition("=")
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not sep or not name or seconds <= 0:
-        raise argparse.ArgumentTypeError(f"expected SERVICE=SECONDS (> 0), got {text!r}")
-    return name, seconds
-
-
-def _service_page(text: str) -> tuple[str, bytes]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected SERVICE=FILE, got {text!r}")
-    try:
-        with open(path, "rb") as page:
-            return name, page.read()
-    except OSError as exc:
-        raise argparse.ArgumentTypeError(f"maintenance page for {name}: {exc}") from exc
-
-
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"], help="default: info")
-    parser.add_argument("--heartbeat", type=_positive(float), default=1.0, metavar="SECONDS",
-                        help="heartbeat interval (default: 1.0)")
-    parser.add_argument("--liveness", type=_positive(int), default=3,
-                        help="heartbeats missed before a peer is dead (default: 3)")
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """Every flag of broker, wsgi and up is generated from its settings class
+    (config.py); `main` merges them with the --config file and SCALE0_* env."""
     parser = argparse.ArgumentParser(prog="scale0", description=__doc__)
     parser.add_argument("--version", action="version", version=f"scale0 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("broker", help="run a broker: a Mongrel2 handler that balances workers")
-    b.add_argument("--mongrel2", action="append", type=LinkSpec.parse, required=True,
-                   metavar="SEND_SPEC,RECV_SPEC[,RECV_IDENT]",
-                   help="a Mongrel2 handler to serve (repeatable)")
-    b.add_argument("--bind", default="tcp://127.0.0.1:6780",
-                   help="ROUTER endpoint for workers (default: tcp://127.0.0.1:6780)")
-    b.add_argument("--route", action="append", type=_route_to_service, default=[],
-                   metavar="[HOST]/PATH=SERVICE", help="a route-table entry (repeatable)")
-    b.add_argument("--queue-size", type=_positive(int), default=1024,
-                   help="requests waiting per service (default: 1024)")
-    b.add_argument("--queue-timeout", type=_positive(float), default=10.0, metavar="SECONDS",
-                   help="longest wait for a free worker before 503 (default: 10)")
-    b.add_argument("--request-timeout", type=_positive(float), default=60.0, metavar="SECONDS",
-                   help="longest wait for a worker's reply before 504 (default: 60)")
-    b.add_argument("--retry-after", type=_positive(int), default=5, metavar="SECONDS",
-                   help="Retry-After sent with 503 (default: 5)")
-    b.add_argument("--max-body", type=_positive(int), default=1 << 30, metavar="BYTES",
-                   help="larger request bodies get 413 (default: 1 GiB)")
-    b.add_argument("--service-timeout", action="append", type=_service_seconds, default=[],
-                   metavar="SERVICE=SECONDS", help="request timeout of one service (repeatable)")
-    b.add_argument("--maintenance-page", action="append", type=_service_page, default=[],
-                   metavar="SERVICE=FILE",
-                   help="HTML sent with the 503 while no worker of SERVICE is connected")
-    b.add_argument("--graceful-timeout", type=_positive(float), default=30.0, metavar="SECONDS",
-                   help="on SIGTERM, time to finish requests in progress (default: 30)")
-    b.add_argument("--keepalive", type=_positive(float), default=30.0, metavar="SECONDS",
-                   help="send Mongrel2 a ctl keep-alive for requests waiting this long, and "
-                        "again as often, so its idle killer (min_ping) spares them "
-                        "(default: 30)")
-    _add_common(b)
-    b.set_defaults(func=cmd_broker)
+    config.add_arguments(b, config.BrokerConfig)
+    b.set_defaults(func=cmd_broker, settings=config.BrokerConfig)
 
     w = sub.add_parser("wsgi", help="serve a WSGI app as Scale0 workers")
-    w.add_argument("app", metavar="MODULE:APP", help="e.g. examples.hello:app")
-    w.add_argument("--connect", action="append", required=True, metavar="ENDPOINT",
-                   help="broker endpoint (repeatable)")
-    w.add_argument("--service", help="service name (default: the app's module name)")
-    w.add_argument("--route", action="append", default=[], metavar="[HOST]/PATH",
-                   help="route this service serves (repeatable; '/api' means any host)")
-    w.add_argument("--processes", type=_positive(int), default=1,
-                   help="pre-forked worker processes (default: 1)")
-    w.add_argument("--threads", type=_positive(int), default=1,
-                   help="requests handled at once per process (default: 1)")
-    w.add_argument("--upload-dir", metavar="DIR",
-                   help="Mongrel2's upload.temp_store folder, for large request bodies")
-    w.add_argument("--graceful-timeout", type=_positive(float), default=30.0, metavar="SECONDS",
-                   help="time to finish in-flight requests on SIGTERM (default: 30)")
-    w.add_argument("--chdir", metavar="DIR", help="change to DIR before loading the app")
-    _add_common(w)
-    w.set_defaults(func=cmd_wsgi)
+    config.add_arguments(w, config.WsgiConfig)
+    w.set_defaults(func=cmd_wsgi, settings=config.WsgiConfig)
 
     r = sub.add_parser("relay", help="share one Mongrel2 handler between brokers, losing "
                                      "nothing when a broker leaves (see scale0/relay.py)")
-    r.add_argument("--mongrel2", required=True, metavar="SEND_SPEC",
-                   help="the Mongrel2 handler's send_spec to PULL from")
-    r.add_argument("--bind", default="tcp://127.0.0.1:6781",
-                   help="ROUTER endpoint brokers connect to, as "
-                        "--mongrel2 relay+ENDPOINT,RECV_SPEC (default: tcp://127.0.0.1:6781)")
-    _add_common(r)
-    r.set_defaults(func=cmd_relay)
+    config.add_arguments(r, config.RelayConfig)
+    r.set_defaults(func=cmd_relay, settings=config.RelayConfig)
 
     u = sub.add_parser("up", help="start and supervise Mongrel2, brokers and worker pools")
-    u.add_argument("--config", required=True, help="a TOML stack file, e.g. scale0.toml")
-    u.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"], help="default: info")
-    u.add_argument("--exit-with-parent", action="store_true",
-                   help="stop the stack when the parent process dies (as under `make run`)")
-    u.set_defaults(func=cmd_up)
+    # --config here is the stack file, not a settings file (hence dest stack_file).
+    u.add_argument("--config", dest="stack_file", required=True, metavar="FILE",
+                   help="a TOML stack file, e.g. scale0.toml")
+    config.add_arguments(u, config.UpConfig, settings_file=False)
+    u.set_defaults(func=cmd_up, settings=config.UpConfig)
     return parser
 
 
-def cmd_broker(args: argparse.Namespace) -> int:
+def _links(cfg: config.BrokerConfig) -> list[LinkSpec]:
+    """--mongrel2 links, then those read from --mongrel2-db."""
+    found = list(cfg.mongrel2)
+    if cfg.mongrel2_db is not None:
+        for h in m2db.links(cfg.mongrel2_db, cfg.handler):
+            log.info("serving Mongrel2 handler %s from %s: %s, %s", h.send_ident,
+                     cfg.mongrel2_db, h.send_spec, h.recv_spec)
+            found.append(LinkSpec(h.send_spec, h.recv_spec, h.recv_ident.encode()))
+    return list(dict.fromkeys(found))  # the same handler twice would be one link
+
+
+def cmd_broker(cfg: config.BrokerConfig, _: argparse.Namespace) -> int:
+    try:
+        links = _links(cfg)
+    except m2db.M2DBError as exc:
+        return _usage_error("broker", str(exc))
     settings = DispatchSettings(
-        heartbeat_s=args.heartbeat, liveness=args.liveness, queue_size=args.queue_size,
-        queue_timeout_s=args.queue_timeout, request_timeout_s=args.request_timeout,
-        retry_after_s=args.retry_after, max_body_bytes=args.max_body,
-        keepalive_s=args.keepalive, routes=tuple(args.route),
-        service_timeouts=tuple(args.service_timeout),
-        maintenance_pages=tuple(args.maintenance_page))
-    broker = Broker(args.mongrel2, args.bind, settings,
-                    graceful_timeout_s=args.graceful_timeout)
-    broker.install_signal_handlers()
+        heartbeat_s=cfg.heartbeat, liveness=cfg.liveness, queue_size=cfg.queue_size,
+        queue_timeout_s=cfg.queue_timeout, request_timeout_s=cfg.request_timeout,
+        retry_after_s=cfg.retry_after, max_body_bytes=cfg.max_body,
+        keepalive_s=cfg.keepalive, routes=cfg.route, service_timeouts=cfg.service_timeout,
+        maintenance_pages=cfg.maintenance_page)
+    broker = Broker(links, cfg.bind, settings, graceful_timeout_s=cfg.graceful_timeout)
+    access: AccessLog | None = None
+    if cfg.access_log:
+        access = AccessLog(cfg.access_log, cfg.access_log_format)
+        try:
+            access.start()
+        except AccessLogError as exc:
+            return _usage_error("broker", str(exc))
+        broker.add_done_sink(access.sink)
     try:
-        broker.start()
-    except Exception as exc:
-        log.error("cannot start the broker: %s", exc)
-        return 2
-    _ready(broker.ready_line())
-    try:
-        broker.run()
+        return _serve(broker, "broker")
     finally:
-        broker.close()
-    return 0
+        if access is not None:
+            access.close()
 
 
-def cmd_relay(args: argparse.Namespace) -> int:
+def cmd_relay(cfg: config.RelayConfig, _: argparse.Namespace) -> int:
     from .relay import Relay
 
-    relay = Relay(args.mongrel2, args.bind, heartbeat_s=args.heartbeat, liveness=args.liveness)
-    relay.install_signal_handlers()
+    return _serve(Relay(cfg.mongrel2, cfg.bind, heartbeat_s=cfg.heartbeat,
+                        liveness=cfg.liveness), "relay")
+
+
+class _Service(Protocol):
+    def install_signal_handlers(self) -> None: ...
+    def start(self) -> None: ...
+    def ready_line(self) -> str: ...
+    def run(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def _serve(service: _Service, what: str) -> int:
+    """Start, announce READY, run until a signal stops it, close."""
+    service.install_signal_handlers()
     try:
-        relay.start()
+        service.start()
     except Exception as exc:
-        log.error("cannot start the relay: %s", exc)
+        log.error("cannot start the %s: %s", what, exc)
         return 2
-    _ready(relay.ready_line())
+    _ready(service.ready_line())
     try:
-        relay.run()
+        service.run()
     finally:
-        relay.close()
+        service.close()
     return 0
 
 
@@ -215,36 +144,29 @@ def load_app(spec: str) -> Any:
     raise AttributeError(f"{spec}: no {' or '.join(names)} in module {module_name}")
 
 
-def cmd_wsgi(args: argparse.Namespace) -> int:
+def cmd_wsgi(cfg: config.WsgiConfig, _: argparse.Namespace) -> int:
     from .supervise import BOOT_FAILED, Pool
     from .worker import ReplyStream, Worker, WorkerSettings
     from .wsgi import WsgiSettings, run_wsgi
 
-    if args.chdir:
-        os.chdir(args.chdir)
+    if cfg.chdir:
+        os.chdir(cfg.chdir)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    service = args.service or args.app.partition(":")[0].rsplit(".", 1)[-1]
-    for route in args.route:
-        try:
-            parse_route(route)
-        except ValueError as exc:
-            log.error("%s", exc)
-            return 2
-    routes = tuple(args.route)
+    service = cfg.service or cfg.app.partition(":")[0].rsplit(".", 1)[-1]
     worker_settings = WorkerSettings(
-        connect=tuple(args.connect), services=(p.ServiceSpec(service, routes),),
-        capacity=args.threads, heartbeat_s=args.heartbeat, liveness=args.liveness,
-        graceful_timeout_s=args.graceful_timeout)
+        connect=cfg.connect, services=(p.ServiceSpec(service, cfg.route),),
+        capacity=cfg.threads, heartbeat_s=cfg.heartbeat, liveness=cfg.liveness,
+        graceful_timeout_s=cfg.graceful_timeout)
     wsgi_settings = WsgiSettings(
-        upload_dir=os.path.abspath(args.upload_dir) if args.upload_dir else None,
-        multithread=args.threads > 1, multiprocess=args.processes > 1)
+        upload_dir=os.path.abspath(cfg.upload_dir) if cfg.upload_dir else None,
+        multithread=cfg.threads > 1, multiprocess=cfg.processes > 1)
 
     def serve() -> int:
         try:
-            app = load_app(args.app)
+            app = load_app(cfg.app)
         except Exception:
-            log.exception("cannot load %s", args.app)
+            log.exception("cannot load %s", cfg.app)
             return BOOT_FAILED
 
         def handle(event: Any, script_name: str, path_info: str, stream: ReplyStream) -> bool:
@@ -256,29 +178,41 @@ def cmd_wsgi(args: argparse.Namespace) -> int:
         worker.install_signal_handlers()
         return worker.run()
 
-    _ready(f"READY wsgi pid={os.getpid()} app={args.app} service={service} "
-           f"processes={args.processes} threads={args.threads}")
-    return Pool(serve, args.processes, graceful_timeout_s=args.graceful_timeout + 5,
+    _ready(f"READY wsgi pid={os.getpid()} app={cfg.app} service={service} "
+           f"processes={cfg.processes} threads={cfg.threads}")
+    return Pool(serve, cfg.processes, graceful_timeout_s=cfg.graceful_timeout + 5,
                 name=f"wsgi[{service}]").run()
 
 
-def cmd_up(args: argparse.Namespace) -> int:
+def cmd_up(cfg: config.UpConfig, args: argparse.Namespace) -> int:
     from .stack import Stack, StackError, exit_with_parent
 
-    if args.exit_with_parent:
+    if cfg.exit_with_parent:
         exit_with_parent()
     try:
-        stack = Stack.from_file(args.config)
+        stack = Stack.from_file(args.stack_file)
     except StackError as exc:
         log.error("%s", exc)
         return 2
     return stack.run(_ready)
 
 
+def _usage_error(command: str, message: str) -> int:
+    """A bad setting: one line on stderr and exit status 2 (as argparse does)."""
+    print(f"scale0 {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
-    return cast(int, args.func(args))
+    try:
+        cfg = config.resolve(args.settings, args, os.environ)
+    except config.ConfigError as exc:
+        return _usage_error(args.command, str(exc))
+    _setup_logging(cfg.log_level)
+    for warning in config.env_warnings(os.environ, *config.COMMANDS.values()):
+        log.warning("%s", warning)
+    return cast(int, args.func(cfg, args))
 
 
 if __name__ == "__main__":

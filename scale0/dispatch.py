@@ -93,6 +93,7 @@ class Request:
     status: int = 0  # of the answer, once known (only kept while recording)
     bytes_out: int = 0  # response bytes forwarded (only counted while recording)
     worker_label: str = ""  # the last worker it was sent to
+    uri: bytes = b""  # path and query, as the client sent them (only kept while recording)
 
 
 @dataclass(slots=True, eq=False)
@@ -125,8 +126,9 @@ class Service:
 class Done:
     """The end of one request, for the access log, metrics and `tap`.
 
-    `status` is what the client was sent (499, as nginx logs it, when the
-    client left first); `ended_at - received_at` is the time in the broker.
+    `path` is the request URI (path and query); `status` is what the client
+    was sent (499, as nginx logs it, when the client left first);
+    `ended_at - received_at` is the time in the broker.
     """
 
     link: int
@@ -273,8 +275,9 @@ class Dispatcher:
             self._reply_error(link, sender, conn_id, refused, _REFUSED_TEXT.get(refused, ""),
                               close=close)
             if self.record:
+                uri = req.header(b"URI") or req.path
                 self.done.append(Done(link, conn_id, req.method.decode("latin-1"),
-                                      req.path.decode("latin-1"), "", "", refused, len(raw),
+                                      uri.decode("latin-1"), "", "", refused, len(raw),
                                       0, now, now, 0))
             return
         rid = self._next_rid
@@ -286,6 +289,8 @@ class Dispatcher:
             script_name = match.script_name.encode("latin-1")
         r = Request(rid, link, sender, conn_id, req.method, raw, service, script_name, now,
                     close, reply_prefix=prefix, refused=refused)
+        if self.record:
+            r.uri = req.header(b"URI") or req.path
         self.requests[rid] = r
         if on_conn is not None:  # pipelined: wait behind the active request
             on_conn.append(r)
@@ -623,7 +628,8 @@ class Dispatcher:
     def _record(self, r: Request, status: int) -> None:
         if self.record:
             self.done.append(Done(
-                r.link, r.conn_id, r.method.decode("latin-1"), _path_of(r.raw),
+                r.link, r.conn_id, r.method.decode("latin-1"),
+                (r.uri or _path_of(r.raw)).decode("latin-1"),
                 r.service.name, r.worker_label, status, len(r.raw), r.bytes_out,
                 r.received_at, self._now, r.attempts))
 
@@ -810,10 +816,10 @@ def _status_of(message: bytes, offset: int) -> int:
     return int(line[9:12]) if line[:5] == b"HTTP/" and line[9:12].isdigit() else 0
 
 
-def _path_of(raw: bytes) -> str:
+def _path_of(raw: bytes) -> bytes:
     """PATH of a Mongrel2 request message ('SENDER ID PATH ...')."""
     parts = raw.split(b" ", 3)
-    return parts[2].decode("latin-1") if len(parts) > 3 else ""
+    return parts[2] if len(parts) > 3 else b""
 
 
 def _head(pending: OrderedDict[int, Request]) -> Request:

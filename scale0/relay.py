@@ -80,7 +80,7 @@ class RelayCore:
         self.expiry_s = heartbeat_s * liveness
         self.peers: dict[bytes, BrokerPeer] = {}
         self.ready: OrderedDict[bytes, BrokerPeer] = OrderedDict()
-        self.owners: OrderedDict[tuple[bytes, bytes], BrokerPeer] = OrderedDict()
+        self.owners: OrderedDict[bytes, BrokerPeer] = OrderedDict()  # by b'SENDER CONN_ID'
         self.to_brokers: list[list[bytes]] = []
         self.dropped = 0  # per-connection messages with no broker to take them
         self.malformed = 0
@@ -92,20 +92,24 @@ class RelayCore:
         return bool(self.ready)
 
     def on_mongrel2(self, raw: bytes) -> None:
-        head = raw.split(b" ", 3)
-        if len(head) < 4:
+        # 'SENDER CONN_ID PATH rest': the key is 'SENDER CONN_ID'; no copy of the body.
+        i = raw.find(b" ")
+        j = raw.find(b" ", i + 1) if i > 0 else -1
+        k = raw.find(b" ", j + 1) if j > 0 else -1
+        if k < 0:
             self.malformed += 1
             log.warning("malformed message from Mongrel2 (%d bytes): dropped", len(raw))
             return
-        key = (head[0], head[1])
+        key = raw[:j]
         owner = self.owners.get(key)
+        special = raw[j + 1:k] == b"@*"  # Mongrel2's own: disconnect or credits
         if owner is not None and self.peers.get(owner.ident) is owner:
             self.owners.move_to_end(key)
-            if head[2][:1] == b"@" and b'"disconnect"' in head[3][:64]:
+            if special and b'"disconnect"' in raw[k:k + 64]:
                 del self.owners[key]
             self._send(owner, raw)
             return
-        if head[2] == b"@*":  # Mongrel2's disconnect or credits for a connection nobody holds
+        if special:  # of a connection nobody holds
             self.owners.pop(key, None)
             self.dropped += 1
             return
@@ -115,8 +119,7 @@ class RelayCore:
             return
         peer = self.ready.popitem(last=False)[1]
         self.owners[key] = peer
-        self.owners.move_to_end(key)
-        while len(self.owners) > MAX_CONNECTIONS:
+        if len(self.owners) > MAX_CONNECTIONS:
             self.owners.popitem(last=False)
         self._send(peer, raw)
 

@@ -24,6 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import (
+    BrokerConfig,
+    CommonConfig,
+    ConfigError,
+    RelayConfig,
+    WsgiConfig,
+    from_mapping,
+    specs,
+    to_argv,
+    unknown,
+)
 from .m2server import Mongrel2Error, Mongrel2Server, server_uuid
 
 log = logging.getLogger(__name__)
@@ -69,13 +80,19 @@ class Stack:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], base: Path, source: str = "<config>") -> Stack:
+        """Each [[broker]] and [[pool]] table holds settings of `scale0 broker` /
+        `scale0 wsgi` (config.py, checked here so that a typo names this file and
+        key) plus the stack's own keys: `routes` and `args` (extra arguments)."""
         def need(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
             value = table.get(key)
             if not isinstance(value, kind):
-                raise StackError(f"{source}: {where}.{key} must be a {kind.__name__}")
+                name = f"{where}.{key}" if where else key
+                raise StackError(f"{source}: {name} must be a {kind.__name__}")
             return value
 
+        _known_keys(data, STACK_KEYS, source)
         m2 = need(data, "mongrel2", dict, "")
+        _known_keys(m2, MONGREL2_KEYS, f"{source}: mongrel2")
         config = base / need(m2, "config", str, "mongrel2")
         runtime = base / m2.get("runtime_dir", "var/mongrel2")
         host, _, port = str(need(m2, "http", str, "mongrel2")).rpartition(":")
@@ -86,39 +103,42 @@ class Stack:
         except (OSError, Mongrel2Error) as exc:
             raise StackError(f"{source}: mongrel2.config: {exc}") from exc
         server = Mongrel2Server(config, runtime, uuid)
-        stack = cls(server, (host, int(port)),
-                    graceful_timeout_s=float(data.get("graceful_timeout", 30.0)))
+        try:
+            graceful_timeout_s = float(_positive(data.get("graceful_timeout", 30.0)))
+        except ValueError as exc:
+            raise StackError(f"{source}: graceful_timeout must be a number > 0") from exc
+        stack = cls(server, (host, int(port)), graceful_timeout_s=graceful_timeout_s)
         stack.procs.append(_Proc("mongrel2", server.argv(), runtime, stop_signal=signal.SIGINT,
                                  stop_order=3))
         scale0 = [sys.executable, "-m", "scale0.cli"]
-        for i, r in enumerate(data.get("relay", [])):
+        for i, r in enumerate(need(data, "relay", list, "") if "relay" in data else []):
             where = f"relay[{i}]"
-            argv = [*scale0, "relay", "--mongrel2", need(r, "mongrel2", str, where),
-                    "--bind", need(r, "bind", str, where)]
-            argv += [str(a) for a in r.get("args", [])]
+            settings = _settings(RelayConfig, r, f"{source}: {where}", RELAY_OWN_KEYS)
+            need(r, "mongrel2", str, where)
+            argv = [*scale0, "relay", *to_argv(RelayConfig, settings), *_args(r, where, source)]
             stack.procs.append(_Proc(f"relay-{i}", argv, base, stop_order=2))
-        for i, b in enumerate(data.get("broker", [])):
+        for i, b in enumerate(need(data, "broker", list, "") if "broker" in data else []):
             where = f"broker[{i}]"
-            argv = [*scale0, "broker", "--bind", need(b, "bind", str, where)]
-            for link in need(b, "mongrel2", list, where):
-                argv += ["--mongrel2", str(link)]
-            for spec, service in b.get("routes", {}).items():
-                argv += ["--route", f"{spec}={service}"]
-            argv += [str(a) for a in b.get("args", [])]
+            settings = _settings(BrokerConfig, b, f"{source}: {where}", BROKER_OWN_KEYS)
+            need(b, "bind", str, where)
+            if "mongrel2" not in b and "mongrel2_db" not in b:
+                raise StackError(f"{source}: {where} needs mongrel2 or mongrel2_db")
+            argv = [*scale0, "broker", *to_argv(BrokerConfig, settings)]
+            routes: dict[str, Any] = need(b, "routes", dict, where) if "routes" in b else {}
+            argv += [f"--route={spec}={service}" for spec, service in routes.items()]
+            argv += _args(b, where, source)
             stack.procs.append(_Proc(f"broker-{i}", argv, base, stop_order=1))
-        for i, pool in enumerate(data.get("pool", [])):
+        for i, pool in enumerate(need(data, "pool", list, "") if "pool" in data else []):
             where = f"pool[{i}]"
-            argv = [*scale0, "wsgi", need(pool, "app", str, where)]
-            for endpoint in need(pool, "connect", list, where):
-                argv += ["--connect", str(endpoint)]
-            if "service" in pool:
-                argv += ["--service", need(pool, "service", str, where)]
-            for route in pool.get("routes", []):
-                argv += ["--route", str(route)]
-            argv += ["--processes", str(pool.get("processes", 1)),
-                     "--threads", str(pool.get("threads", 1)),
-                     "--upload-dir", str(server.upload_dir)]
-            argv += [str(a) for a in pool.get("args", [])]
+            settings = _settings(WsgiConfig, pool, f"{source}: {where}", POOL_OWN_KEYS)
+            need(pool, "app", str, where)
+            need(pool, "connect", list, where)
+            # Stack defaults first: the table's own settings come later and win.
+            argv = [*scale0, "wsgi", f"--upload-dir={server.upload_dir}",
+                    *to_argv(WsgiConfig, settings)]
+            paths: list[Any] = need(pool, "routes", list, where) if "routes" in pool else []
+            argv += [f"--route={route}" for route in paths]
+            argv += _args(pool, where, source)
             stack.procs.append(_Proc(f"pool-{pool.get('service', i)}", argv, base))
         return stack
 
@@ -193,6 +213,48 @@ class Stack:
                     _kill_group(proc.popen)
                     proc.popen.wait()
                 proc.popen = None
+
+
+STACK_KEYS = ("graceful_timeout", "mongrel2", "relay", "broker", "pool")
+RELAY_OWN_KEYS = ("args",)
+MONGREL2_KEYS = ("config", "runtime_dir", "http", "uuid")
+BROKER_OWN_KEYS = ("routes", "args")  # routes: {"[HOST]/PATH" = "SERVICE"}
+POOL_OWN_KEYS = ("routes", "args")  # routes: ["[HOST]/PATH", ...]
+
+
+def _known_keys(table: dict[str, Any], known: tuple[str, ...], where: str) -> None:
+    for key in table:
+        if key not in known:
+            raise StackError(unknown(where, key, known))
+
+
+def _settings(cls: type[CommonConfig], table: Any, where: str,
+              own: tuple[str, ...]) -> dict[str, Any]:
+    """The table's settings of `cls` (checked; raw values, as written), without the
+    stack's own keys."""
+    if not isinstance(table, dict):
+        raise StackError(f"{where}: must be a table")
+    known = [*(f.name for f, _ in specs(cls)), *own]
+    _known_keys(table, tuple(known), where)
+    settings = {key: value for key, value in table.items() if key not in own}
+    try:
+        from_mapping(cls, settings, where)
+    except ConfigError as exc:
+        raise StackError(str(exc)) from exc
+    return settings
+
+
+def _args(table: dict[str, Any], where: str, source: str) -> list[str]:
+    args = table.get("args", [])
+    if not isinstance(args, list):
+        raise StackError(f"{source}: {where}.args must be a list")
+    return [str(a) for a in args]
+
+
+def _positive(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(value)
+    return float(value)
 
 
 def exit_with_parent() -> None:

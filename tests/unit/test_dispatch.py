@@ -1372,7 +1372,15 @@ class DispatchMachine(RuleBasedStateMachine):
                 pass  # the fake worker ignores both; it still sends its LAST reply
             else:
                 assert msg.command in (Cmd.HEARTBEAT, Cmd.WELCOME, Cmd.DRAIN), msg
-        for out in h.take_mongrel2():
+        raw, h.d.to_mongrel2 = h.d.to_mongrel2, []
+        for link, message in raw:
+            parsed = m2.parse_reply(message)
+            if parsed.ctl:  # a keep-alive for a long wait (teardown advances the
+                # clock past keepalive_s): not an answer, but never to a gone client
+                conn = self.conns.get((link, parsed.conn_ids[0]))
+                assert conn is not None and not conn.gone, parsed
+                continue
+            out = to_client(link, message)
             assert out.sender == SENDER
             conn = self.conns.get((out.link, out.conn_id))
             assert conn is not None, f"message to unknown conn {out.conn_id}"
