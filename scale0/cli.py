@@ -39,6 +39,15 @@ def _positive(kind: type[float] | type[int]) -> Any:
     return parse
 
 
+def _non_negative(kind: type[float] | type[int]) -> Any:
+    def parse(text: str) -> float | int:
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0: {text}")
+        return value
+    return parse
+
+
 def _route_to_service(text: str) -> tuple[str, str]:
     spec, sep, service = text.rpartition("=")
     if not sep or not spec or not service:
@@ -134,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--graceful-timeout", type=_positive(float), default=30.0, metavar="SECONDS",
                    help="time to finish in-flight requests on SIGTERM (default: 30)")
     w.add_argument("--chdir", metavar="DIR", help="change to DIR before loading the app")
+    # -- pool supervisor (supervise.py) --
+    w.add_argument("--max-requests", type=_non_negative(int), default=0, metavar="N",
+                   help="replace a process after about N requests (0: never; default: 0)")
+    w.add_argument("--max-requests-jitter", type=_non_negative(int), default=0, metavar="J",
+                   help="add random(0..J) to each process's --max-requests (default: 0)")
+    w.add_argument("--timeout", type=_non_negative(float), default=0.0, metavar="SECONDS",
+                   help="kill and replace a process stuck this long in one request, or whose "
+                        "loop stalls this long (0: off; default: 0)")
+    # -- end pool supervisor --
     _add_common(w)
     w.set_defaults(func=cmd_wsgi)
 
@@ -188,6 +206,7 @@ def load_app(spec: str) -> Any:
 
 
 def cmd_wsgi(args: argparse.Namespace) -> int:
+    from .childstate import current as child_state
     from .supervise import BOOT_FAILED, Pool
     from .worker import ReplyStream, Worker, WorkerSettings
     from .wsgi import WsgiSettings, run_wsgi
@@ -224,14 +243,15 @@ def cmd_wsgi(args: argparse.Namespace) -> int:
                             send=stream.send, last=stream.last, settings=wsgi_settings)
             return info.close
 
-        worker = Worker(handle, worker_settings)
+        worker = Worker(handle, worker_settings, state=child_state())
         worker.install_signal_handlers()
         return worker.run()
 
     _ready(f"READY wsgi pid={os.getpid()} app={args.app} service={service} "
            f"processes={args.processes} threads={args.threads}")
     return Pool(serve, args.processes, graceful_timeout_s=args.graceful_timeout + 5,
-                name=f"wsgi[{service}]").run()
+                name=f"wsgi[{service}]", max_requests=args.max_requests,
+                max_requests_jitter=args.max_requests_jitter, timeout_s=args.timeout).run()
 
 
 def cmd_up(args: argparse.Namespace) -> int:
