@@ -332,7 +332,7 @@ class Pool:
                 self._spawn(index)
 
     def _retire_superseded(self, now: float) -> None:
-        ready = sum(1 for c in self._current() if c.state.ready)
+        ready = sum(1 for c in self._current() if c.seen_ready)  # as _check logged it
         old = sorted((c for c in self._serving() if c.superseded), key=lambda c: c.started_at)
         for child in old[:max(0, ready + len(old) - self.size)]:
             self._terminate(child, now, "its replacement is ready")
@@ -365,6 +365,8 @@ class Pool:
 
     def _stop_all(self) -> None:
         live = set(self._children)
+        log.info("%s: stopping %d processes (graceful timeout %gs)", self.name, len(live),
+                 self.graceful_timeout_s)
         for pid in live:
             _kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + self.graceful_timeout_s
