@@ -217,7 +217,10 @@ class Pool:
                     log.error("%s: process %d failed to boot and no process serves; "
                               "stopping the pool", self.name, pid)
                     return BOOT_FAILED
-                self._abandon_reload(pid)
+                if self._boot_failed:  # another of the same reload
+                    log.error("%s: process %d failed to boot too", self.name, pid)
+                else:
+                    self._abandon_reload(pid)
                 continue
             if child.superseded and not child.killed:
                 log.warning("%s: superseded process %d exited with %d", self.name, pid, code)
