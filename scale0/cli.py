@@ -145,6 +145,7 @@ def load_app(spec: str) -> Any:
 
 
 def cmd_wsgi(cfg: config.WsgiConfig, _: argparse.Namespace) -> int:
+    from .childstate import current as child_state
     from .supervise import BOOT_FAILED, Pool
     from .worker import ReplyStream, Worker, WorkerSettings
     from .wsgi import WsgiSettings, run_wsgi
@@ -174,14 +175,15 @@ def cmd_wsgi(cfg: config.WsgiConfig, _: argparse.Namespace) -> int:
                             send=stream.send, last=stream.last, settings=wsgi_settings)
             return info.close
 
-        worker = Worker(handle, worker_settings)
+        worker = Worker(handle, worker_settings, state=child_state())
         worker.install_signal_handlers()
         return worker.run()
 
     _ready(f"READY wsgi pid={os.getpid()} app={cfg.app} service={service} "
            f"processes={cfg.processes} threads={cfg.threads}")
     return Pool(serve, cfg.processes, graceful_timeout_s=cfg.graceful_timeout + 5,
-                name=f"wsgi[{service}]").run()
+                name=f"wsgi[{service}]", max_requests=cfg.max_requests,
+                max_requests_jitter=cfg.max_requests_jitter, timeout_s=cfg.timeout).run()
 
 
 def cmd_up(cfg: config.UpConfig, args: argparse.Namespace) -> int:

@@ -86,6 +86,12 @@ def _positive(value: int | float) -> int | float:
     return value
 
 
+def _non_negative(value: int | float) -> int | float:
+    if not value >= 0 or not math.isfinite(value):
+        raise ValueError(value)
+    return value
+
+
 def _text(value: str) -> str:
     if not value:
         raise ValueError(value)
@@ -152,6 +158,9 @@ def _access_format(text: str) -> str:
 
 POSITIVE_INT = Kind("an integer > 0", (int,), int, _positive)
 POSITIVE_FLOAT = Kind("a number > 0", (int, float), float, lambda v: float(_positive(v)))
+NON_NEGATIVE_INT = Kind("an integer >= 0", (int,), int, _non_negative)
+NON_NEGATIVE_FLOAT = Kind("a number >= 0", (int, float), float,
+                          lambda v: float(_non_negative(v)))
 TEXT = Kind("a non-empty string", (str,), _text, _text)
 BOOL = Kind("true or false", (bool,), _bool)
 LINK = Kind("SEND_SPEC,RECV_SPEC[,RECV_IDENT]", (), LinkSpec.parse)
@@ -269,6 +278,16 @@ class WsgiConfig(PeerConfig):
     graceful_timeout: float = setting(30.0, "time to finish in-flight requests on SIGTERM",
                                       POSITIVE_FLOAT, metavar="SECONDS")
     chdir: str | None = setting(None, "change to DIR before loading the app", metavar="DIR")
+    max_requests: int = setting(
+        0, "replace a process after about N requests: its replacement starts and "
+        "announces, then it drains (0: never)", NON_NEGATIVE_INT, metavar="N")
+    max_requests_jitter: int = setting(
+        0, "add random(0..J) to each process's max_requests, so they do not all recycle "
+        "at once", NON_NEGATIVE_INT, metavar="J")
+    timeout: float = setting(
+        0.0, "kill and replace a process stuck this long in one request, or whose loop "
+        "stalls this long (0: off; set it above the broker's request_timeout)",
+        NON_NEGATIVE_FLOAT, metavar="SECONDS")
 
 
 @dataclass(frozen=True, slots=True)

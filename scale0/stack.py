@@ -3,9 +3,16 @@
 Each process runs in its own session, so a Ctrl-C at the terminal reaches
 only this supervisor, which then stops everything in order: worker pools
 first (SIGTERM: they finish what they have while brokers and Mongrel2 still
-deliver their replies), then brokers, then relays, then Mongrel2; SIGKILL after the grace
-period. A process that dies is restarted with a growing delay; the pid file
-never outlives the stack.
+deliver their replies), then brokers, then relays, then Mongrel2; SIGKILL
+after the grace period. A second SIGINT/SIGTERM forces the stop: SIGKILL to every process
+group (a pool's forked workers too), at once. SIGHUP reloads every worker
+pool (forwarded to each pool's arbiter, which starts new processes and then
+retires the old ones, supervise.py); brokers and Mongrel2 keep running.
+
+A process that dies is restarted with a delay that doubles per quick crash
+(0.5 s up to MAX_BACKOFF_S); CRASH_LOOP quick crashes in a row are logged as
+a crash loop. The pid file never outlives the stack. Signal handlers only
+count; the loop acts.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ from .m2server import Mongrel2Error, Mongrel2Server, server_uuid
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 10.0
+STABLE_AFTER_S = 10.0  # a process that lived this long resets its crash count
+CRASH_LOOP = 5
 PR_SET_PDEATHSIG = 1
 
 
@@ -58,6 +67,7 @@ class _Proc:
     restart_at: float = 0.0
     stop_signal: int = signal.SIGTERM
     stop_order: int = 0  # lower stops first
+    pid: int = 0  # of the last process started, also its process group
 
 
 @dataclass(slots=True)
@@ -67,6 +77,7 @@ class Stack:
     procs: list[_Proc] = field(default_factory=list)
     graceful_timeout_s: float = 30.0
     _stopping: int = 0
+    _reloads: int = 0
 
     @classmethod
     def from_file(cls, path: str | Path) -> Stack:
@@ -150,10 +161,14 @@ class Stack:
             return 2
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
         announced = False
         try:
             while not self._stopping:
                 now = time.monotonic()
+                if self._reloads:
+                    self._reloads = 0
+                    self._reload()
                 for proc in self.procs:
                     self._watch(proc, now)
                 if not announced and _accepts(self.http_addr):
@@ -166,11 +181,18 @@ class Stack:
         return 0
 
     def _on_signal(self, *_: object) -> None:
-        self._stopping += 1
-        if self._stopping > 1:  # a second signal: force
-            for proc in self.procs:
-                if proc.popen is not None and proc.popen.poll() is None:
-                    proc.popen.kill()
+        self._stopping += 1  # a second one forces the stop (_stop_all)
+
+    def _on_hup(self, *_: object) -> None:
+        self._reloads += 1
+
+    def _reload(self) -> None:
+        """SIGHUP to each pool's arbiter only: its workers ignore HUP, and a
+        signal to the whole group would reach them too."""
+        for proc in self.procs:
+            if _is_pool(proc) and proc.popen is not None and proc.popen.poll() is None:
+                log.info("reloading %s (SIGHUP to pid %d)", proc.name, proc.popen.pid)
+                proc.popen.send_signal(signal.SIGHUP)
 
     def _watch(self, proc: _Proc, now: float) -> None:
         if proc.popen is not None:
@@ -178,40 +200,51 @@ class Stack:
             if code is None:
                 return
             proc.popen = None
-            if now - proc.started_at > 10.0:
+            _kill_group(proc.pid)  # what it left behind, e.g. a dead pool's workers
+            if now - proc.started_at > STABLE_AFTER_S:
                 proc.crashes = 0
             proc.crashes += 1
             delay = min(MAX_BACKOFF_S, 0.5 * 2 ** (proc.crashes - 1))
             proc.restart_at = now + delay
-            log.error("%s exited with %s; restarting in %.1fs%s", proc.name, code, delay,
-                      " (crash loop)" if proc.crashes >= 5 else "")
+            if proc.crashes >= CRASH_LOOP:
+                log.error("%s: crash loop: exited with %s, crash %d in a row, each within "
+                          "%.0fs of its start; restarting in %.1fs", proc.name, code,
+                          proc.crashes, STABLE_AFTER_S, delay)
+            else:
+                log.error("%s exited with %s; restarting in %.1fs", proc.name, code, delay)
             if proc.name == "mongrel2":
                 self.mongrel2.remove_pid_file()
             return
         if now >= proc.restart_at:
             proc.popen = subprocess.Popen(proc.argv, cwd=proc.cwd, start_new_session=True)
+            proc.pid = proc.popen.pid
             proc.started_at = now
             log.info("started %s (pid %d)", proc.name, proc.popen.pid)
 
     def _stop_all(self) -> None:
         # Pools first: they finish in-flight requests while brokers and Mongrel2
         # still carry the replies; then brokers (each hands its link back to
-        # the relay); then relays; Mongrel2 last.
+        # the relay); then relays; Mongrel2 last. Each process group is
+        # SIGKILLed after the grace period, or at once on a second signal, so
+        # nothing a process forked outlives the stack.
         for order in (0, 1, 2, 3):
             group = [proc for proc in self.procs if proc.stop_order == order]
             for proc in group:
                 if proc.popen is not None and proc.popen.poll() is None:
                     proc.popen.send_signal(proc.stop_signal)
             deadline = time.monotonic() + self.graceful_timeout_s
+            while any(p.popen is not None and p.popen.poll() is None for p in group):
+                if self._stopping > 1 or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05)  # a signal cuts it short; the loop re-checks
             for proc in group:
                 if proc.popen is None:
                     continue
-                try:
-                    proc.popen.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    log.warning("%s did not stop in time: killing it", proc.name)
-                    _kill_group(proc.popen)
-                    proc.popen.wait()
+                if proc.popen.poll() is None:
+                    log.warning("%s: %s: killing it", proc.name, "forced stop"
+                                if self._stopping > 1 else "did not stop in time")
+                _kill_group(proc.pid)
+                proc.popen.wait()
                 proc.popen = None
 
 
@@ -270,11 +303,17 @@ def exit_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _kill_group(popen: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(popen.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def _kill_group(pgid: int) -> None:
+    """SIGKILL a process group (each process runs in its own session: pgid = pid)."""
+    if pgid > 0:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _is_pool(proc: _Proc) -> bool:
+    return proc.name.startswith("pool-")  # from_dict names the [[pool]] processes so
 
 
 def _accepts(addr: tuple[str, int]) -> bool:

@@ -11,6 +11,22 @@ thread blocks in `_Flow.acquire` until it may send, so a slow client slows the
 app instead of growing Mongrel2's queue past its 16-message limit. Without
 credits (flow control off in Mongrel2) pieces are only capped in size: a
 streamed response of many small blocks can then overrun that limit.
+
+Under a Pool (supervise.py) the loop also reports to the arbiter through a
+`ChildState` (childstate.py), at most every REPORT_EVERY_S and never per
+request: that it is alive, the start of its oldest request, and once:
+
+* ready: WELCOMEd by every broker it connects to, or by at least one once
+  READY_WAIT_S have passed (one broker being down must not stall a reload;
+  none answering means not ready, and the old processes keep serving);
+* retire: it has started `max_requests` requests. It keeps serving until the
+  arbiter, once a replacement is ready, sends SIGTERM; the limit triggers the
+  recycling and is not a hard cap.
+
+For the arbiter's --timeout a request's age does not count the time its
+thread spends blocked in `_Flow.acquire`: waiting for a slow client's
+credits is not the app being stuck (gunicorn's sync workers get killed for
+that; here the broker's request timeout and Mongrel2 deal with dead clients).
 """
 
 from __future__ import annotations
@@ -30,6 +46,7 @@ import zmq
 
 from . import mongrel2 as m2
 from . import protocol as p
+from .childstate import ChildState
 from .frames import recv_frames, send_frames
 from .routing import normalize_path, split_script_name
 
@@ -37,6 +54,8 @@ log = logging.getLogger(__name__)
 
 MAX_OUTSTANDING_MESSAGES = 8  # well under Mongrel2's 16 queued messages per connection
 MAX_MESSAGE_BYTES = 1 << 20
+REPORT_EVERY_S = 0.25  # ChildState updates; the arbiter checks about once a second
+READY_WAIT_S = 5.0  # then one WELCOME of several is enough to be ready
 
 
 class Cancelled(Exception):
@@ -117,11 +136,15 @@ Handler = Callable[[m2.HttpRequest | m2.UploadDone, str, str, ReplyStream], bool
 class _Flow:
     """Per-request send window, shared by the loop (grant/cancel) and its thread."""
 
-    def __init__(self, credits: int | None) -> None:
+    def __init__(self, credits: int | None, started_s: float = 0.0) -> None:
         self.credits = credits
         self.outstanding: deque[int] = deque()
         self.cancelled = False
         self.cond = threading.Condition()
+        # Read by the loop without the lock (one attribute each, atomic under the
+        # GIL): the request's start, moved later by the time spent blocked.
+        self.started_s = started_s
+        self.blocked = False
 
     def acquire(self, wanted: int) -> int:
         """Block until some bytes may be sent; return how many (<= wanted)."""
@@ -136,7 +159,17 @@ class _Flow:
                     self.credits -= n
                     self.outstanding.append(n)
                     return n
-                self.cond.wait()
+                self._wait()
+
+    def _wait(self) -> None:
+        """cond.wait(), with the time blocked left out of the request's age."""
+        blocked_at = time.monotonic()
+        self.blocked = True
+        try:
+            self.cond.wait()
+        finally:
+            self.started_s += time.monotonic() - blocked_at
+            self.blocked = False
 
     def grant(self, n: int) -> None:
         with self.cond:
@@ -171,9 +204,14 @@ class _BrokerConn:
 class Worker:
     """Serves `handler` for the brokers in `settings.connect` until stopped."""
 
-    def __init__(self, handler: Handler, settings: WorkerSettings) -> None:
+    def __init__(self, handler: Handler, settings: WorkerSettings, *,
+                 state: ChildState | None = None) -> None:
         self.handler = handler
         self.settings = settings
+        self.state = state  # the arbiter's view of us, under a Pool
+        self.requests_started = 0
+        self._max_requests = 0
+        self._brokers: list[_BrokerConn] = []
         self.label = settings.label or f"{socket.gethostname()}:{os.getpid()}"
         self._stopping = False
         self._flows: dict[tuple[int, bytes], _Flow] = {}
@@ -197,16 +235,22 @@ class Worker:
         self._ctx = ctx = zmq.Context()
         replies = ctx.socket(zmq.PULL)
         replies.bind(self._inproc)
-        brokers = [_BrokerConn(i, ep, index_frame=b"%d" % i) for i, ep in enumerate(s.connect)]
+        self._brokers = brokers = [_BrokerConn(i, ep, index_frame=b"%d" % i)
+                                   for i, ep in enumerate(s.connect)]
         pool = ThreadPoolExecutor(s.capacity, thread_name_prefix="scale0-req")
         hello = p.Hello(s.services, s.capacity, self.label, int(s.heartbeat_s * 1000),
                         {"pid": str(os.getpid())}).encode()
         drain_started = 0.0
         polled: tuple[zmq.Socket[bytes] | None, ...] = ()
         poller = zmq.Poller()
+        started = next_report = time.monotonic()
+        self._max_requests = self.state.max_requests if self.state is not None else 0
         try:
             while True:
                 now = time.monotonic()
+                if self.state is not None and now >= next_report:
+                    next_report = now + REPORT_EVERY_S
+                    self._report(self.state, brokers, now, now - started >= READY_WAIT_S)
                 if self._stopping and not drain_started:
                     drain_started = now
                     log.info("draining: %d requests in flight", len(self._flows))
@@ -246,6 +290,20 @@ class Worker:
             self._forward_replies(replies, brokers)
             ctx.destroy(linger=500)
         return self.exit_code
+
+    def _report(self, state: ChildState, brokers: list[_BrokerConn], now: float,
+                waited: bool) -> None:
+        """Tell the arbiter we are alive, our oldest request's start, and
+        whether we are ready (see the module docstring)."""
+        oldest = 0.0
+        for flow in list(self._flows.values()):
+            if not flow.blocked and (not oldest or flow.started_s < oldest):
+                oldest = flow.started_s
+        state.beat(now, oldest)
+        if not state.ready and not self._stopping and (
+                all(b.welcomed for b in brokers)
+                or (waited and any(b.welcomed for b in brokers))):
+            state.set_ready()
 
     def _keep_alive(self, b: _BrokerConn, hello: bytes, now: float) -> None:
         s = self.settings
@@ -301,13 +359,13 @@ class Worker:
                 frames = recv_frames(b.socket)
             except zmq.Again:
                 return
-            b.last_seen = time.monotonic()
+            b.last_seen = now = time.monotonic()
             if len(frames) < 2 or frames[0] != p.VERSION or len(frames[1]) != 1:
                 log.warning("malformed message from broker %s", b.endpoint)
                 continue
             command = frames[1][0]
             if command == p.Command.REQUEST and len(frames) == 6:
-                self._start_request(b, frames[2], frames[4], frames[5], pool)
+                self._start_request(b, frames[2], frames[4], frames[5], pool, now)
             elif command == p.Command.CREDIT and len(frames) == 4:
                 flow = self._flows.get((b.index, frames[2]))
                 if flow is not None and frames[3].isdigit():
@@ -322,6 +380,8 @@ class Worker:
                 b.welcomed = True
                 b.backoff_s = 0.5
                 log.info("connected to broker %s", b.endpoint)
+                if self.state is not None and not self.state.ready:
+                    self._report(self.state, self._brokers, now, waited=False)
                 if self._stopping:  # reconnected while draining: say so again
                     self._send(b, [p.CMD[p.Command.DRAIN]])
             elif command == p.Command.BYE:  # the broker does not know us: announce again
@@ -341,7 +401,11 @@ class Worker:
                 log.warning("unexpected command %#x from broker %s", command, b.endpoint)
 
     def _start_request(self, b: _BrokerConn, rid: bytes, script_name: bytes, raw: bytes,
-                       pool: ThreadPoolExecutor) -> None:
+                       pool: ThreadPoolExecutor, now: float) -> None:
+        self.requests_started += 1
+        if self._max_requests and self.requests_started >= self._max_requests:
+            assert self.state is not None
+            self.state.ask_retire()  # idempotent; the arbiter replaces us
         try:
             event = m2.parse_message(raw)
         except m2.Mongrel2ProtocolError as exc:
@@ -351,7 +415,7 @@ class Worker:
             self._send(b, [p.CMD[p.Command.REPLY], rid, p.FLAG_LAST])
             return
         credits = event.header(b"DOWNLOAD_CREDITS")
-        flow = _Flow(int(credits) if credits is not None and credits.isdigit() else None)
+        flow = _Flow(int(credits) if credits is not None and credits.isdigit() else None, now)
         self._flows[(b.index, rid)] = flow
         pool.submit(self._run_request, b.index_frame, rid, event,
                     script_name.decode("latin-1"), flow)

@@ -1,0 +1,277 @@
+"""The pool supervisor on the real stack: reload (SIGHUP), max-requests
+recycling, --timeout, and a second SIGTERM forcing the stop, for `scale0 wsgi`
+pools and for `scale0 up`."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+import requests
+
+from bench.procs import children
+from scale0.m2server import config_text
+
+from .conftest import APPS_DIR, ROOT, Load, Proc, Stack, free_port, wait_for
+from .test_up import processes_mentioning
+
+APP_TEMPLATE = '''
+def app(environ, start_response):
+    body = {text!r}.encode()
+    start_response("200 OK", [("Content-Type", "text/plain"),
+                              ("Content-Length", str(len(body)))])
+    return [body]
+'''
+
+
+def _pids(pool: Proc) -> set[int]:
+    return set(children(pool.popen.pid))
+
+
+def _get_pid(stack: Stack) -> int:
+    r = requests.get(stack.url("/pid"), timeout=10)
+    assert r.status_code == 200, r.status_code
+    return int(r.json()["pid"])
+
+
+def _reloaded(pool: Proc, old: set[int], size: int) -> bool:
+    """The pool's processes are `size` new ones and none of `old` is left."""
+    now = _pids(pool)
+    return len(now) == size and not now & old
+
+
+def test_hup_under_load_replaces_every_process_without_a_failure(fresh_stack: Stack) -> None:
+    s = fresh_stack
+    s.start_mongrel2()
+    s.start_broker("--heartbeat", "0.5")
+    pool = s.start_pool("e2e_apps:app", "--heartbeat", "0.5", service="app", processes=2,
+                        threads=2)
+    s.wait_ok("/pid")
+    wait_for(lambda: len(_pids(pool)) == 2, what="two worker processes")
+    old = _pids(pool)
+    with Load(lambda _: s.url("/sleep?0.02")) as load:
+        load.wait_more(30)
+        pool.send_signal(signal.SIGHUP)
+        wait_for(lambda: _reloaded(pool, old, 2), 30, "the reload to replace both processes")
+        load.wait_more(30)
+    assert set(load.outcomes) == {"2xx"}, dict(load.outcomes)
+    served = {_get_pid(s) for _ in range(20)}
+    assert served and not served & old
+    assert served <= _pids(pool)
+
+
+def test_hup_loads_changed_app_code(fresh_stack: Stack, tmp_path: Path) -> None:
+    s = fresh_stack
+    code = tmp_path / "appdir"
+    code.mkdir()
+    (code / "reloadme.py").write_text(APP_TEMPLATE.format(text="version one"))
+    s.start_mongrel2()
+    s.start_broker()
+    pool = s.start_pool("reloadme:app", "--chdir", str(code), service="app", processes=2)
+    assert s.wait_ok("/").text == "version one"
+    old = _pids(pool)
+    (code / "reloadme.py").write_text(APP_TEMPLATE.format(text="version two, longer"))
+    pool.send_signal(signal.SIGHUP)
+    wait_for(lambda: _reloaded(pool, old, 2), 30, "the reload")
+    assert {requests.get(s.url("/"), timeout=10).text for _ in range(10)} == {
+        "version two, longer"}
+
+
+def test_hup_to_broken_code_keeps_the_old_processes_serving(fresh_stack: Stack,
+                                                            tmp_path: Path) -> None:
+    s = fresh_stack
+    code = tmp_path / "appdir"
+    code.mkdir()
+    (code / "reloadme.py").write_text(APP_TEMPLATE.format(text="good"))
+    s.start_mongrel2()
+    s.start_broker("--heartbeat", "0.5")
+    pool = s.start_pool("reloadme:app", "--chdir", str(code), "--heartbeat", "0.5",
+                        service="app", processes=2)
+    assert s.wait_ok("/").text == "good"
+    wait_for(lambda: len(_pids(pool)) == 2, what="two worker processes")
+    old = _pids(pool)
+    (code / "reloadme.py").write_text("def app(:  # a syntax error\n")
+    with Load(lambda _: s.url("/")) as load:
+        load.wait_more(20)
+        pool.send_signal(signal.SIGHUP)
+        wait_for(lambda: "failed to boot" in pool.log_tail(), 30, "the failed reload")
+        load.wait_more(50)
+    assert set(load.outcomes) == {"2xx"}, dict(load.outcomes)
+    assert pool.popen.poll() is None  # the pool did not halt
+    wait_for(lambda: _pids(pool) == old, 15, "only the old processes to be left")
+    assert {requests.get(s.url("/"), timeout=10).text for _ in range(10)} == {"good"}
+    # fixed code and another HUP: the reload goes through
+    (code / "reloadme.py").write_text(APP_TEMPLATE.format(text="fixed, at last"))
+    pool.send_signal(signal.SIGHUP)
+    wait_for(lambda: _reloaded(pool, old, 2), 30, "the second reload")
+    assert requests.get(s.url("/"), timeout=10).text == "fixed, at last"
+
+
+def test_max_requests_recycles_processes_under_load(fresh_stack: Stack) -> None:
+    s = fresh_stack
+    s.start_mongrel2()
+    s.start_broker("--heartbeat", "0.5")
+    pool = s.start_pool("e2e_apps:app", "--heartbeat", "0.5", "--max-requests", "20",
+                        "--max-requests-jitter", "5", service="app", processes=2, threads=2)
+    s.wait_ok("/")
+    wait_for(lambda: len(_pids(pool)) == 2, what="two worker processes")
+    first = _pids(pool)
+    seen: set[int] = set(first)
+    most = 0
+
+    def sample() -> bool:
+        nonlocal most
+        now = _pids(pool)
+        seen.update(now)
+        most = max(most, len(now))
+        return False
+
+    with Load(lambda _: s.url("/sleep?0.01")) as load:
+        target = load.sent() + 300  # about six lifetimes of each process
+        wait_for(lambda: sample() or load.sent() >= target, 60, "300 answers")
+    assert set(load.outcomes) == {"2xx"}, dict(load.outcomes)
+    assert len(seen - first) >= 4, seen  # processes were replaced, again and again
+    # bounded: 2 current + 2 superseded serving + a few draining on their way out
+    assert most <= 6, most
+    assert pool.log_tail(1_000_000).count("requests: replacing it") >= 4
+    wait_for(lambda: len(_pids(pool)) == 2, 30, "the pool to settle at two processes")
+
+
+def test_timeout_kills_a_stuck_process_and_replaces_it(fresh_stack: Stack) -> None:
+    s = fresh_stack
+    s.start_mongrel2()
+    s.start_broker("--heartbeat", "0.5")
+    pool = s.start_pool("e2e_apps:app", "--heartbeat", "0.5", "--timeout", "2",
+                        service="app", processes=1, threads=2)
+    s.wait_ok("/")
+    wait_for(lambda: len(_pids(pool)) == 1, what="the worker process")
+    (stuck_pid,) = _pids(pool)
+    # POST is not retried by the broker: the client's answer is for this one kill
+    r = requests.post(s.url("/sleep?30"), data=b"x", timeout=25)
+    assert r.status_code in (502, 504), r.status_code
+    log = pool.log_tail(1_000_000)
+    assert f"killing process {stuck_pid} (slot 0): timed out: request stuck for" in log
+    wait_for(lambda: len(_pids(pool)) == 1 and stuck_pid not in _pids(pool), 15,
+             "a replacement process")
+    assert s.wait_ok("/pid").json()["pid"] != stuck_pid
+    assert pool.popen.poll() is None
+
+
+def test_second_sigterm_forces_a_pool_to_stop(fresh_stack: Stack) -> None:
+    s = fresh_stack
+    marks = s.tmp / "marks"
+    marks.mkdir()
+    s.start_mongrel2()
+    s.start_broker()
+    pool = s.start_pool("e2e_apps:app", "--graceful-timeout", "60", service="app",
+                        env={"E2E_MARK_DIR": str(marks)})
+    s.wait_ok("/")
+    workers = _pids(pool)
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        slow = ex.submit(requests.get, s.url("/sleep?40"), timeout=30)
+        wait_for(lambda: list(marks.iterdir()), what="the slow request at the worker")
+        pool.send_signal(signal.SIGTERM)  # graceful: would wait for the 40 s request
+        wait_for(lambda: "draining" in pool.log_tail(), what="the worker to drain")
+        pool.send_signal(signal.SIGTERM)
+        assert pool.popen.wait(10) == 0  # well before the 40 s request or the 60 s grace
+        assert slow.result().status_code in (502, 503, 504)
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 10,
+             "the worker processes to be gone")
+
+
+def _write_up_stack(tmp: Path, pool_args: list[str]) -> tuple[Path, int, str]:
+    http_port, send_port, recv_port, broker_port = (free_port() for _ in range(4))
+    server_uuid = str(uuid.uuid4())
+    (tmp / "mongrel2.conf").write_text(config_text(
+        http_port=http_port, send_spec=f"tcp://127.0.0.1:{send_port}",
+        recv_spec=f"tcp://127.0.0.1:{recv_port}", send_ident=str(uuid.uuid4()),
+        uuid=server_uuid))
+    broker = f"tcp://127.0.0.1:{broker_port}"
+    config = tmp / "stack.toml"
+    config.write_text(f"""
+graceful_timeout = 60.0
+[mongrel2]
+config = "mongrel2.conf"
+runtime_dir = "var"
+http = "127.0.0.1:{http_port}"
+[[broker]]
+bind = "{broker}"
+mongrel2 = ["tcp://127.0.0.1:{send_port},tcp://127.0.0.1:{recv_port}"]
+args = ["--heartbeat", "0.5"]
+[[pool]]
+app = "e2e_apps:app"
+service = "app"
+routes = ["/"]
+processes = 2
+threads = 2
+connect = ["{broker}"]
+args = {pool_args!r}
+""".replace("'", '"'))
+    return config, http_port, server_uuid
+
+
+def _start_up(tmp: Path, config: Path, env: dict[str, str] | None = None) -> Proc:
+    up = Proc("up", [sys.executable, "-m", "scale0.cli", "up", "--config", str(config)], tmp,
+              {"PYTHONPATH": f"{APPS_DIR}:{ROOT}", **(env or {})})
+    up.wait_ready(30, "READY up")
+    return up
+
+
+def test_up_sighup_reloads_pools_under_load_without_a_failure(tmp_path: Path) -> None:
+    config, http_port, _ = _write_up_stack(tmp_path, ["--heartbeat", "0.5"])
+    base = f"http://127.0.0.1:{http_port}"
+    up = _start_up(tmp_path, config)
+    try:
+        wait_for(lambda: _ok(base + "/pid"), 30, "the stack to answer")
+        before = {requests.get(base + "/pid", timeout=10).json()["pid"] for _ in range(10)}
+        started = set(children(up.popen.pid))  # Mongrel2, the broker, the pool's arbiter
+        with Load(lambda _: base + "/sleep?0.02") as load:
+            load.wait_more(30)
+            up.send_signal(signal.SIGHUP)
+            wait_for(lambda: up.log_tail(1_000_000).count("its replacement is ready") >= 2, 30,
+                     "both old processes to be retired")
+            load.wait_more(30)
+        assert set(load.outcomes) == {"2xx"}, dict(load.outcomes)
+        after = {requests.get(base + "/pid", timeout=10).json()["pid"] for _ in range(10)}
+        assert not after & before
+        assert set(children(up.popen.pid)) == started  # only the pool's workers changed
+        assert up.popen.poll() is None
+    finally:
+        up.stop()
+    assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_up_second_sigterm_forces_the_stop(tmp_path: Path) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    config, http_port, server_uuid = _write_up_stack(tmp_path, ["--graceful-timeout", "60"])
+    base = f"http://127.0.0.1:{http_port}"
+    up = _start_up(tmp_path, config, {"E2E_MARK_DIR": str(marks)})
+    try:
+        wait_for(lambda: _ok(base + "/"), 30, "the stack to answer")
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            slow = ex.submit(_status, base + "/sleep?40")
+            wait_for(lambda: list(marks.iterdir()), what="the slow request at a worker")
+            up.send_signal(signal.SIGTERM)  # graceful: the pool waits for the request
+            wait_for(lambda: "draining" in up.log_tail(), what="the workers to drain")
+            up.send_signal(signal.SIGTERM)
+            assert up.popen.wait(10) == 0  # well before the 40 s request or the 60 s grace
+            assert slow.result() != 200
+        wait_for(lambda: not processes_mentioning(str(tmp_path))
+                 and not processes_mentioning(server_uuid), 10, "every process to be gone")
+    finally:
+        up.stop()
+
+
+def _ok(url: str) -> bool:
+    return _status(url) == 200
+
+
+def _status(url: str) -> int:
+    try:
+        return requests.get(url, timeout=30).status_code
+    except requests.RequestException:
+        return 0

@@ -1,0 +1,58 @@
+"""A Pool of fake workers, for tests/unit/test_supervise.py (run as a script).
+
+argv: DIR SIZE [KEY=VALUE ...] (Pool keyword arguments). A fake worker
+behaves as the files in DIR say: `broken` -> it cannot boot (BOOT_FAILED);
+`wedge` -> once ready its loop stops reporting; `stubborn` -> it ignores
+SIGTERM. Otherwise it reports alive and ready, "serves" a request every
+20 ms (asking to retire at its limit) and exits 0 on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from scale0.childstate import current
+from scale0.supervise import BOOT_FAILED, Pool
+
+
+def fake_worker(folder: Path) -> int:
+    if (folder / "broken").exists():
+        return BOOT_FAILED
+    stop = False
+
+    def on_term(*_: object) -> None:
+        nonlocal stop
+        stop = not (folder / "stubborn").exists()
+
+    signal.signal(signal.SIGTERM, on_term)
+    state = current()
+    assert state is not None
+    served = 0
+    while not stop:
+        now = time.monotonic()
+        state.beat(now, 0.0)
+        state.set_ready()
+        if (folder / "wedge").exists():
+            time.sleep(3600)
+        served += 1
+        if state.max_requests and served >= state.max_requests:
+            state.ask_retire()
+        time.sleep(0.02)
+    return 0
+
+
+def main() -> int:
+    logging.basicConfig(level="INFO", format="%(process)d %(message)s")
+    folder, size = Path(sys.argv[1]), int(sys.argv[2])
+    kwargs = {k: float(v) if "." in v else int(v)
+              for k, _, v in (a.partition("=") for a in sys.argv[3:])}
+    print("READY", flush=True)
+    return Pool(lambda: fake_worker(folder), size, name="fake", **kwargs).run()  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
