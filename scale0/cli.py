@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, cast
 
-from . import __version__
+from . import __version__, ctl
 from . import protocol as p
 from .broker import Broker, LinkSpec
 from .dispatch import DispatchSettings
@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 30)")
     _add_common(b)
     b.set_defaults(func=cmd_broker)
+    # ---- control interface (control.py, ctl.py): the only cli.py lines it needs ----
+    b.add_argument("--control", default="auto", metavar="ENDPOINT",
+                   help="control socket for `scale0 ctl`, ipc://PATH; 'off' for none "
+                        "(default: RUNTIME_DIR/broker-PORT.ctl, see docs/operating.md)")
+    ctl.add_parser(sub)
+    # ---- end control interface ----
 
     w = sub.add_parser("wsgi", help="serve a WSGI app as Scale0 workers")
     w.add_argument("app", metavar="MODULE:APP", help="e.g. examples.hello:app")
@@ -156,7 +162,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
         service_timeouts=tuple(args.service_timeout),
         maintenance_pages=tuple(args.maintenance_page))
     broker = Broker(args.mongrel2, args.bind, settings,
-                    graceful_timeout_s=args.graceful_timeout)
+                    graceful_timeout_s=args.graceful_timeout,
+                    control="" if args.control in ("", "off") else args.control)
     broker.install_signal_handlers()
     try:
         broker.start()
