@@ -210,3 +210,27 @@ def test_shutdown_graceful_finishes_requests_in_flight(fresh_stack: Stack,
     assert broker.popen.wait(20) == 0
     assert not ipc_path(control).exists()  # the broker removed its socket files
     assert ctl(control, "status").returncode == 3
+
+
+def test_shutdown_without_graceful_answers_requests_in_flight_with_503(
+        fresh_stack: Stack, short_dir: Path) -> None:
+    control = f"ipc://{short_dir}/b.ctl"
+    marks = fresh_stack.tmp / "marks"
+    marks.mkdir()
+    fresh_stack.start_mongrel2()
+    broker = fresh_stack.start_broker("--control", control)
+    fresh_stack.start_pool("e2e_apps:app", service="app", routes=("/app",), threads=2,
+                           env={"E2E_MARK_DIR": str(marks)})
+    fresh_stack.wait_ok("/app/x")
+    answers: list[int] = []
+    client = threading.Thread(target=lambda: answers.append(
+        requests.get(fresh_stack.url("/app/sleep?10"), timeout=30).status_code))
+    client.start()
+    try:
+        wait_for(lambda: any(marks.iterdir()), what="the request to reach the app")
+        done = ctl(control, "shutdown")
+        assert done.returncode == 0 and "stopping now" in done.stdout
+        assert broker.popen.wait(20) == 0
+    finally:
+        client.join(35)
+    assert answers == [503]
