@@ -1,9 +1,11 @@
 """`scale0 ctl`: the operator's client of a broker's control socket (control.py).
 
+Talks to one broker over its ipc:// control socket: by default the one of
+the broker bound for workers at tcp://127.0.0.1:6780 (see --broker).
+
 Exit status: 0 done; 1 the broker refused the command (the reason is
 printed); 2 bad usage; 3 no broker answers (not running, wrong endpoint, no
-permission), found out within `--timeout` seconds.
-"""
+permission), found out within --timeout seconds."""
 
 from __future__ import annotations
 
@@ -213,7 +215,8 @@ def render(command: str, result: Any) -> str:
 def add_parser(sub: Any) -> None:
     """The `ctl` subcommand, on the subparsers of `scale0`."""
     c = sub.add_parser("ctl", help="control a running broker (status, drain, routes, tap, "
-                                   "shutdown)", description=__doc__,
+                                   "shutdown)",
+                       description=__doc__.partition("\n\n")[2] if __doc__ else None,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     where = c.add_mutually_exclusive_group()
     where.add_argument("--control", metavar="ENDPOINT",
@@ -276,5 +279,7 @@ def main(args: argparse.Namespace) -> int:
     except Refused as exc:
         print(f"scale0 ctl: {args.ctl_command}: {exc}", file=sys.stderr)
         return REFUSED
+    except KeyboardInterrupt:
+        return 130
     print(json.dumps(result, indent=2) if args.json else render(args.ctl_command, result))
     return 0
