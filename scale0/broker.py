@@ -38,6 +38,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from .control import ControlServer, default_endpoint
 from .dispatch import Dispatcher, DispatchSettings, Done
 from .frames import recv_frames, recv_one, send_frames, send_one
 
@@ -103,7 +104,8 @@ class Broker:
     def __init__(self, links: list[LinkSpec], bind: str,
                  settings: DispatchSettings | None = None,
                  context: zmq.Context[zmq.Socket[bytes]] | None = None, *,
-                 graceful_timeout_s: float = 30.0, startup_grace_s: float | None = None) -> None:
+                 graceful_timeout_s: float = 30.0, startup_grace_s: float | None = None,
+                 control: str = "") -> None:
         if not links:
             raise ValueError("a broker needs at least one Mongrel2 link")
         self.link_specs = links
@@ -131,6 +133,10 @@ class Broker:
         # reader needs no lock. Empty until the loop runs.
         self.publish_snapshots = False
         self.snapshot: dict[str, Any] = {}
+        # The control socket (control.py): an ipc:// endpoint, "auto" for the
+        # default derived from the bound worker endpoint, "" for none.
+        self.control = control
+        self._control: ControlServer | None = None
 
     def add_done_sink(self, sink: Callable[[list[Done]], None]) -> None:
         """Call `sink` from the loop with every batch of finished requests.
@@ -151,6 +157,12 @@ class Broker:
         router.bind(self.bind)
         self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._router = router
+        try:  # before linking to Mongrel2: a broker that cannot start takes no request
+            self._start_control(ctx)
+        except Exception:
+            router.close(0)
+            self._router = None
+            raise
         for index, spec in enumerate(self.link_specs):
             monitor: zmq.Socket[bytes] | None = None
             if spec.relay:
@@ -170,11 +182,11 @@ class Broker:
             pub.connect(spec.recv_spec)
             self._links.append(_Link(index, spec, pull, pub, monitor))
 
-    def stop(self) -> None:
+    def stop(self, *, force: bool = False) -> None:
         """Graceful stop: take no new requests, finish those held, then end.
-        A second call ends at once. Safe from a signal handler (sets flags,
-        wakes the poll)."""
-        self._forced = self._stopping
+        A second call (or `force`) ends at once. Safe from a signal handler
+        (sets flags, wakes the poll)."""
+        self._forced = force or self._stopping
         self._stopping = True
         if self._wakeup_w is not None:
             try:
@@ -191,6 +203,8 @@ class Broker:
             link.pub.close()  # LINGER 2 s: replies still queued go out first
         if self._router is not None:
             self._router.close(0)
+        if self._control is not None:
+            self._control.close()
         if self._context is None:
             # Our own context: term() waits for the lingering replies; process
             # exit alone would kill the I/O thread with them still queued.
@@ -232,6 +246,9 @@ class Broker:
             if link.monitor is not None:
                 poller.register(link.monitor, zmq.POLLIN)
         relays = any(link.spec.relay for link in links)
+        control = self._control
+        for sock in control.sockets if control is not None else ():
+            poller.register(sock, zmq.POLLIN)
         monotonic = time.monotonic
         intake_opens = monotonic() + self.startup_grace_s
         drain_until = 0.0
@@ -284,6 +301,8 @@ class Broker:
                     self._read_subscriptions(pub_to_link[sock])
                 elif sock in monitor_to_link:
                     self._read_monitor(monitor_to_link[sock], now)
+                elif control is not None and sock in control.sockets:
+                    control.on_readable(sock, now)
                 elif self._wakeup_r is not None:
                     try:
                         self._wakeup_r.recv(64)
@@ -538,4 +557,27 @@ class Broker:
 
     def ready_line(self) -> str:
         links = " ".join(str(spec) for spec in self.link_specs)
-        return f"READY broker pid={os.getpid()} workers={self.endpoint} mongrel2={links}"
+        control = f" control={self._control.endpoint}" if self._control is not None else ""
+        return f"READY broker pid={os.getpid()} workers={self.endpoint} mongrel2={links}{control}"
+
+    # ---- control interface (control.py; commands run in the loop) --------
+
+    def _start_control(self, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+        if not self.control:
+            return
+        endpoint = default_endpoint(self.endpoint) if self.control == "auto" else self.control
+        self._control = ControlServer(self, endpoint)
+        self._control.start(ctx)
+        self.add_done_sink(self._control.on_done)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def link_status(self) -> list[dict[str, Any]]:
+        return [{"send_spec": str(link.spec).split(",")[0], "recv_spec": link.spec.recv_spec,
+                 "relay": link.spec.relay,
+                 "connected": link.joined if link.spec.relay else link.fd >= 0,
+                 "subscribed": link.subscriptions > 0,
+                 "held": len(link.held), "replies": link.replies, "closed": link.closed}
+                for link in self._links]

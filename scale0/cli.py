@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Protocol, cast
 
-from . import __version__, config, m2db
+from . import __version__, config, ctl, m2db
 from . import protocol as p
 from .accesslog import AccessLog, AccessLogError
 from .broker import Broker, LinkSpec
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("wsgi", help="serve a WSGI app as Scale0 workers")
     config.add_arguments(w, config.WsgiConfig)
     w.set_defaults(func=cmd_wsgi, settings=config.WsgiConfig)
+
+    ctl.add_parser(sub)  # `scale0 ctl`: a client, not a settings-driven process
 
     r = sub.add_parser("relay", help="share one Mongrel2 handler between brokers, losing "
                                      "nothing when a broker leaves (see scale0/relay.py)")
@@ -81,7 +83,8 @@ def cmd_broker(cfg: config.BrokerConfig, _: argparse.Namespace) -> int:
         retry_after_s=cfg.retry_after, max_body_bytes=cfg.max_body,
         keepalive_s=cfg.keepalive, routes=cfg.route, service_timeouts=cfg.service_timeout,
         maintenance_pages=cfg.maintenance_page)
-    broker = Broker(links, cfg.bind, settings, graceful_timeout_s=cfg.graceful_timeout)
+    broker = Broker(links, cfg.bind, settings, graceful_timeout_s=cfg.graceful_timeout,
+                    control="" if cfg.control in ("", "off") else cfg.control)
     access: AccessLog | None = None
     if cfg.access_log:
         access = AccessLog(cfg.access_log, cfg.access_log_format)
@@ -207,6 +210,9 @@ def _usage_error(command: str, message: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "settings", None) is None:  # `scale0 ctl`
+        _setup_logging(args.log_level)
+        return cast(int, args.func(args))
     try:
         cfg = config.resolve(args.settings, args, os.environ)
     except config.ConfigError as exc:

@@ -240,6 +240,9 @@ class BrokerConfig(PeerConfig):
         SERVICE_PAGE, repeat=True, metavar="SERVICE=FILE")
     graceful_timeout: float = setting(30.0, "on SIGTERM, time to finish requests in progress",
                                       POSITIVE_FLOAT, metavar="SECONDS")
+    control: str = setting(
+        "auto", "control socket for `scale0 ctl`: ipc://PATH, 'auto' for "
+        "RUNTIME_DIR/broker-PORT.ctl (docs/operating.md), 'off' for none", metavar="ENDPOINT")
     access_log: str | None = setting(
         None, "write one line per finished request here: a file path (reopened when "
         "moved, for logrotate) or '-' for stderr", metavar="PATH")

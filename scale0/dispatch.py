@@ -711,6 +711,39 @@ class Dispatcher:
             self._reply_error(link, parts[0], int(parts[1]), status, "malformed request",
                               close=True)
 
+    # ---- management (control.py) ---------------------------------------
+
+    def drain_worker(self, w: Worker) -> bool:
+        """Broker-initiated drain: `w` gets no new request and is sent DRAIN,
+        which a worker takes as SIGTERM (protocol.md 3.7): it finishes what it
+        holds, says DRAIN (acked as usual), then BYE. False if already draining."""
+        if w.draining or self.workers.get(w.ident) is not w:
+            return False
+        w.draining = True
+        self._update_ready(w)
+        self.to_workers.append([w.ident, p.VERSION, p.CMD[p.Command.DRAIN]])
+        return True
+
+    def add_route(self, spec: str, service: str) -> Route:
+        """Route `spec` to `service` as broker configuration (wins over what
+        workers announce). Raises ValueError on a bad spec or service name."""
+        if not service or any(c.isspace() for c in service):
+            raise ValueError(f"bad service name {service!r}")
+        route = parse_route(spec)
+        self.routes.add(route, service)
+        self.configured.add(route)
+        self._service(service)
+        return route
+
+    def remove_route(self, spec: str) -> str | None:
+        """Remove the route `spec` (configured or announced); the service it
+        mapped to, or None. A worker re-announces its routes on its next HELLO."""
+        route = parse_route(spec)
+        service = next((name for r, name in self.routes.routes() if r == route), None)
+        self.routes.remove(route)
+        self.configured.discard(route)
+        return service
+
     def snapshot(self, now: float) -> dict[str, Any]:
         """The state an operator looks at (control `status`, metrics, status
         page), as plain JSON-able data. O(services + workers + routes)."""

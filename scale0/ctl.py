@@ -1,0 +1,285 @@
+"""`scale0 ctl`: the operator's client of a broker's control socket (control.py).
+
+Talks to one broker over its ipc:// control socket: by default the one of
+the broker bound for workers at tcp://127.0.0.1:6780 (see --broker).
+
+Exit status: 0 done; 1 the broker refused the command (the reason is
+printed); 2 bad usage; 3 no broker answers (not running, wrong endpoint, no
+permission), found out within --timeout seconds."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import zmq
+
+from .control import HELLO_PREFIX, ControlError, default_endpoint, encode_request, ipc_path
+
+DEFAULT_BROKER = "tcp://127.0.0.1:6780"
+REFUSED, USAGE, UNREACHABLE = 1, 2, 3
+TAP_PING_S = 3.0  # a quiet tap checks this often that its broker is still there
+
+
+class Unreachable(Exception):
+    """No broker answered; the text says what to check."""
+
+
+class Refused(Exception):
+    """The broker answered with an error."""
+
+
+# ---- the client ------------------------------------------------------------
+
+def call(endpoint: str, argv: list[str], timeout_s: float = 3.0,
+         ctx: zmq.Context[zmq.Socket[bytes]] | None = None) -> Any:
+    """Run one command on the broker at `endpoint`; its result, or raise
+    Unreachable (nothing answered within `timeout_s`) or Refused."""
+    path = ipc_path(endpoint)
+    if not path.exists():
+        raise Unreachable(f"no broker control socket at {path}{_others(path)}")
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise Unreachable(f"permission denied on {path}: run as the broker's user (or root)")
+    own = ctx is None
+    ctx = ctx or zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        sock.send_multipart([b"", encode_request(argv)])
+        if not sock.poll(int(timeout_s * 1000)):
+            raise Unreachable(f"no answer from {endpoint} within {timeout_s:g} s: the broker "
+                              "is not running (stale socket file) or is stuck")
+        frames = sock.recv_multipart()
+    finally:
+        sock.close(0)
+        if own:
+            ctx.term()
+    try:
+        reply = json.loads(frames[-1])
+    except ValueError as exc:
+        raise Refused(f"malformed reply from {endpoint}: {exc}") from exc
+    if not reply.get("ok"):
+        raise Refused(str(reply.get("error")))
+    return reply.get("result")
+
+
+def _others(path: Path) -> str:
+    try:
+        found = sorted(str(p) for p in path.parent.glob("*.ctl"))
+    except OSError:
+        found = []
+    hint = " (is the broker running? started with another --bind or --control?)"
+    return hint + ("; control sockets there: " + ", ".join(found) if found else "")
+
+
+def tap(endpoint: str, service: str | None, out: TextIO, *, as_json: bool,
+        count: int = 0, timeout_s: float = 3.0) -> int:
+    """Print finished requests as they happen until Ctrl-C (or `count` lines)."""
+    info = call(endpoint, ["tap", *([service] if service else [])], timeout_s)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    hello = HELLO_PREFIX + os.urandom(8).hex().encode()
+    try:
+        sub.connect(info["endpoint"])
+        sub.setsockopt(zmq.SUBSCRIBE, info["topic"].encode())
+        sub.setsockopt(zmq.SUBSCRIBE, hello)  # answered once our topic is in place
+        deadline = time.monotonic() + timeout_s
+        while not (sub.poll(100) and sub.recv_multipart()[0] == hello):
+            if time.monotonic() > deadline:
+                raise Unreachable(f"the tap at {info['endpoint']} does not answer")
+        sub.setsockopt(zmq.UNSUBSCRIBE, hello)
+        print(f"tapping {service or 'all services'} at broker pid {info['pid']}; "
+              "Ctrl-C to stop", file=sys.stderr)
+        if not as_json:
+            print(TAP_HEADER, file=out, flush=True)
+        seen, quiet_since = 0, time.monotonic()
+        while not count or seen < count:
+            if not sub.poll(1000):
+                if time.monotonic() - quiet_since > TAP_PING_S:
+                    call(endpoint, ["ping"], timeout_s, ctx)  # Unreachable when gone
+                    quiet_since = time.monotonic()
+                continue
+            record = json.loads(sub.recv_multipart()[1])
+            seen += 1
+            quiet_since = time.monotonic()
+            print(json.dumps(record) if as_json else tap_line(record), file=out, flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sub.close(0)
+        ctx.term()
+    return 0
+
+
+# ---- rendering ---------------------------------------------------------------
+
+TAP_HEADER = f"{'TIME':<12} {'STATUS':>6} {'METHOD':<7} {'MS':>8}  {'WORKER':<24} PATH"
+
+
+def tap_line(r: dict[str, Any]) -> str:
+    clock = datetime.fromtimestamp(r["time"]).strftime("%H:%M:%S.%f")[:12]
+    return (f"{clock:<12} {r['status']:>6} {r['method']:<7} {r['ms']:>8.1f}  "
+            f"{r['worker'] or '-':<24} {r['path']}")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Left-aligned columns, two spaces apart; numbers aligned right."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h), *(len(row[i]) for row in cells)]) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(row[i], (int, float)) for row in rows) and bool(rows)
+               for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if num else c.ljust(w)
+                         for c, w, num in zip(row, widths, numeric, strict=True)).rstrip()
+
+    body = [line(row) for row in cells] or ["(none)"]
+    return "\n".join([line(list(headers)), *body])
+
+
+def duration(seconds: float) -> str:
+    """3s, 2m05s, 3h07m, 2d04h."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def render_status(st: dict[str, Any]) -> str:
+    b = st["broker"]
+    parts = [f"broker pid {b['pid']} ({b['state']}), up {duration(b['uptime_s'])}, "
+             f"workers at {b['workers_endpoint']}, control {b['control']}",
+             f"requests held {st['requests']}, connections {st['connections']}", "",
+             table(["MONGREL2 SEND_SPEC", "RECV_SPEC", "CONNECTED", "SUBSCRIBED", "HELD",
+                    "REPLIES"],
+                   [[ln["send_spec"], ln["recv_spec"], _yes(ln["connected"]),
+                     _yes(ln["subscribed"]), ln["held"], ln["replies"]]
+                    for ln in st["links"]]), "",
+             table(["SERVICE", "ROUTES", "QUEUED", "IN_FLIGHT", "WORKERS", "READY", "CAPACITY",
+                    "TIMEOUT"],
+                   [[s["name"] or "-", ",".join(s["routes"]) or "-", s["queued"],
+                     s["in_flight"], s["workers"], s["ready"], s["capacity"],
+                     f"{s['timeout_s']:g}s"] for s in st["services"]]), "",
+             table(["WORKER", "ID", "SERVICES", "LOAD", "STATE", "AGE", "SERVED"],
+                   [[w["label"], w["id"], ",".join(w["services"]),
+                     f"{w['in_flight']}/{w['capacity']}",
+                     "draining" if w["draining"] else "ready", duration(w["age_s"]),
+                     w["served"]] for w in st["workers"]]), ""]
+    counters = st["counters"]
+    parts.append("counters: " + " ".join(f"{k}={v}" for k, v in counters.items()))
+    return "\n".join(parts)
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def render(command: str, result: Any) -> str:
+    if command == "status":
+        return render_status(result)
+    if command == "routes" and "routes" in result:
+        return table(["ROUTE", "SERVICE", "ORIGIN"],
+                     [[r["route"], r["service"], r["origin"]] for r in result["routes"]])
+    if command == "routes" and "added" in result:
+        return f"route {result['added']} -> {result['service']} added"
+    if command == "routes":
+        return f"route {result['removed']} (was -> {result['service']}) removed"
+    if command == "drain":
+        text = (f"{result['kind']} {result['target']}: {len(result['drained'])} worker(s) "
+                "asked to finish and leave")
+        names = result["drained"] + [f"{n} (already draining)"
+                                     for n in result["already_draining"]]
+        return text + "".join(f"\n  {n}" for n in names)
+    if command == "shutdown":
+        how = (f"gracefully (up to {result['graceful_timeout_s']:g} s for requests in progress)"
+               if result["graceful"] else "now (requests in progress get 503)")
+        return f"broker pid {result['pid']} stopping {how}"
+    return json.dumps(result)
+
+
+# ---- the command line -----------------------------------------------------------
+
+def add_parser(sub: Any) -> None:
+    """The `ctl` subcommand, on the subparsers of `scale0`."""
+    c = sub.add_parser("ctl", help="control a running broker (status, drain, routes, tap, "
+                                   "shutdown)",
+                       description=__doc__.partition("\n\n")[2] if __doc__ else None,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = c.add_mutually_exclusive_group()
+    where.add_argument("--control", metavar="ENDPOINT",
+                       help="the broker's control socket (ipc://PATH)")
+    where.add_argument("--broker", metavar="BIND", default=DEFAULT_BROKER,
+                       help="find the control socket of the broker bound for workers at BIND "
+                            f"(default: {DEFAULT_BROKER})")
+    c.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    c.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS",
+                   help="wait this long for the broker (default: 3)")
+    cmds = c.add_subparsers(dest="ctl_command", required=True, metavar="COMMAND")
+    cmds.add_parser("status", help="links, services, queues, workers, counters")
+    d = cmds.add_parser("drain", help="a worker (label or id) or every worker of a service "
+                                      "finishes its requests and leaves")
+    d.add_argument("target", metavar="WORKER|SERVICE")
+    r = cmds.add_parser("routes", help="list, add or remove route-table entries")
+    ra = r.add_subparsers(dest="routes_action", metavar="ACTION")
+    add = ra.add_parser("add", help="route [HOST]/PATH to SERVICE")
+    add.add_argument("route", metavar="[HOST]/PATH")
+    add.add_argument("service", metavar="SERVICE")
+    rm = ra.add_parser("remove", help="remove the route [HOST]/PATH")
+    rm.add_argument("route", metavar="[HOST]/PATH")
+    t = cmds.add_parser("tap", help="print finished requests live (Ctrl-C stops)")
+    t.add_argument("service", nargs="?", metavar="SERVICE", help="default: all services")
+    t.add_argument("--count", type=int, default=0, metavar="N", help="stop after N requests")
+    s = cmds.add_parser("shutdown", help="stop the broker")
+    s.add_argument("--graceful", action="store_true",
+                   help="like SIGTERM: finish requests in progress (default: at once, "
+                        "like a second SIGTERM)")
+    c.set_defaults(func=main, log_level="warning")
+
+
+def wire_argv(args: argparse.Namespace) -> list[str]:
+    """The parsed command line -> the words sent to the broker."""
+    command: str = args.ctl_command
+    if command == "drain":
+        return [command, args.target]
+    if command == "routes" and args.routes_action == "add":
+        return [command, "add", args.route, args.service]
+    if command == "routes" and args.routes_action == "remove":
+        return [command, "remove", args.route]
+    if command == "shutdown" and args.graceful:
+        return [command, "--graceful"]
+    return [command]
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        endpoint = args.control or default_endpoint(args.broker)
+        if args.ctl_command == "tap":
+            return tap(endpoint, args.service, sys.stdout, as_json=args.json, count=args.count,
+                       timeout_s=args.timeout)
+        result = call(endpoint, wire_argv(args), args.timeout)
+    except ControlError as exc:
+        print(f"scale0 ctl: {exc}", file=sys.stderr)
+        return USAGE
+    except Unreachable as exc:
+        print(f"scale0 ctl: {exc}", file=sys.stderr)
+        return UNREACHABLE
+    except Refused as exc:
+        print(f"scale0 ctl: {args.ctl_command}: {exc}", file=sys.stderr)
+        return REFUSED
+    except KeyboardInterrupt:
+        return 130
+    print(json.dumps(result, indent=2) if args.json else render(args.ctl_command, result))
+    return 0
