@@ -33,13 +33,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from .dispatch import Dispatcher, DispatchSettings, Done
 from .frames import recv_frames, recv_one, send_frames, send_one
+
+if TYPE_CHECKING:
+    from .status import StatusServer
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +94,8 @@ class Broker:
     def __init__(self, links: list[LinkSpec], bind: str,
                  settings: DispatchSettings | None = None,
                  context: zmq.Context[zmq.Socket[bytes]] | None = None, *,
-                 graceful_timeout_s: float = 30.0, startup_grace_s: float | None = None) -> None:
+                 graceful_timeout_s: float = 30.0, startup_grace_s: float | None = None,
+                 metrics: tuple[str, int] | None = None) -> None:
         if not links:
             raise ValueError("a broker needs at least one Mongrel2 link")
         self.link_specs = links
@@ -119,6 +123,9 @@ class Broker:
         # reader needs no lock. Empty until the loop runs.
         self.publish_snapshots = False
         self.snapshot: dict[str, Any] = {}
+        # Where to serve /metrics and the status page (status.py); None: nowhere.
+        self.metrics_address = metrics
+        self.status_server: StatusServer | None = None
 
     def add_done_sink(self, sink: Callable[[list[Done]], None]) -> None:
         """Call `sink` from the loop with every batch of finished requests.
@@ -150,6 +157,11 @@ class Broker:
             pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every (re)subscription
             pub.connect(spec.recv_spec)
             self._links.append(_Link(index, spec, pull, pub, monitor))
+        if self.metrics_address is not None:
+            from .status import for_broker  # prometheus_client only when asked for
+
+            self.status_server = for_broker(self, self.metrics_address)
+            self.status_server.start()
 
     def stop(self) -> None:
         """Graceful stop: take no new requests, finish those held, then end.
@@ -164,6 +176,8 @@ class Broker:
                 pass
 
     def close(self) -> None:
+        if self.status_server is not None:
+            self.status_server.close()
         for link in self._links:
             link.pull.disable_monitor()
             link.monitor.close(0)
@@ -443,4 +457,7 @@ class Broker:
 
     def ready_line(self) -> str:
         links = " ".join(f"{s.send_spec},{s.recv_spec}" for s in self.link_specs)
-        return f"READY broker pid={os.getpid()} workers={self.endpoint} mongrel2={links}"
+        line = f"READY broker pid={os.getpid()} workers={self.endpoint} mongrel2={links}"
+        if self.status_server is not None:
+            line += f" metrics={self.status_server.url}/metrics"
+        return line

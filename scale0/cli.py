@@ -72,6 +72,15 @@ def _service_page(text: str) -> tuple[str, bytes]:
         raise argparse.ArgumentTypeError(f"maintenance page for {name}: {exc}") from exc
 
 
+def _metrics_address(text: str) -> tuple[str, int] | None:
+    from .status import parse_address
+
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"], help="default: info")
@@ -115,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="send Mongrel2 a ctl keep-alive for requests waiting this long, and "
                         "again as often, so its idle killer (min_ping) spares them "
                         "(default: 30)")
+    # Metrics and status page (scale0/status.py): the broker's one option for them.
+    b.add_argument("--metrics", type=_metrics_address, default=None, metavar="[HOST:]PORT",
+                   help="serve Prometheus /metrics and the status page / here, e.g. "
+                        "127.0.0.1:6790 (HOST defaults to 127.0.0.1; default: off)")
     _add_common(b)
     b.set_defaults(func=cmd_broker)
 
@@ -156,7 +169,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
         service_timeouts=tuple(args.service_timeout),
         maintenance_pages=tuple(args.maintenance_page))
     broker = Broker(args.mongrel2, args.bind, settings,
-                    graceful_timeout_s=args.graceful_timeout)
+                    graceful_timeout_s=args.graceful_timeout, metrics=args.metrics)
     broker.install_signal_handlers()
     try:
         broker.start()
