@@ -134,7 +134,11 @@ class StatusServer:
     def start(self) -> None:
         family = socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
         server_class = type("_Server", (_Server,), {"address_family": family})
-        server: _Server = server_class(self.address, _Handler)
+        try:
+            server: _Server = server_class(self.address, _Handler)
+        except OSError as exc:
+            raise OSError(exc.errno, f"metrics and status page at {self.url}: "
+                                     f"{exc.strerror}") from exc
         server.registry = self.registry
         server.status = self.status
         self.address = (self.address[0], int(server.server_address[1]))

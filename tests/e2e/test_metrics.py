@@ -4,6 +4,7 @@ through Mongrel2, parsed with prometheus-client's own parser."""
 from __future__ import annotations
 
 import re
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -193,3 +194,18 @@ def test_a_bad_metrics_address_is_a_usage_error(fresh_stack: Stack) -> None:
         assert "--metrics" in proc.log_tail()
     finally:
         proc.stop()
+
+
+def test_a_metrics_port_in_use_stops_the_broker_with_a_clear_error(fresh_stack: Stack) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = Proc("busybroker", [sys.executable, "-m", "scale0.cli", "broker", "--mongrel2",
+                                   fresh_stack.link, "--bind", "tcp://127.0.0.1:0",
+                                   "--metrics", f"127.0.0.1:{port}"], fresh_stack.tmp)
+        try:
+            assert proc.popen.wait(20) == 2
+            assert f"metrics and status page at http://127.0.0.1:{port}" in proc.log_tail()
+        finally:
+            proc.stop()
