@@ -1,5 +1,6 @@
 # Scale0: `make run` starts the whole stack, `make test` runs the suite.
-# Both install what is missing: the .venv, and Debian's mongrel2-core (as root).
+# Both install what is missing: the .venv, and Debian's mongrel2-core (as root);
+# `make test` also Debian's chromium and chromium-driver, for the status page test.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -7,18 +8,18 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= scale0.toml
 
-.PHONY: run test unit e2e lint bench deps mongrel2 wrk clean
+.PHONY: run test unit e2e lint bench deps mongrel2 browser wrk clean
 
 run: deps
 	$(BIN)/scale0 up --config $(CONFIG) --exit-with-parent
 
-test: deps
+test: deps browser
 	$(BIN)/python -m pytest -q tests
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
-e2e: deps
+e2e: deps browser
 	$(BIN)/python -m pytest -q tests/e2e
 
 lint: $(STAMP)
@@ -42,6 +43,11 @@ $(STAMP): pyproject.toml
 # mongrel2-core gives `mongrel2` and `m2sh`; installed with apt-get when we are root.
 mongrel2:
 	@command -v mongrel2 >/dev/null && command -v m2sh >/dev/null || $(MAKE) --no-print-directory apt-mongrel2-core
+
+# The status page test drives Debian's chromium through chromedriver (selenium);
+# chromium-driver depends on chromium, so one install brings both.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || $(MAKE) --no-print-directory apt-chromium-driver
 
 wrk:
 	@command -v wrk >/dev/null || $(MAKE) --no-print-directory apt-wrk

@@ -33,7 +33,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -41,6 +41,9 @@ from zmq.utils.monitor import parse_monitor_message
 from .control import ControlServer, default_endpoint
 from .dispatch import Dispatcher, DispatchSettings, Done
 from .frames import recv_frames, recv_one, send_frames, send_one
+
+if TYPE_CHECKING:
+    from .status import StatusServer
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +108,7 @@ class Broker:
                  settings: DispatchSettings | None = None,
                  context: zmq.Context[zmq.Socket[bytes]] | None = None, *,
                  graceful_timeout_s: float = 30.0, startup_grace_s: float | None = None,
-                 control: str = "") -> None:
+                 control: str = "", metrics: tuple[str, int] | None = None) -> None:
         if not links:
             raise ValueError("a broker needs at least one Mongrel2 link")
         self.link_specs = links
@@ -137,6 +140,9 @@ class Broker:
         # default derived from the bound worker endpoint, "" for none.
         self.control = control
         self._control: ControlServer | None = None
+        # Where to serve /metrics and the status page (status.py); None: nowhere.
+        self.metrics_address = metrics
+        self.status_server: StatusServer | None = None
 
     def add_done_sink(self, sink: Callable[[list[Done]], None]) -> None:
         """Call `sink` from the loop with every batch of finished requests.
@@ -181,6 +187,11 @@ class Broker:
             pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every (re)subscription
             pub.connect(spec.recv_spec)
             self._links.append(_Link(index, spec, pull, pub, monitor))
+        if self.metrics_address is not None:
+            from .status import for_broker  # prometheus_client only when asked for
+
+            self.status_server = for_broker(self, self.metrics_address)
+            self.status_server.start()
 
     def stop(self, *, force: bool = False) -> None:
         """Graceful stop: take no new requests, finish those held, then end.
@@ -195,6 +206,8 @@ class Broker:
                 pass
 
     def close(self) -> None:
+        if self.status_server is not None:
+            self.status_server.close()
         for link in self._links:
             if link.monitor is not None:
                 link.pull.disable_monitor()
@@ -557,8 +570,12 @@ class Broker:
 
     def ready_line(self) -> str:
         links = " ".join(str(spec) for spec in self.link_specs)
-        control = f" control={self._control.endpoint}" if self._control is not None else ""
-        return f"READY broker pid={os.getpid()} workers={self.endpoint} mongrel2={links}{control}"
+        line = f"READY broker pid={os.getpid()} workers={self.endpoint} mongrel2={links}"
+        if self._control is not None:
+            line += f" control={self._control.endpoint}"
+        if self.status_server is not None:
+            line += f" metrics={self.status_server.url}/metrics"
+        return line
 
     # ---- control interface (control.py; commands run in the loop) --------
 

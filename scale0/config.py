@@ -148,6 +148,15 @@ def _service_page(text: str) -> tuple[str, bytes]:
         raise Invalid(f"maintenance page of {name}: {path}: {exc.strerror}") from exc
 
 
+def _metrics_address(text: str) -> tuple[str, int] | None:
+    from .status import parse_address  # prometheus_client only when asked for
+
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise Invalid(str(exc)) from exc
+
+
 def _access_format(text: str) -> str:
     try:
         check_format(text)
@@ -168,6 +177,8 @@ ROUTE_TO_SERVICE = Kind("[HOST]/PATH=SERVICE", (), _route_to_service)
 ROUTE = Kind("[HOST]/PATH", (), _route)
 SERVICE_SECONDS = Kind("SERVICE=SECONDS (seconds > 0)", (), _service_seconds)
 SERVICE_PAGE = Kind("SERVICE=FILE", (), _service_page)
+METRICS_ADDRESS = Kind("[HOST:]PORT or off", (str, int), lambda text: _metrics_address(text),
+                       lambda value: _metrics_address(str(value)))
 ACCESS_FORMAT = Kind("a str.format template", (str,), _access_format, _access_format)
 
 
@@ -243,6 +254,10 @@ class BrokerConfig(PeerConfig):
     control: str = setting(
         "auto", "control socket for `scale0 ctl`: ipc://PATH, 'auto' for "
         "RUNTIME_DIR/broker-PORT.ctl (docs/operating.md), 'off' for none", metavar="ENDPOINT")
+    metrics: tuple[str, int] | None = setting(
+        None, "serve Prometheus /metrics, /status.json and the status page / at "
+        "[HOST:]PORT (HOST defaults to 127.0.0.1; 'off' for none)", METRICS_ADDRESS,
+        metavar="[HOST:]PORT")
     access_log: str | None = setting(
         None, "write one line per finished request here: a file path (reopened when "
         "moved, for logrotate) or '-' for stderr", metavar="PATH")

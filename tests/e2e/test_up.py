@@ -133,8 +133,8 @@ def _port_free(port: int) -> bool:
 
 
 def test_make_run_answers_curl_and_sigterm_stops_everything() -> None:
-    if not all(_port_free(p) for p in (6767, 6780, 9996, 9997)):
-        pytest.skip("make run's fixed ports (6767, 6780, 9996, 9997) are in use")
+    if not all(_port_free(p) for p in (6767, 6780, 6790, 9996, 9997)):
+        pytest.skip("make run's fixed ports (6767, 6780, 6790, 9996, 9997) are in use")
     make = subprocess.Popen(["make", "--no-print-directory", "run"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -146,6 +146,8 @@ def test_make_run_answers_curl_and_sigterm_stops_everything() -> None:
             return out.stdout == "200"
 
         wait_for(curl_ok, 60, "make run to answer curl")
+        metrics = requests.get("http://127.0.0.1:6790/metrics", timeout=5)
+        assert metrics.status_code == 200 and "scale0_requests_total" in metrics.text
         tree = descendants(make.pid)
         assert len(tree) >= 8  # up, mongrel2, broker, 2 pools x (arbiter + 2 processes)
         make.send_signal(signal.SIGTERM)  # make does not forward it: --exit-with-parent
