@@ -95,14 +95,16 @@ class RelayCore:
         # 'SENDER CONN_ID PATH rest': the key is 'SENDER CONN_ID'; no copy of the body.
         i = raw.find(b" ")
         j = raw.find(b" ", i + 1) if i > 0 else -1
-        k = raw.find(b" ", j + 1) if j > 0 else -1
-        if k < 0:
+        if j < 0:  # no connection to answer: nobody could reply to it
             self.malformed += 1
             log.warning("malformed message from Mongrel2 (%d bytes): dropped", len(raw))
             return
+        k = raw.find(b" ", j + 1)
+        # Anything else goes to a broker, which parses it and answers 400 if
+        # it is malformed (MONGREL2.md: the client waits for an answer).
         key = raw[:j]
         owner = self.owners.get(key)
-        special = raw[j + 1:k] == b"@*"  # Mongrel2's own: disconnect or credits
+        special = k > 0 and raw[j + 1:k] == b"@*"  # Mongrel2's own: disconnect or credits
         if owner is not None and self.peers.get(owner.ident) is owner:
             self.owners.move_to_end(key)
             if special and b'"disconnect"' in raw[k:k + 64]:

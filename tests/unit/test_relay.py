@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from scale0.relay import RelayCore
 
 S = b"5ca1e000-0000-4000-8000-000000000001"
@@ -112,3 +115,34 @@ def test_nobody_at_all_drops_a_message_with_a_count() -> None:
     assert not c.intake
     c.on_mongrel2(req(1))
     assert c.dropped == 1 and c.to_brokers == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(
+    st.binary(max_size=80).map(lambda b: ("m2", b)),
+    st.sampled_from([req(1), req(2), credits(1), disconnect(2), req(3, b"/x")]).map(
+        lambda b: ("m2", b)),
+    st.tuples(st.sampled_from([b"A", b"B", b"C"]),
+              st.one_of(st.binary(max_size=24),
+                        st.sampled_from([b"HELLO S0R1 3", b"CREDIT 2", b"DRAIN", b"LEAVE",
+                                         b"HEARTBEAT", b"HELLO S0R1 x", b"CREDIT -1"])))
+    .map(lambda t: ("broker", t)),
+), max_size=60))
+def test_any_input_is_handled_without_raising_and_invariants_hold(
+        events: list[tuple[str, object]]) -> None:
+    c = core(b"A", b"B")
+    now = 0.0
+    for kind, item in events:
+        now += 0.1
+        if kind == "m2":
+            assert isinstance(item, bytes)
+            c.on_mongrel2(item)
+        else:
+            ident, frame = item  # type: ignore[misc]
+            c.on_broker(ident, frame, now)
+        c.on_tick(now)
+        for ident, peer in c.ready.items():  # ready: known, not draining, has credit
+            assert c.peers.get(ident) is peer and not peer.draining and peer.credit > 0
+        for frames in c.to_brokers:
+            assert len(frames) in (2, 3)
+        c.to_brokers.clear()
