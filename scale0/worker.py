@@ -216,6 +216,11 @@ class Worker:
         self._stopping = False
         self._flows: dict[tuple[int, bytes], _Flow] = {}
         self._local = threading.local()
+        # Every request thread's PUSH, closed by the loop at exit: a socket
+        # left to the garbage collector may never be closed (its __del__ warns
+        # first, and raises under -W error), and Context.term() then waits
+        # for it forever.
+        self._pushes: list[zmq.Socket[bytes]] = []
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._inproc = f"inproc://scale0-replies-{id(self)}"
         self.exit_code = 0
@@ -288,6 +293,8 @@ class Worker:
                 flow.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
             self._forward_replies(replies, brokers)
+            for push in self._pushes:  # the request threads are done with them
+                push.close()
             ctx.destroy(linger=500)
         return self.exit_code
 
@@ -438,7 +445,9 @@ class Worker:
         if sock is None:
             assert self._ctx is not None
             sock = self._local.push = self._ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 500)
             sock.connect(self._inproc)
+            self._pushes.append(sock)  # list.append is atomic
         return sock
 
     def _run_request(self, broker: bytes, rid: bytes, event: m2.HttpRequest | m2.UploadDone,

@@ -173,3 +173,25 @@ def test_bodies_over_max_body_get_413(fresh_stack: Stack) -> None:
     spooled = requests.post(fresh_stack.url("/echo"), data=b"x" * 500_000, timeout=10)
     assert spooled.status_code == 413  # temp_store upload: refused at its start
     assert requests.get(fresh_stack.url("/"), timeout=10).status_code == 200
+
+
+def test_pool_stops_promptly_after_serving_even_with_warnings_as_errors(
+        fresh_stack: Stack) -> None:
+    # Each request thread has its own PUSH socket. Left to the garbage
+    # collector, one is never closed under -W error (its __del__ warning
+    # raises first), and the worker then hangs in Context.term() until the
+    # arbiter's SIGKILL. The loop closes them itself.
+    fresh_stack.start_mongrel2()
+    fresh_stack.start_broker()
+    pool = fresh_stack.start_pool("e2e_apps:validated", service="validated",
+                                  routes=("/validated",), threads=4,
+                                  env={"PYTHONWARNINGS": "error"})
+    fresh_stack.wait_ok("/validated/")
+    with concurrent.futures.ThreadPoolExecutor(4) as clients:
+        answers = list(clients.map(
+            lambda _: requests.get(fresh_stack.url("/validated/x"), timeout=10).status_code,
+            range(16)))
+    assert answers == [200] * 16
+    pool.popen.send_signal(signal.SIGTERM)
+    assert pool.popen.wait(8) == 0  # the graceful timeout is 30 s: this is no kill
+    assert "Unclosed socket" not in pool.log_tail(20000)
