@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import logging.handlers
 import os
+import queue
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol, cast
 
 from . import __version__, config, ctl, m2db
@@ -23,6 +26,25 @@ LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+
+
+@contextlib.contextmanager
+def _logging_off_the_loop() -> Iterator[None]:
+    """For the single-process event loops (broker, relay): log records go
+    through a queue to a thread that formats and writes them, so a burst of
+    warnings (a flood of malformed input) never blocks the loop on stderr.
+    Not for forking commands: a listener thread does not survive fork()."""
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, *handlers, respect_handler_level=True)
+    root.handlers = [logging.handlers.QueueHandler(records)]
+    listener.start()
+    try:
+        yield
+    finally:
+        listener.stop()  # writes what is still queued
+        root.handlers = handlers
 
 
 def _ready(line: str) -> None:
@@ -118,6 +140,11 @@ class _Service(Protocol):
 
 def _serve(service: _Service, what: str) -> int:
     """Start, announce READY, run until a signal stops it, close."""
+    with _logging_off_the_loop():
+        return _run(service, what)
+
+
+def _run(service: _Service, what: str) -> int:
     service.install_signal_handlers()
     try:
         service.start()
