@@ -51,6 +51,7 @@ BATCH = 256  # messages read from one socket per wake-up before looking at the o
 MAX_HELD_REPLIES = 100_000
 SNAPSHOT_EVERY_S = 0.5  # how stale `Broker.snapshot` may be, when other threads read it
 HANDOVER_TIMEOUT_S = 2.0  # wait this long for Mongrel2 (or a relay) to let go of a link
+HELD_RETRY_S = 0.02  # how often replies held for a Mongrel2 are offered again
 RELAY_WINDOW = 512  # messages a relay may send us ahead of our reading them
 
 
@@ -165,7 +166,15 @@ class Broker:
         self._router = router
         try:  # before linking to Mongrel2: a broker that cannot start takes no request
             self._start_control(ctx)
+            if self.metrics_address is not None:
+                from .status import for_broker  # prometheus_client only when asked for
+
+                self.status_server = for_broker(self, self.metrics_address)
+                self.status_server.start()
         except Exception:
+            if self._control is not None:
+                self._control.close()
+                self._control = None
             router.close(0)
             self._router = None
             raise
@@ -175,6 +184,10 @@ class Broker:
                 pull = ctx.socket(zmq.DEALER)
                 pull.setsockopt(zmq.LINGER, 1000)
                 pull.setsockopt(zmq.RCVHWM, 0)  # bounded by our credit
+                # Nothing queues for a relay that is not there: HELLO and
+                # HEARTBEAT are sent again anyway (see _relay_send).
+                pull.setsockopt(zmq.IMMEDIATE, 1)
+                pull.setsockopt(zmq.SNDHWM, 100)
             else:
                 pull = ctx.socket(zmq.PULL)
                 pull.setsockopt(zmq.LINGER, 0)
@@ -187,11 +200,6 @@ class Broker:
             pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every (re)subscription
             pub.connect(spec.recv_spec)
             self._links.append(_Link(index, spec, pull, pub, monitor))
-        if self.metrics_address is not None:
-            from .status import for_broker  # prometheus_client only when asked for
-
-            self.status_server = for_broker(self, self.metrics_address)
-            self.status_server.start()
 
     def stop(self, *, force: bool = False) -> None:
         """Graceful stop: take no new requests, finish those held, then end.
@@ -209,6 +217,10 @@ class Broker:
         if self.status_server is not None:
             self.status_server.close()
         for link in self._links:
+            if link.spec.relay and link.joined and not link.left_at:
+                # A forced or timed-out stop: the relay forgets our connections
+                # now instead of at our expiry (their next messages go elsewhere).
+                self._relay_send(link, b"LEAVE")
             if link.monitor is not None:
                 link.pull.disable_monitor()
                 link.monitor.close(0)
@@ -278,6 +290,7 @@ class Broker:
                 if self._forced or now >= drain_until or self._drained():
                     break
             intake = now >= intake_opens and not drain_until
+            held_retry = False
             if intake and not taking:
                 taking = True
                 log.info("taking requests")
@@ -287,13 +300,16 @@ class Broker:
                 self._beat_relays(intake)
             for link in links:
                 # Read from Mongrel2 only while its replies can be delivered
-                # (or while handing over: every request sent here must be read);
-                # wait for POLLOUT only while replies are held.
+                # (or while handing over: every request sent here must be read).
+                # An XPUB always polls writable, even at its high-water mark or
+                # with no peer, so held replies are retried on a timer instead.
                 take = (intake and link.writable) or link.closing_until > 0
                 self._want(poller, registered, link.pull, zmq.POLLIN if take else 0)
-                self._want(poller, registered, link.pub,
-                           zmq.POLLIN | (zmq.POLLOUT if link.held else 0))
+                if link.held:
+                    held_retry = True
             deadline = d.next_deadline()
+            if held_retry:
+                deadline = min(deadline, now + HELD_RETRY_S)
             if not intake and not drain_until:
                 deadline = min(deadline, intake_opens)
             if drain_until:
@@ -322,6 +338,9 @@ class Broker:
                     except OSError:
                         pass
             self._flush(router)
+            if held_retry:
+                for link in links:
+                    self._drain_held(link)
             if now >= deadline:  # new deadlines are later; an early tick is harmless
                 d.on_tick(now)
                 self._flush(router)
@@ -354,11 +373,12 @@ class Broker:
         for link in self._links:
             if link.spec.relay:
                 if link.joined:  # no new connections; LEAVE once our requests are done
-                    send_one(link.pull, b"DRAIN")
+                    self._relay_send(link, b"DRAIN")
                     link.closing_until = math.inf
                 else:
                     self._close_link(link, now)
                 continue
+            self._read_monitor(link, now)  # the fd is current: no unread DISCONNECTED
             if link.fd < 0:  # not connected: nothing can be in flight to us
                 self._close_link(link, now)
                 continue
@@ -377,8 +397,11 @@ class Broker:
     def _finish_handovers(self, now: float) -> None:
         for link in self._links:
             if link.spec.relay and link.closing_until and not link.left_at:
-                if not self.dispatcher.requests:
-                    send_one(link.pull, b"LEAVE")  # the relay answers BYE after all it sent
+                # Done when nothing is in progress here: no request, and no
+                # upload whose done message the relay would give another broker.
+                d = self.dispatcher
+                if not d.requests and not any(key[0] == link.index for key in d.uploads):
+                    self._relay_send(link, b"LEAVE")  # answered BYE after all it sent
                     link.left_at = now
                     link.closing_until = now + HANDOVER_TIMEOUT_S
                 continue
@@ -476,7 +499,7 @@ class Broker:
             elif frames != [b"", b"HEARTBEAT"]:
                 log.warning("unexpected message from the relay at %s", link.spec.send_spec)
         if link.unacked >= RELAY_WINDOW // 4 and not link.closed:
-            send_one(link.pull, b"CREDIT %d" % link.unacked)
+            self._relay_send(link, b"CREDIT %d" % link.unacked)
             link.unacked = 0
 
     def _beat_relays(self, intake: bool) -> None:
@@ -486,11 +509,23 @@ class Broker:
             if not link.spec.relay or link.closed:
                 continue
             if link.joined:
-                send_one(link.pull, b"HEARTBEAT")
-            elif intake:
-                send_one(link.pull, b"HELLO S0R1 %d" % RELAY_WINDOW)
-                link.joined, link.unacked = True, 0
-                log.info("joined the relay at %s", link.spec.send_spec)
+                self._relay_send(link, b"HEARTBEAT")
+            elif intake and link.writable:  # only once its replies can be delivered
+                hb_ms = int(self.dispatcher.settings.heartbeat_s * 1000)
+                if self._relay_send(link, b"HELLO S0R1 %d %d" % (RELAY_WINDOW, hb_ms)):
+                    link.joined, link.unacked = True, 0
+                    log.info("joined the relay at %s", link.spec.send_spec)
+
+    @staticmethod
+    def _relay_send(link: _Link, message: bytes) -> bool:
+        """Never raises: with the relay away (IMMEDIATE, small SNDHWM) a
+        control message is dropped; HELLO and HEARTBEAT are sent again, and
+        a relay that restarted asks WHO."""
+        try:
+            send_one(link.pull, message)
+            return True
+        except zmq.ZMQError:
+            return False
 
     def _read_workers(self, router: zmq.Socket[bytes], now: float) -> None:
         d = self.dispatcher

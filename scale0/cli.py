@@ -106,7 +106,7 @@ def cmd_broker(cfg: config.BrokerConfig, _: argparse.Namespace) -> int:
         keepalive_s=cfg.keepalive, routes=cfg.route, service_timeouts=cfg.service_timeout,
         maintenance_pages=cfg.maintenance_page)
     broker = Broker(links, cfg.bind, settings, graceful_timeout_s=cfg.graceful_timeout,
-                    control="" if cfg.control in ("", "off") else cfg.control,
+                    control="" if cfg.control == "off" else cfg.control,
                     metrics=cfg.metrics)
     access: AccessLog | None = None
     if cfg.access_log:

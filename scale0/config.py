@@ -170,6 +170,14 @@ POSITIVE_FLOAT = Kind("a number > 0", (int, float), float, lambda v: float(_posi
 NON_NEGATIVE_INT = Kind("an integer >= 0", (int,), int, _non_negative)
 NON_NEGATIVE_FLOAT = Kind("a number >= 0", (int, float), float,
                           lambda v: float(_non_negative(v)))
+def _heartbeat_s(value: int | float) -> float:
+    # protocol.py: HELLO and WELCOME carry it in ms, 10 to 600000.
+    if not 0.01 <= float(value) <= 600:
+        raise ValueError(value)
+    return float(value)
+
+
+HEARTBEAT_S = Kind("a number of seconds from 0.01 to 600", (int, float), float, _heartbeat_s)
 TEXT = Kind("a non-empty string", (str,), _text, _text)
 BOOL = Kind("true or false", (bool,), _bool)
 LINK = Kind("SEND_SPEC,RECV_SPEC[,RECV_IDENT]", (), LinkSpec.parse)
@@ -214,7 +222,8 @@ class CommonConfig:
 
 @dataclass(frozen=True, slots=True)
 class PeerConfig(CommonConfig):
-    heartbeat: float = setting(1.0, "heartbeat interval", POSITIVE_FLOAT, metavar="SECONDS")
+    heartbeat: float = setting(1.0, "heartbeat interval (0.01 to 600)", HEARTBEAT_S,
+                               metavar="SECONDS")
     liveness: int = setting(3, "heartbeats missed before a peer is dead", POSITIVE_INT,
                             metavar="N")
 

@@ -41,7 +41,7 @@ import math
 import signal
 import socket
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import zmq
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 VERSION = b"S0R1"
 MAX_CONNECTIONS = 200_000  # sticky entries kept; the least recently used go first
+MAX_PENDING = 10_000  # new connections held while no broker can take one
 BATCH = 256
 
 HEARTBEAT = b"HEARTBEAT"
@@ -64,6 +65,7 @@ class BrokerPeer:
     ident: bytes
     credit: int
     expires_at: float
+    expiry_s: float  # its heartbeat (from HELLO) x our liveness
     draining: bool = False
     sent: int = 0
 
@@ -77,7 +79,11 @@ class RelayCore:
 
     def __init__(self, heartbeat_s: float = 1.0, liveness: int = 3) -> None:
         self.heartbeat_s = heartbeat_s
+        self.liveness = liveness
         self.expiry_s = heartbeat_s * liveness
+        # New connections (and anything a lost broker could not take) while no
+        # broker is ready: placed in order as soon as one is.
+        self.pending: deque[bytes] = deque()
         self.peers: dict[bytes, BrokerPeer] = {}
         self.ready: OrderedDict[bytes, BrokerPeer] = OrderedDict()
         self.owners: OrderedDict[bytes, BrokerPeer] = OrderedDict()  # by b'SENDER CONN_ID'
@@ -88,10 +94,18 @@ class RelayCore:
 
     @property
     def intake(self) -> bool:
-        """Whether a new connection could be placed now (else stop reading)."""
-        return bool(self.ready)
+        """Whether to read from Mongrel2. While any broker is there: the
+        connections it holds (a lone draining broker too) need their credits
+        and disconnects; new ones wait in `pending`, up to MAX_PENDING. With
+        no broker at all, requests wait in Mongrel2."""
+        return bool(self.peers) and len(self.pending) < MAX_PENDING
 
     def on_mongrel2(self, raw: bytes) -> None:
+        self._route(raw, waiting=bool(self.pending))
+
+    def _route(self, raw: bytes, *, waiting: bool) -> None:
+        """Send `raw` to the broker that holds its connection, or place a new
+        connection; `waiting`: older new connections wait, so this one too."""
         # 'SENDER CONN_ID PATH rest': the key is 'SENDER CONN_ID'; no copy of the body.
         i = raw.find(b" ")
         j = raw.find(b" ", i + 1) if i > 0 else -1
@@ -115,9 +129,8 @@ class RelayCore:
             self.owners.pop(key, None)
             self.dropped += 1
             return
-        if not self.ready:  # the loop only reads while `intake`; a race is not lost
-            self.dropped += 1
-            log.error("no broker can take a request: dropped")
+        if waiting or not self.ready:
+            self.pending.append(raw)
             return
         peer = self.ready.popitem(last=False)[1]
         self.owners[key] = peer
@@ -129,15 +142,22 @@ class RelayCore:
         command, _, arg = frame.partition(b" ")
         peer = self.peers.get(ident)
         if command == b"HELLO":
-            version, _, window = arg.partition(b" ")
+            version, _, rest = arg.partition(b" ")
+            window = rest.partition(b" ")[0]
             if version != VERSION or not window.isdigit():
                 self.malformed += 1
                 log.warning("bad HELLO from broker %s: %r", ident.hex(), frame[:64])
                 return
-            if peer is not None:
-                self._remove(peer)
-            peer = self.peers[ident] = BrokerPeer(ident, int(window), now + self.expiry_s)
-            log.info("broker %s joined (window %d)", ident.hex(), peer.credit)
+            version, _, rest = arg.partition(b" ")
+            window, _, hb_ms = rest.partition(b" ")
+            expiry_s = (int(hb_ms) / 1000 * self.liveness if hb_ms.isdigit() and int(hb_ms)
+                        else self.expiry_s)
+            if peer is not None:  # joined again (after WHO): keep its connections
+                peer.credit, peer.draining, peer.expiry_s = int(window), False, expiry_s
+            else:
+                peer = self.peers[ident] = BrokerPeer(ident, int(window), now + expiry_s,
+                                                      expiry_s)
+                log.info("broker %s joined (window %d)", ident.hex(), peer.credit)
         elif peer is None:
             self.to_brokers.append([ident, b"", WHO])
             return
@@ -157,8 +177,9 @@ class RelayCore:
             self.malformed += 1
             log.warning("unknown command from broker %s: %r", ident.hex(), frame[:64])
             return
-        peer.expires_at = now + self.expiry_s
+        peer.expires_at = now + peer.expiry_s
         self._update(peer)
+        self._place_pending()
 
     def on_tick(self, now: float) -> None:
         if now < self._next_heartbeat:
@@ -185,6 +206,11 @@ class RelayCore:
         peer.sent += 1
         self.to_brokers.append([peer.ident, raw])
         self._update(peer)
+
+    def _place_pending(self) -> None:
+        """Oldest first, while a broker can take them. O(1) per message."""
+        while self.pending and self.ready:
+            self._route(self.pending.popleft(), waiting=False)
 
     def _update(self, peer: BrokerPeer) -> None:
         if peer.credit > 0 and not peer.draining and self.peers.get(peer.ident) is peer:

@@ -323,7 +323,8 @@ class Pool:
                                     "while new processes cannot boot", self.name, child.pid)
                     continue
                 child.superseded = True
-                log.info("%s: process %d (slot %d) reached its %d requests: replacing it",
+                log.info("%s: process %d (slot %d) asks to be replaced (its request limit "
+                         "of %d, or a broker's drain): replacing it",
                          self.name, child.pid, child.slot, state.max_requests)
 
     def _fill_slots(self, now: float) -> None:

@@ -142,12 +142,15 @@ class _Flow:
         self.cancelled = False
         self.cond = threading.Condition()
         # Read by the loop without the lock (one attribute each, atomic under the
-        # GIL): the request's start, moved later by the time spent blocked.
+        # GIL): the request's last progress (its start, then each piece of
+        # reply), moved later by the time spent blocked. So `--timeout` reaps
+        # an app that is stuck, never a long download that keeps going.
         self.started_s = started_s
         self.blocked = False
 
     def acquire(self, wanted: int) -> int:
         """Block until some bytes may be sent; return how many (<= wanted)."""
+        self.started_s = time.monotonic()  # the app made progress: a piece to send
         with self.cond:
             while True:
                 if self.cancelled:
@@ -397,6 +400,11 @@ class Worker:
             elif command == p.Command.DRAIN:
                 if self._stopping:
                     b.drain_acked = True  # our DRAIN's answer: no REQUEST is on its way
+                elif self.state is not None:
+                    # Under a pool: be replaced, not just gone. The arbiter
+                    # starts a new process, then stops this one once it is ready.
+                    log.info("broker %s asks us to leave: retiring", b.endpoint)
+                    self.state.ask_retire()
                 else:
                     self.stop()  # the broker asks us to leave
             elif command == p.Command.ERROR:

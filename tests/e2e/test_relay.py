@@ -4,6 +4,7 @@ a broker can leave under load without losing a request."""
 from __future__ import annotations
 
 import os
+import signal
 
 import requests
 
@@ -52,3 +53,63 @@ def test_brokers_behind_a_relay_taken_out_in_turn_under_load_lose_nothing(
             load.wait_more(60)
     counts = dict(load.outcomes)
     assert set(counts) == {"2xx"}, counts
+
+
+def test_a_broker_outlives_a_relay_that_is_not_there() -> None:
+    # Mongrel2 is there (it subscribed to the replies), the relay is not. The
+    # broker tries to join every heartbeat; nothing may pile up in its DEALER
+    # until a send raises (it once did after 1000: ZMQ's default SNDHWM).
+    import threading
+
+    from scale0.broker import Broker, LinkSpec
+    from scale0.dispatch import DispatchSettings
+
+    from .conftest import FakeMongrel2, free_port, wait_for
+
+    with FakeMongrel2() as m2:
+        recv_spec = m2.link.split(",")[1]
+        link = LinkSpec.parse(f"relay+tcp://127.0.0.1:{free_port()},{recv_spec}")
+        broker = Broker([link], "tcp://127.0.0.1:0", DispatchSettings(heartbeat_s=0.001),
+                        startup_grace_s=0.0, graceful_timeout_s=1.0)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                broker.run()
+            except BaseException as exc:  # the point: nothing escapes the loop
+                errors.append(exc)
+
+        broker.start()
+        thread = threading.Thread(target=run)
+        thread.start()
+        try:
+            wait_for(lambda: m2.sub.poll(10) == 0 and broker.link_status()[0]["subscribed"],
+                     what="the broker to see Mongrel2's subscription")
+            # 3 s is some 3000 heartbeat intervals: the loop must still be running.
+            thread.join(3.0)
+            assert thread.is_alive() and not errors, errors
+        finally:
+            broker.stop(force=True)
+            thread.join(10)
+            broker.close()
+        assert not errors and not thread.is_alive()
+
+
+def test_a_download_finishes_while_its_lone_broker_drains(fresh_stack: Stack) -> None:
+    # The only broker behind the relay is stopped mid-download. Its reply
+    # needs Mongrel2's credits all the way: the relay keeps reading for the
+    # connections a draining broker holds, so the download completes.
+    fresh_stack.start_mongrel2()
+    fresh_stack.start_relay()
+    broker = fresh_stack.start_broker("--heartbeat", "0.5", "--graceful-timeout", "20")
+    fresh_stack.start_pool("e2e_apps:app", "--heartbeat", "0.5", service="app", routes=("/",))
+    fresh_stack.wait_ok("/")
+    with requests.get(fresh_stack.url("/big"), stream=True, timeout=30) as r:
+        body = r.raw.read(1 << 20)  # 1 MiB in: the rest needs credits
+        broker.popen.send_signal(signal.SIGTERM)
+        wait_for(lambda: "draining" in broker.log_tail(), what="the broker to drain")
+        while chunk := r.raw.read(1 << 16):
+            body += chunk
+    assert len(body) == 10 * 1024 * 1024
+    assert body == bytes(range(256)) * 256 * 160
+    assert broker.popen.wait(20) == 0

@@ -136,7 +136,7 @@ def test_max_requests_recycles_processes_under_load(fresh_stack: Stack) -> None:
     assert len(seen - first) >= 4, seen  # processes were replaced, again and again
     # bounded: 2 current + 2 superseded serving + a few draining on their way out
     assert most <= 6, most
-    assert pool.log_tail(1_000_000).count("requests: replacing it") >= 4
+    assert pool.log_tail(1_000_000).count("asks to be replaced") >= 4
     wait_for(lambda: len(_pids(pool)) == 2, 30, "the pool to settle at two processes")
 
 

@@ -48,15 +48,31 @@ def test_new_connections_go_round_robin_and_follow_ups_stick() -> None:
     assert sent(c) == [] and c.dropped == 1
 
 
-def test_no_credit_stops_intake_and_credit_resumes_it() -> None:
+def test_without_credit_new_connections_wait_in_order_and_credit_places_them() -> None:
     c = core(b"A", window=2)
     c.on_mongrel2(req(1))
     c.on_mongrel2(req(2))
-    assert not c.intake
+    c.on_mongrel2(req(3))  # no credit left: waits
     c.on_mongrel2(req(1, b"/sticky"))  # a sticky message still goes, over credit
-    assert [who for who, _ in sent(c)] == [b"A"] * 3
+    c.on_mongrel2(req(4))
+    assert c.intake  # still reading: A's connections need their messages
+    assert sent(c) == [(b"A", req(1)), (b"A", req(2)), (b"A", req(1, b"/sticky"))]
     c.on_broker(b"A", b"CREDIT 3", 0.5)
-    assert c.intake and c.peers[b"A"].credit == 2
+    assert sent(c) == [(b"A", req(3)), (b"A", req(4))]
+    assert not c.pending
+
+
+def test_a_lone_draining_broker_still_gets_its_connections_messages() -> None:
+    c = core(b"A")
+    c.on_mongrel2(req(1))
+    sent(c)
+    c.on_broker(b"A", b"DRAIN", 0.1)
+    assert c.intake  # a streamed reply of conn 1 needs Mongrel2's credits
+    c.on_mongrel2(credits(1))
+    c.on_mongrel2(req(2))  # new: waits for a broker that takes new connections
+    assert sent(c) == [(b"A", credits(1))] and list(c.pending) == [req(2)]
+    c.on_broker(b"B", b"HELLO S0R1 10", 0.2)
+    assert sent(c) == [(b"B", req(2))]
 
 
 def test_draining_broker_keeps_its_connections_but_gets_no_new_ones() -> None:
@@ -110,11 +126,26 @@ def test_bad_input_is_counted_not_raised() -> None:
     assert c.intake  # A is still there
 
 
-def test_nobody_at_all_drops_a_message_with_a_count() -> None:
+def test_with_no_broker_at_all_the_relay_stops_reading() -> None:
     c = RelayCore()
-    assert not c.intake
+    assert not c.intake  # requests wait in Mongrel2
+    c.on_mongrel2(req(1))  # one read in a race is kept, not lost
+    c.on_broker(b"A", b"HELLO S0R1 10", 0.0)
+    assert sent(c) == [(b"A", req(1))]
+
+
+def test_hello_again_keeps_the_connections_and_its_heartbeat_sets_the_expiry() -> None:
+    c = RelayCore(heartbeat_s=1.0, liveness=3)
+    c.on_broker(b"A", b"HELLO S0R1 10 5000", 0.0)  # a broker beating every 5 s
     c.on_mongrel2(req(1))
-    assert c.dropped == 1 and c.to_brokers == []
+    sent(c)
+    c.on_tick(10.0)  # 10 s < 5 s x 3: still there
+    assert b"A" in c.peers
+    c.on_broker(b"A", b"HELLO S0R1 10 5000", 10.5)  # after a WHO: same broker
+    c.on_mongrel2(req(1, b"/next"))
+    assert sent(c)[-1] == (b"A", req(1, b"/next"))
+    c.on_tick(26.0)
+    assert b"A" not in c.peers
 
 
 @settings(max_examples=300, deadline=None)
