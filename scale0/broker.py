@@ -201,11 +201,12 @@ class Broker:
             pub.connect(spec.recv_spec)
             self._links.append(_Link(index, spec, pull, pub, monitor))
 
-    def stop(self, *, force: bool = False) -> None:
+    def stop(self, *, force: bool | None = None) -> None:
         """Graceful stop: take no new requests, finish those held, then end.
-        A second call (or `force`) ends at once. Safe from a signal handler
-        (sets flags, wakes the poll)."""
-        self._forced = force or self._stopping
+        `force=None` (a signal): a second call ends at once. True or False
+        (`ctl shutdown`): as asked, so a repeated graceful shutdown stays
+        graceful. Safe from a signal handler (sets flags, wakes the poll)."""
+        self._forced = self._forced or (self._stopping if force is None else force)
         self._stopping = True
         if self._wakeup_w is not None:
             try:

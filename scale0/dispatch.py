@@ -271,6 +271,8 @@ class Dispatcher:
                 self.counters.no_route += 1
                 refused = 404
         on_conn = self.connections.get(key)
+        if refused and isinstance(req, m2.UploadStart):
+            self.counters.requests += 1  # refused at its start: it ends here, counted once
         if refused and on_conn is None:
             self._reply_error(link, sender, conn_id, refused, _REFUSED_TEXT.get(refused, ""),
                               close=close)

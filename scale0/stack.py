@@ -17,6 +17,7 @@ count; the loop acts.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -124,13 +125,13 @@ class Stack:
         scale0 = [sys.executable, "-m", "scale0.cli"]
         for i, r in enumerate(need(data, "relay", list, "") if "relay" in data else []):
             where = f"relay[{i}]"
-            settings = _settings(RelayConfig, r, f"{source}: {where}", RELAY_OWN_KEYS)
+            settings = _settings(RelayConfig, r, f"{source}: {where}", RELAY_OWN_KEYS, base)
             need(r, "mongrel2", str, where)
             argv = [*scale0, "relay", *to_argv(RelayConfig, settings), *_args(r, where, source)]
             stack.procs.append(_Proc(f"relay-{i}", argv, base, stop_order=2))
         for i, b in enumerate(need(data, "broker", list, "") if "broker" in data else []):
             where = f"broker[{i}]"
-            settings = _settings(BrokerConfig, b, f"{source}: {where}", BROKER_OWN_KEYS)
+            settings = _settings(BrokerConfig, b, f"{source}: {where}", BROKER_OWN_KEYS, base)
             need(b, "bind", str, where)
             if "mongrel2" not in b and "mongrel2_db" not in b:
                 raise StackError(f"{source}: {where} needs mongrel2 or mongrel2_db")
@@ -141,7 +142,7 @@ class Stack:
             stack.procs.append(_Proc(f"broker-{i}", argv, base, stop_order=1))
         for i, pool in enumerate(need(data, "pool", list, "") if "pool" in data else []):
             where = f"pool[{i}]"
-            settings = _settings(WsgiConfig, pool, f"{source}: {where}", POOL_OWN_KEYS)
+            settings = _settings(WsgiConfig, pool, f"{source}: {where}", POOL_OWN_KEYS, base)
             need(pool, "app", str, where)
             need(pool, "connect", list, where)
             # Stack defaults first: the table's own settings come later and win.
@@ -262,16 +263,18 @@ def _known_keys(table: dict[str, Any], known: tuple[str, ...], where: str) -> No
 
 
 def _settings(cls: type[CommonConfig], table: Any, where: str,
-              own: tuple[str, ...]) -> dict[str, Any]:
+              own: tuple[str, ...], base: Path) -> dict[str, Any]:
     """The table's settings of `cls` (checked; raw values, as written), without the
-    stack's own keys."""
+    stack's own keys. Checked from `base`, the folder the processes run in, so
+    that a relative path (a maintenance page) means the same to both."""
     if not isinstance(table, dict):
         raise StackError(f"{where}: must be a table")
     known = [*(f.name for f, _ in specs(cls)), *own]
     _known_keys(table, tuple(known), where)
     settings = {key: value for key, value in table.items() if key not in own}
     try:
-        from_mapping(cls, settings, where)
+        with contextlib.chdir(base):
+            from_mapping(cls, settings, where)
     except ConfigError as exc:
         raise StackError(str(exc)) from exc
     return settings

@@ -316,3 +316,17 @@ def test_stack_unknown_top_level_and_mongrel2_keys(tmp_path: Path) -> None:
     with pytest.raises(StackError, match=r"s.toml: mongrel2: unknown setting 'runtime' "
                                          r"\(did you mean 'runtime_dir'\?\)"):
         Stack.from_file(path)
+
+
+def test_stack_checks_relative_paths_from_the_stack_file_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The processes run in the stack file's folder: a relative maintenance
+    # page is checked from there, wherever `scale0 up` was started.
+    (tmp_path / "down.html").write_text("<h1>down</h1>")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    s = stack(tmp_path, "maintenance_page = ['app=down.html']", "")
+    assert "--maintenance-page=app=down.html" in s.procs[1].argv
+    with pytest.raises(StackError, match=r"missing\.html"):
+        stack(tmp_path, "maintenance_page = ['app=missing.html']", "")

@@ -1601,6 +1601,7 @@ def test_upload_over_max_body_is_413_at_its_start() -> None:
     h.m2(m2_upload(1, b"uploads/upload.Big"))  # declares 5000 bytes
     h.take_error(413, 1, close=True)
     assert h.d.uploads == {} and h.d.counters.too_large == 1
+    assert h.d.counters.requests == 1  # counted once, like every answered request
 
 
 def test_last_without_any_response_is_502() -> None:

@@ -177,3 +177,4 @@ def test_any_input_is_handled_without_raising_and_invariants_hold(
         for frames in c.to_brokers:
             assert len(frames) in (2, 3)
         c.to_brokers.clear()
+

@@ -1,0 +1,20 @@
+"""Broker lifecycle rules that need no sockets (the constructor does no I/O)."""
+
+from __future__ import annotations
+
+from scale0.broker import Broker, LinkSpec
+
+
+def test_broker_stop_a_second_signal_forces_a_second_graceful_shutdown_does_not() -> None:
+    links = [LinkSpec.parse("tcp://127.0.0.1:1,tcp://127.0.0.1:2")]
+    by_control = Broker(links, "tcp://127.0.0.1:0")  # the constructor does no I/O
+    by_control.stop(force=False)
+    by_control.stop(force=False)
+    assert by_control.stopping and not by_control._forced
+    by_control.stop(force=True)
+    assert by_control._forced
+    by_signal = Broker(links, "tcp://127.0.0.1:0")
+    by_signal.stop()
+    assert not by_signal._forced
+    by_signal.stop()
+    assert by_signal._forced
