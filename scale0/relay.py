@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import socket
 import time
@@ -45,6 +46,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from .frames import recv_frames, recv_one, send_frames
 
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 VERSION = b"S0R1"
 MAX_CONNECTIONS = 200_000  # sticky entries kept; the least recently used go first
 MAX_PENDING = 10_000  # new connections held while no broker can take one
+HANDOVER_TIMEOUT_S = 2.0  # stopping: wait this long for Mongrel2 to close, then for a broker
 BATCH = 256
 
 HEARTBEAT = b"HEARTBEAT"
@@ -143,13 +146,11 @@ class RelayCore:
         peer = self.peers.get(ident)
         if command == b"HELLO":
             version, _, rest = arg.partition(b" ")
-            window = rest.partition(b" ")[0]
+            window, _, hb_ms = rest.partition(b" ")
             if version != VERSION or not window.isdigit():
                 self.malformed += 1
                 log.warning("bad HELLO from broker %s: %r", ident.hex(), frame[:64])
                 return
-            version, _, rest = arg.partition(b" ")
-            window, _, hb_ms = rest.partition(b" ")
             expiry_s = (int(hb_ms) / 1000 * self.liveness if hb_ms.isdigit() and int(hb_ms)
                         else self.expiry_s)
             if peer is not None:  # joined again (after WHO): keep its connections
@@ -240,7 +241,10 @@ class Relay:
         self._wake_w.setblocking(False)
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._pull: zmq.Socket[bytes] | None = None
+        self._monitor: zmq.Socket[bytes] | None = None
         self._router: zmq.Socket[bytes] | None = None
+        self._fd = -1  # the PULL's connection to Mongrel2, from the monitor
+        self._forced = False
 
     def start(self) -> None:
         self._ctx = ctx = zmq.Context()
@@ -253,12 +257,16 @@ class Relay:
         self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
         pull = ctx.socket(zmq.PULL)
         pull.setsockopt(zmq.LINGER, 0)
+        self._monitor = pull.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         pull.connect(self.send_spec)
         self._router, self._pull = router, pull
 
     def stop(self) -> None:
-        """Signal-safe: end the loop. Whatever Mongrel2 sends meanwhile waits
-        in Mongrel2 for the next relay (stop brokers first)."""
+        """Signal-safe. Graceful: leave Mongrel2 the way a broker does (half-
+        close, read until Mongrel2 closes; broker.py), hand what was read to
+        the brokers, then end; meanwhile Mongrel2 keeps new requests for the
+        next relay. A second call ends at once."""
+        self._forced = self._stopping
         self._stopping = True
         try:
             self._wake_w.send(b"\0")
@@ -272,21 +280,38 @@ class Relay:
     def run(self) -> None:
         if self._router is None:
             self.start()
-        router, pull, core = self._router, self._pull, self.core
-        assert router is not None and pull is not None
+        router, pull, monitor, core = self._router, self._pull, self._monitor, self.core
+        assert router is not None and pull is not None and monitor is not None
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         reading = False
-        while not self._stopping:
-            if core.intake != reading:
-                reading = core.intake
+        leaving_until = 0.0  # stopping: Mongrel2 has this long to close its end
+        left_at = 0.0  # disconnected from Mongrel2: hand over what waits, then end
+        while not self._forced:
+            now = time.monotonic()
+            if self._stopping and not leaving_until:
+                leaving_until = now + HANDOVER_TIMEOUT_S
+                if not self._half_close():
+                    left_at = self._leave(pull, now)
+            if leaving_until and not left_at and now >= leaving_until:
+                log.warning("Mongrel2 did not close the half-closed link: disconnecting")
+                left_at = self._leave(pull, now)
+            if left_at and (not core.pending or now >= left_at + HANDOVER_TIMEOUT_S):
+                break
+            # While leaving, read all Mongrel2 sent (it waits in `pending` if need be).
+            want = (core.intake or leaving_until > 0) and not left_at
+            if want != reading:
+                reading = want
                 if reading:
                     poller.register(pull, zmq.POLLIN)
                 else:
                     poller.unregister(pull)
-            now = time.monotonic()
-            timeout_ms = max(0, math.ceil((core.next_deadline() - now) * 1000))
+            deadline = core.next_deadline()
+            if leaving_until:
+                deadline = min(deadline, now + 0.05)
+            timeout_ms = max(0, math.ceil((deadline - now) * 1000))
             events = dict(poller.poll(timeout_ms))
             now = time.monotonic()
             if router in events:
@@ -302,7 +327,7 @@ class Relay:
                 self._flush(router)
             if pull in events:
                 for _ in range(BATCH):
-                    if not core.intake:
+                    if not (core.intake or leaving_until):
                         break
                     try:
                         raw = recv_one(pull)
@@ -310,6 +335,9 @@ class Relay:
                         break
                     core.on_mongrel2(raw)
                 self._flush(router)
+            if monitor in events and self._read_monitor(monitor) and leaving_until \
+                    and not left_at:
+                left_at = self._leave(pull, now)  # Mongrel2 closed: all it sent is here
             if self._wake_r in events:
                 try:
                     self._wake_r.recv(64)
@@ -317,7 +345,52 @@ class Relay:
                     pass
             core.on_tick(now)
             self._flush(router)
+        if core.pending:
+            log.error("relay stopping with %d requests no broker took", len(core.pending))
         log.info("relay stopping")
+
+    def _half_close(self) -> bool:
+        assert self._monitor is not None
+        self._read_monitor(self._monitor)  # the fd is current
+        if self._fd < 0:
+            return False
+        try:
+            with socket.socket(fileno=os.dup(self._fd)) as conn:
+                conn.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            log.warning("cannot half-close the link to Mongrel2 (%s)", exc)
+            return False
+        log.info("leaving Mongrel2: half-closed the link (fd %d)", self._fd)
+        return True
+
+    def _read_monitor(self, monitor: zmq.Socket[bytes]) -> bool:
+        """Track the PULL's fd; True if it disconnected."""
+        gone = False
+        while True:
+            try:
+                event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return gone
+            if event["event"] == zmq.EVENT_CONNECTED:
+                self._fd = int(event["value"])
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self._fd, gone = -1, True
+
+    def _leave(self, pull: zmq.Socket[bytes], now: float) -> float:
+        """Read what is left, then leave Mongrel2's PUSH for good."""
+        assert self._router is not None
+        while True:
+            try:
+                self.core.on_mongrel2(recv_one(pull))
+            except zmq.Again:
+                break
+        try:
+            pull.disconnect(self.send_spec)
+        except zmq.ZMQError:
+            pass
+        self._flush(self._router)
+        log.info("left Mongrel2 (%d requests waiting for a broker)", len(self.core.pending))
+        return now
 
     def _flush(self, router: zmq.Socket[bytes]) -> None:
         core = self.core
@@ -333,6 +406,9 @@ class Relay:
 
     def close(self) -> None:
         if self._pull is not None:
+            if self._monitor is not None:
+                self._pull.disable_monitor()
+                self._monitor.close(0)
             self._pull.close(0)
         if self._router is not None:
             self._router.close()

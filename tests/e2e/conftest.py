@@ -155,10 +155,10 @@ class Stack:
         wait_for(accepts, what="Mongrel2 to accept connections")
         return proc
 
-    def start_relay(self) -> Proc:
+    def start_relay(self, port: int | None = None) -> Proc:
         """A relay in front of this stack's Mongrel2; brokers started after it
         take their requests from the relay."""
-        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        endpoint = f"tcp://127.0.0.1:{port or free_port()}"
         proc = Proc("relay", [sys.executable, "-m", "scale0.cli", "relay", "--mongrel2",
                               self.send_spec, "--bind", endpoint], self.tmp)
         self.procs.append(proc)
