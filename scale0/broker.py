@@ -11,15 +11,11 @@ while the link is subscribed. Replies for a link that cannot take them right
 now (unsubscribed, or XPUB at its high-water mark with XPUB_NODROP) are held
 in order and the link's intake pauses until they are flushed.
 
-Handing over without losing requests: libzmq drops whatever Mongrel2's PUSH
-has queued for a peer when that peer's connection ends, and a plain
-`disconnect()` also discards what already reached our side. So a stopping
-broker half-closes instead: it shuts down the write side of its PULL's TCP
-connection (the fd comes from the socket monitor), Mongrel2's libzmq sees
-EOF and closes its end, and only then, with every byte Mongrel2 wrote
-before that now read and dispatched, does the broker disconnect. Mongrel2
-sends new requests to the other brokers meanwhile (or keeps them until one
-connects).
+Handing over without losing requests: a stopping broker leaves a Mongrel2
+it is connected to directly as handover.py describes (half-close, read until
+Mongrel2 closes, then disconnect); Mongrel2 sends new requests to the other
+brokers meanwhile (or keeps them until one connects). A link through a relay
+leaves with the relay's DRAIN/LEAVE/BYE handshake instead (relay.py).
 """
 
 from __future__ import annotations
@@ -36,11 +32,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
 from .control import ControlServer, default_endpoint
 from .dispatch import Dispatcher, DispatchSettings, Done
 from .frames import recv_frames, recv_one, send_frames, send_one
+from .handover import HANDOVER_TIMEOUT_S, MongrelPull
 
 if TYPE_CHECKING:
     from .status import StatusServer
@@ -50,7 +46,6 @@ log = logging.getLogger(__name__)
 BATCH = 256  # messages read from one socket per wake-up before looking at the others
 MAX_HELD_REPLIES = 100_000
 SNAPSHOT_EVERY_S = 0.5  # how stale `Broker.snapshot` may be, when other threads read it
-HANDOVER_TIMEOUT_S = 2.0  # wait this long for Mongrel2 (or a relay) to let go of a link
 HELD_RETRY_S = 0.02  # how often replies held for a Mongrel2 are offered again
 RELAY_WINDOW = 512  # messages a relay may send us ahead of our reading them
 
@@ -86,11 +81,10 @@ class _Link:
     spec: LinkSpec
     pull: zmq.Socket[bytes]  # a PULL from Mongrel2, or a DEALER to a relay
     pub: zmq.Socket[bytes]
-    monitor: zmq.Socket[bytes] | None  # the PULL's connection events; None for a relay
+    mongrel2: MongrelPull | None  # owns `pull` when it is Mongrel2's; None for a relay
     subscriptions: int = 0
     held: deque[bytes] = field(default_factory=deque)
     replies: int = 0
-    fd: int = -1  # the PULL's current TCP/IPC connection, from the monitor; -1 if none
     closing_until: float = 0.0  # half-closed: reading what is left until Mongrel2 closes
     closed: bool = False  # disconnected from Mongrel2's PUSH for good
     joined: bool = False  # relay: HELLO sent
@@ -131,7 +125,8 @@ class Broker:
         self.endpoint = ""
         # Consumers of finished requests (access log, metrics, tap), called
         # from the loop with each batch of Done records; see add_done_sink().
-        self._done_sinks: list[Callable[[list[Done]], None]] = []
+        self._done_sinks: list[tuple[Callable[[list[Done]], None],
+                                     Callable[[], bool] | None]] = []
         # The dispatcher's snapshot() for other threads (metrics, status page):
         # replaced whole every SNAPSHOT_EVERY_S while `publish_snapshots`, so a
         # reader needs no lock. Empty until the loop runs.
@@ -145,12 +140,19 @@ class Broker:
         self.metrics_address = metrics
         self.status_server: StatusServer | None = None
 
-    def add_done_sink(self, sink: Callable[[list[Done]], None]) -> None:
+    def add_done_sink(self, sink: Callable[[list[Done]], None], *,
+                      wanted: Callable[[], bool] | None = None) -> None:
         """Call `sink` from the loop with every batch of finished requests.
         A sink must be quick (hand work to another thread if it is not) and
-        must not raise: an exception is logged and the batch dropped for it."""
-        self._done_sinks.append(sink)
-        self.dispatcher.record = True
+        must not raise: an exception is logged and the batch dropped for it.
+        `wanted`, if given, says whether the sink needs records right now (a
+        tap with no subscriber does not): while no sink wants them, the
+        dispatcher keeps none, which saves its per-request record."""
+        self._done_sinks.append((sink, wanted))
+        self._update_recording()
+
+    def _update_recording(self) -> None:
+        self.dispatcher.record = any(w is None or w() for _, w in self._done_sinks)
 
     # ---- lifecycle -----------------------------------------------------
 
@@ -179,7 +181,7 @@ class Broker:
             self._router = None
             raise
         for index, spec in enumerate(self.link_specs):
-            monitor: zmq.Socket[bytes] | None = None
+            mongrel2: MongrelPull | None = None
             if spec.relay:
                 pull = ctx.socket(zmq.DEALER)
                 pull.setsockopt(zmq.LINGER, 1000)
@@ -188,18 +190,16 @@ class Broker:
                 # HEARTBEAT are sent again anyway (see _relay_send).
                 pull.setsockopt(zmq.IMMEDIATE, 1)
                 pull.setsockopt(zmq.SNDHWM, 100)
+                pull.connect(spec.send_spec)
             else:
-                pull = ctx.socket(zmq.PULL)
-                pull.setsockopt(zmq.LINGER, 0)
-                monitor = pull.get_monitor_socket(
-                    zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-            pull.connect(spec.send_spec)
+                mongrel2 = MongrelPull(ctx, spec.send_spec)
+                pull = mongrel2.socket
             pub = ctx.socket(zmq.XPUB)
             pub.setsockopt(zmq.LINGER, 2000)  # let queued replies go out on a clean stop
             pub.setsockopt(zmq.XPUB_NODROP, 1)  # at HWM, send raises EAGAIN: we hold replies
             pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every (re)subscription
             pub.connect(spec.recv_spec)
-            self._links.append(_Link(index, spec, pull, pub, monitor))
+            self._links.append(_Link(index, spec, pull, pub, mongrel2))
 
     def stop(self, *, force: bool | None = None) -> None:
         """Graceful stop: take no new requests, finish those held, then end.
@@ -222,10 +222,10 @@ class Broker:
                 # A forced or timed-out stop: the relay forgets our connections
                 # now instead of at our expiry (their next messages go elsewhere).
                 self._relay_send(link, b"LEAVE")
-            if link.monitor is not None:
-                link.pull.disable_monitor()
-                link.monitor.close(0)
-            link.pull.close(0)
+            if link.mongrel2 is not None:
+                link.mongrel2.close()
+            else:
+                link.pull.close(0)
             link.pub.close()  # LINGER 2 s: replies still queued go out first
         if self._router is not None:
             self._router.close(0)
@@ -258,7 +258,8 @@ class Broker:
         links = self._links
         pull_to_link = {link.pull: link for link in links}
         pub_to_link = {link.pub: link for link in links}
-        monitor_to_link = {link.monitor: link for link in links if link.monitor is not None}
+        monitor_to_link = {link.mongrel2.monitor: link for link in links
+                           if link.mongrel2 is not None}
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         if self._wakeup_r is not None:
@@ -269,8 +270,8 @@ class Broker:
         for link in links:
             registered[link.pub] = zmq.POLLIN
             poller.register(link.pub, zmq.POLLIN)
-            if link.monitor is not None:
-                poller.register(link.monitor, zmq.POLLIN)
+            if link.mongrel2 is not None:
+                poller.register(link.mongrel2.monitor, zmq.POLLIN)
         relays = any(link.spec.relay for link in links)
         control = self._control
         for sock in control.sockets if control is not None else ():
@@ -333,6 +334,7 @@ class Broker:
                     self._read_monitor(monitor_to_link[sock], now)
                 elif control is not None and sock in control.sockets:
                     control.on_readable(sock, now)
+                    self._update_recording()  # a tap may have come or gone
                 elif self._wakeup_r is not None:
                     try:
                         self._wakeup_r.recv(64)
@@ -361,7 +363,7 @@ class Broker:
         batch, self.dispatcher.done = self.dispatcher.done, []
         if not batch:
             return
-        for sink in self._done_sinks:
+        for sink, _ in self._done_sinks:
             try:
                 sink(batch)
             except Exception:
@@ -379,21 +381,11 @@ class Broker:
                 else:
                     self._close_link(link, now)
                 continue
-            self._read_monitor(link, now)  # the fd is current: no unread DISCONNECTED
-            if link.fd < 0:  # not connected: nothing can be in flight to us
+            assert link.mongrel2 is not None
+            if link.mongrel2.half_close():
+                link.closing_until = now + HANDOVER_TIMEOUT_S
+            else:  # not connected (nothing can be in flight to us), or it failed
                 self._close_link(link, now)
-                continue
-            try:
-                with socket.socket(fileno=os.dup(link.fd)) as conn:
-                    conn.shutdown(socket.SHUT_WR)
-            except OSError as exc:
-                log.warning("cannot half-close the link to %s (%s): disconnecting",
-                            link.spec.send_spec, exc)
-                self._close_link(link, now)
-                continue
-            link.closing_until = now + HANDOVER_TIMEOUT_S
-            log.info("handing over: half-closed the link to %s (fd %d)",
-                     link.spec.send_spec, link.fd)
 
     def _finish_handovers(self, now: float) -> None:
         for link in self._links:
@@ -412,42 +404,26 @@ class Broker:
                 self._close_link(link, now)
 
     def _close_link(self, link: _Link, now: float) -> None:
-        """Read every request that reached us, then leave Mongrel2's PUSH for good."""
+        """Read every request that reached us, then leave for good."""
         if link.closed:
             return
         link.closed = True
-        read = 0
-        while read < 1_000_000 and not link.spec.relay:  # bounded: what Mongrel2 wrote
-            try:
-                raw = recv_one(link.pull)
-            except zmq.Again:
-                break
-            read += 1
-            self.dispatcher.on_mongrel2(link.index, raw, now)
-        log.info("left Mongrel2 at %s (%d more requests read)", link.spec.send_spec, read)
-        try:
-            link.pull.disconnect(link.spec.send_spec)
-        except zmq.ZMQError:
-            pass
-        link.closed = True
         link.closing_until = 0.0
+        if link.mongrel2 is not None:
+            d, index = self.dispatcher, link.index
+            link.mongrel2.leave(lambda raw: d.on_mongrel2(index, raw, now))
+        else:  # a relay: BYE came (nothing follows it), or it did not answer
+            try:
+                link.pull.disconnect(link.spec.send_spec)
+            except zmq.ZMQError:
+                pass
         if self._router is not None:
             self._flush(self._router)
 
     def _read_monitor(self, link: _Link, now: float) -> None:
-        if link.monitor is None:
-            return
-        while True:
-            try:
-                event = parse_monitor_message(link.monitor.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                return
-            if event["event"] == zmq.EVENT_CONNECTED:
-                link.fd = int(event["value"])
-            elif event["event"] == zmq.EVENT_DISCONNECTED:
-                link.fd = -1
-                if link.closing_until:  # Mongrel2 closed its end: all it sent is here
-                    self._close_link(link, now)
+        assert link.mongrel2 is not None
+        if link.mongrel2.read_monitor() and link.closing_until:
+            self._close_link(link, now)  # Mongrel2 closed its end: all it sent is here
 
     def _drained(self) -> bool:
         return (not self.dispatcher.requests
@@ -621,7 +597,7 @@ class Broker:
         endpoint = default_endpoint(self.endpoint) if self.control == "auto" else self.control
         self._control = ControlServer(self, endpoint)
         self._control.start(ctx)
-        self.add_done_sink(self._control.on_done)
+        self.add_done_sink(self._control.on_done, wanted=self._control.tapping)
 
     @property
     def stopping(self) -> bool:
@@ -630,7 +606,7 @@ class Broker:
     def link_status(self) -> list[dict[str, Any]]:
         return [{"send_spec": str(link.spec).split(",")[0], "recv_spec": link.spec.recv_spec,
                  "relay": link.spec.relay,
-                 "connected": link.joined if link.spec.relay else link.fd >= 0,
+                 "connected": link.mongrel2.connected if link.mongrel2 else link.joined,
                  "subscribed": link.subscriptions > 0,
                  "held": len(link.held), "replies": link.replies, "closed": link.closed}
                 for link in self._links]

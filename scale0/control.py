@@ -348,6 +348,10 @@ class ControlServer:
             elif message[:1] == b"\x00":
                 self._tapped.discard(topic)
 
+    def tapping(self) -> bool:
+        """Whether a tap is subscribed (then the broker keeps Done records)."""
+        return bool(self._tapped)
+
     def on_done(self, batch: list[Done]) -> None:
         """A done sink: publish what a tap subscribes to; nothing while none does."""
         tapped = self._tapped

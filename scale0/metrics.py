@@ -6,7 +6,7 @@ Two sources, both written by the broker loop and read by the HTTP thread:
   counts by status, latency bucket counts and sum, bytes in and out. On the
   hot path it does a few dict and list operations per finished request and
   takes one uncontended lock per batch; no prometheus_client object is
-  touched there. Measured: 0.25 us per request, against 6.5 us for a
+  touched there. Measured: 0.3 us per request, against 6 us for a
   labelled `Histogram.observe` and three `Counter.inc` (each takes a lock
   and looks up its labels). A reader copies under the same lock, so the
   buckets, the count and the sum it sees always belong together.

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import socket
 import time
@@ -46,16 +45,15 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
 from .frames import recv_frames, recv_one, send_frames
+from .handover import HANDOVER_TIMEOUT_S, MongrelPull
 
 log = logging.getLogger(__name__)
 
 VERSION = b"S0R1"
 MAX_CONNECTIONS = 200_000  # sticky entries kept; the least recently used go first
 MAX_PENDING = 10_000  # new connections held while no broker can take one
-HANDOVER_TIMEOUT_S = 2.0  # stopping: wait this long for Mongrel2 to close, then for a broker
 BATCH = 256
 
 HEARTBEAT = b"HEARTBEAT"
@@ -70,7 +68,6 @@ class BrokerPeer:
     expires_at: float
     expiry_s: float  # its heartbeat (from HELLO) x our liveness
     draining: bool = False
-    sent: int = 0
 
 
 class RelayCore:
@@ -204,7 +201,6 @@ class RelayCore:
 
     def _send(self, peer: BrokerPeer, raw: bytes) -> None:
         peer.credit -= 1
-        peer.sent += 1
         self.to_brokers.append([peer.ident, raw])
         self._update(peer)
 
@@ -240,10 +236,8 @@ class Relay:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
-        self._pull: zmq.Socket[bytes] | None = None
-        self._monitor: zmq.Socket[bytes] | None = None
+        self._mongrel2: MongrelPull | None = None
         self._router: zmq.Socket[bytes] | None = None
-        self._fd = -1  # the PULL's connection to Mongrel2, from the monitor
         self._forced = False
 
     def start(self) -> None:
@@ -255,15 +249,11 @@ class Relay:
         router.setsockopt(zmq.RCVHWM, 0)
         router.bind(self.bind)
         self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
-        pull = ctx.socket(zmq.PULL)
-        pull.setsockopt(zmq.LINGER, 0)
-        self._monitor = pull.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-        pull.connect(self.send_spec)
-        self._router, self._pull = router, pull
+        self._router, self._mongrel2 = router, MongrelPull(ctx, self.send_spec)
 
     def stop(self) -> None:
-        """Signal-safe. Graceful: leave Mongrel2 the way a broker does (half-
-        close, read until Mongrel2 closes; broker.py), hand what was read to
+        """Signal-safe. Graceful: leave Mongrel2 as handover.py describes (half-
+        close, read until Mongrel2 closes), hand what was read to
         the brokers, then end; meanwhile Mongrel2 keeps new requests for the
         next relay. A second call ends at once."""
         self._forced = self._stopping
@@ -280,8 +270,9 @@ class Relay:
     def run(self) -> None:
         if self._router is None:
             self.start()
-        router, pull, monitor, core = self._router, self._pull, self._monitor, self.core
-        assert router is not None and pull is not None and monitor is not None
+        router, mongrel2, core = self._router, self._mongrel2, self.core
+        assert router is not None and mongrel2 is not None
+        pull, monitor = mongrel2.socket, mongrel2.monitor
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
@@ -293,11 +284,11 @@ class Relay:
             now = time.monotonic()
             if self._stopping and not leaving_until:
                 leaving_until = now + HANDOVER_TIMEOUT_S
-                if not self._half_close():
-                    left_at = self._leave(pull, now)
+                if not mongrel2.half_close():
+                    left_at = self._leave(now)
             if leaving_until and not left_at and now >= leaving_until:
                 log.warning("Mongrel2 did not close the half-closed link: disconnecting")
-                left_at = self._leave(pull, now)
+                left_at = self._leave(now)
             if left_at and (not core.pending or now >= left_at + HANDOVER_TIMEOUT_S):
                 break
             # While leaving, read all Mongrel2 sent (it waits in `pending` if need be).
@@ -335,9 +326,9 @@ class Relay:
                         break
                     core.on_mongrel2(raw)
                 self._flush(router)
-            if monitor in events and self._read_monitor(monitor) and leaving_until \
+            if monitor in events and mongrel2.read_monitor() and leaving_until \
                     and not left_at:
-                left_at = self._leave(pull, now)  # Mongrel2 closed: all it sent is here
+                left_at = self._leave(now)  # Mongrel2 closed: all it sent is here
             if self._wake_r in events:
                 try:
                     self._wake_r.recv(64)
@@ -349,47 +340,13 @@ class Relay:
             log.error("relay stopping with %d requests no broker took", len(core.pending))
         log.info("relay stopping")
 
-    def _half_close(self) -> bool:
-        assert self._monitor is not None
-        self._read_monitor(self._monitor)  # the fd is current
-        if self._fd < 0:
-            return False
-        try:
-            with socket.socket(fileno=os.dup(self._fd)) as conn:
-                conn.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            log.warning("cannot half-close the link to Mongrel2 (%s)", exc)
-            return False
-        log.info("leaving Mongrel2: half-closed the link (fd %d)", self._fd)
-        return True
-
-    def _read_monitor(self, monitor: zmq.Socket[bytes]) -> bool:
-        """Track the PULL's fd; True if it disconnected."""
-        gone = False
-        while True:
-            try:
-                event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                return gone
-            if event["event"] == zmq.EVENT_CONNECTED:
-                self._fd = int(event["value"])
-            elif event["event"] == zmq.EVENT_DISCONNECTED:
-                self._fd, gone = -1, True
-
-    def _leave(self, pull: zmq.Socket[bytes], now: float) -> float:
-        """Read what is left, then leave Mongrel2's PUSH for good."""
-        assert self._router is not None
-        while True:
-            try:
-                self.core.on_mongrel2(recv_one(pull))
-            except zmq.Again:
-                break
-        try:
-            pull.disconnect(self.send_spec)
-        except zmq.ZMQError:
-            pass
+    def _leave(self, now: float) -> float:
+        """Read what is left, leave Mongrel2's PUSH for good, pass it on."""
+        assert self._router is not None and self._mongrel2 is not None
+        self._mongrel2.leave(self.core.on_mongrel2)
         self._flush(self._router)
-        log.info("left Mongrel2 (%d requests waiting for a broker)", len(self.core.pending))
+        if self.core.pending:
+            log.info("%d requests wait for a broker", len(self.core.pending))
         return now
 
     def _flush(self, router: zmq.Socket[bytes]) -> None:
@@ -405,11 +362,8 @@ class Relay:
                         core.on_mongrel2(frames[1])
 
     def close(self) -> None:
-        if self._pull is not None:
-            if self._monitor is not None:
-                self._pull.disable_monitor()
-                self._monitor.close(0)
-            self._pull.close(0)
+        if self._mongrel2 is not None:
+            self._mongrel2.close()
         if self._router is not None:
             self._router.close()
         if self._ctx is not None:

@@ -45,7 +45,8 @@ class BrokerLike(Protocol):
     snapshot: dict[str, Any]
     endpoint: str
 
-    def add_done_sink(self, sink: Callable[[list[Done]], None]) -> None: ...
+    def add_done_sink(self, sink: Callable[[list[Done]], None], *,
+                      wanted: Callable[[], bool] | None = None) -> None: ...
 
 
 def parse_address(text: str) -> tuple[str, int] | None:

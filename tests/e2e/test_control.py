@@ -185,52 +185,46 @@ def test_drain_worker_moves_traffic_to_the_other_with_no_failed_request(
     assert drained_pid not in pids
 
 
-def test_shutdown_graceful_finishes_requests_in_flight(fresh_stack: Stack,
-                                                       short_dir: Path) -> None:
+def _shutdown_with_a_request_at_the_app(stack: Stack, short_dir: Path, sleep_s: int,
+                                        *shutdown: str
+                                        ) -> tuple[str, Any, list[requests.Response]]:
+    """A broker with a control socket, a request sleeping `sleep_s` at the
+    app, and `ctl shutdown [*shutdown]` sent while it runs; the broker must
+    exit 0. Returns the control endpoint, ctl's result and the answers."""
     control = f"ipc://{short_dir}/b.ctl"
-    marks = fresh_stack.tmp / "marks"
+    marks = stack.tmp / "marks"
     marks.mkdir()
-    fresh_stack.start_mongrel2()
-    broker = fresh_stack.start_broker("--control", control)
-    fresh_stack.start_pool("e2e_apps:app", service="app", routes=("/app",), threads=2,
-                           env={"E2E_MARK_DIR": str(marks)})
-    fresh_stack.wait_ok("/app/x")
+    stack.start_mongrel2()
+    broker = stack.start_broker("--control", control)
+    stack.start_pool("e2e_apps:app", service="app", routes=("/app",), threads=2,
+                     env={"E2E_MARK_DIR": str(marks)})
+    stack.wait_ok("/app/x")
     answers: list[requests.Response] = []
     client = threading.Thread(target=lambda: answers.append(
-        requests.get(fresh_stack.url("/app/sleep?2"), timeout=30)))
+        requests.get(stack.url(f"/app/sleep?{sleep_s}"), timeout=30)))
     client.start()
     try:
         wait_for(lambda: any(marks.iterdir()), what="the request to reach the app")
-        done = ctl(control, "shutdown", "--graceful")
+        done = ctl(control, "shutdown", *shutdown)
         assert done.returncode == 0, done.stderr
-        assert "stopping gracefully" in done.stdout
+        assert broker.popen.wait(20) == 0
     finally:
         client.join(35)
+    return control, done, answers
+
+
+def test_shutdown_graceful_finishes_requests_in_flight(fresh_stack: Stack,
+                                                       short_dir: Path) -> None:
+    control, done, answers = _shutdown_with_a_request_at_the_app(
+        fresh_stack, short_dir, 2, "--graceful")
+    assert "stopping gracefully" in done.stdout
     assert [(r.status_code, r.json()) for r in answers] == [(200, {"slept": 2.0})]
-    assert broker.popen.wait(20) == 0
     assert not ipc_path(control).exists()  # the broker removed its socket files
     assert ctl(control, "status").returncode == 3
 
 
 def test_shutdown_without_graceful_answers_requests_in_flight_with_503(
         fresh_stack: Stack, short_dir: Path) -> None:
-    control = f"ipc://{short_dir}/b.ctl"
-    marks = fresh_stack.tmp / "marks"
-    marks.mkdir()
-    fresh_stack.start_mongrel2()
-    broker = fresh_stack.start_broker("--control", control)
-    fresh_stack.start_pool("e2e_apps:app", service="app", routes=("/app",), threads=2,
-                           env={"E2E_MARK_DIR": str(marks)})
-    fresh_stack.wait_ok("/app/x")
-    answers: list[int] = []
-    client = threading.Thread(target=lambda: answers.append(
-        requests.get(fresh_stack.url("/app/sleep?10"), timeout=30).status_code))
-    client.start()
-    try:
-        wait_for(lambda: any(marks.iterdir()), what="the request to reach the app")
-        done = ctl(control, "shutdown")
-        assert done.returncode == 0 and "stopping now" in done.stdout
-        assert broker.popen.wait(20) == 0
-    finally:
-        client.join(35)
-    assert answers == [503]
+    _, done, answers = _shutdown_with_a_request_at_the_app(fresh_stack, short_dir, 10)
+    assert "stopping now" in done.stdout
+    assert [r.status_code for r in answers] == [503]

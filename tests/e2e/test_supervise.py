@@ -5,18 +5,17 @@ pools and for `scale0 up`."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import signal
 import sys
-import uuid
 from pathlib import Path
 
 import requests
 
 from bench.procs import children
-from scale0.m2server import config_text
 
-from .conftest import APPS_DIR, ROOT, Load, Proc, Stack, free_port, wait_for
-from .test_up import processes_mentioning
+from .conftest import APPS_DIR, ROOT, Load, Proc, Stack, wait_for
+from .test_up import processes_mentioning, write_stack
 
 APP_TEMPLATE = '''
 def app(environ, start_response):
@@ -183,34 +182,17 @@ def test_second_sigterm_forces_a_pool_to_stop(fresh_stack: Stack) -> None:
 
 
 def _write_up_stack(tmp: Path, pool_args: list[str]) -> tuple[Path, int, str]:
-    http_port, send_port, recv_port, broker_port = (free_port() for _ in range(4))
-    server_uuid = str(uuid.uuid4())
-    (tmp / "mongrel2.conf").write_text(config_text(
-        http_port=http_port, send_spec=f"tcp://127.0.0.1:{send_port}",
-        recv_spec=f"tcp://127.0.0.1:{recv_port}", send_ident=str(uuid.uuid4()),
-        uuid=server_uuid))
-    broker = f"tcp://127.0.0.1:{broker_port}"
-    config = tmp / "stack.toml"
-    config.write_text(f"""
-graceful_timeout = 60.0
-[mongrel2]
-config = "mongrel2.conf"
-runtime_dir = "var"
-http = "127.0.0.1:{http_port}"
-[[broker]]
-bind = "{broker}"
-mongrel2 = ["tcp://127.0.0.1:{send_port},tcp://127.0.0.1:{recv_port}"]
-args = ["--heartbeat", "0.5"]
+    pool = f"""
 [[pool]]
 app = "e2e_apps:app"
 service = "app"
 routes = ["/"]
 processes = 2
 threads = 2
-connect = ["{broker}"]
-args = {pool_args!r}
-""".replace("'", '"'))
-    return config, http_port, server_uuid
+connect = ["{{broker}}"]
+args = {json.dumps(pool_args)}
+"""
+    return write_stack(tmp, pool, graceful_timeout=60.0, broker_args=("--heartbeat", "0.5"))
 
 
 def _start_up(tmp: Path, config: Path, env: dict[str, str] | None = None) -> Proc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -58,24 +59,7 @@ def _state(pid: int) -> str:
         return "Z"
 
 
-def write_stack(tmp: Path) -> tuple[Path, int, str]:
-    http_port, send_port, recv_port, broker_port = (free_port() for _ in range(4))
-    server_uuid = str(uuid.uuid4())
-    (tmp / "mongrel2.conf").write_text(config_text(
-        http_port=http_port, send_spec=f"tcp://127.0.0.1:{send_port}",
-        recv_spec=f"tcp://127.0.0.1:{recv_port}", send_ident=str(uuid.uuid4()),
-        uuid=server_uuid))
-    broker = f"tcp://127.0.0.1:{broker_port}"
-    config = tmp / "stack.toml"
-    config.write_text(f"""
-graceful_timeout = 10.0
-[mongrel2]
-config = "mongrel2.conf"
-runtime_dir = "var"
-http = "127.0.0.1:{http_port}"
-[[broker]]
-bind = "{broker}"
-mongrel2 = ["tcp://127.0.0.1:{send_port},tcp://127.0.0.1:{recv_port}"]
+EXAMPLE_POOLS = """
 [[pool]]
 app = "examples.hello:app"
 service = "hello"
@@ -88,7 +72,32 @@ service = "flask"
 routes = ["/flask"]
 processes = 2
 connect = ["{broker}"]
-""")
+"""
+
+
+def write_stack(tmp: Path, pools: str = EXAMPLE_POOLS, *, graceful_timeout: float = 10.0,
+                broker_args: tuple[str, ...] = ()) -> tuple[Path, int, str]:
+    """A `scale0 up` stack file (and its Mongrel2 config) on free ports: one
+    broker and `pools`, TOML in which {broker} is the broker's endpoint."""
+    http_port, send_port, recv_port, broker_port = (free_port() for _ in range(4))
+    server_uuid = str(uuid.uuid4())
+    (tmp / "mongrel2.conf").write_text(config_text(
+        http_port=http_port, send_spec=f"tcp://127.0.0.1:{send_port}",
+        recv_spec=f"tcp://127.0.0.1:{recv_port}", send_ident=str(uuid.uuid4()),
+        uuid=server_uuid))
+    broker = f"tcp://127.0.0.1:{broker_port}"
+    config = tmp / "stack.toml"
+    config.write_text(f"""
+graceful_timeout = {graceful_timeout}
+[mongrel2]
+config = "mongrel2.conf"
+runtime_dir = "var"
+http = "127.0.0.1:{http_port}"
+[[broker]]
+bind = "{broker}"
+mongrel2 = ["tcp://127.0.0.1:{send_port},tcp://127.0.0.1:{recv_port}"]
+args = {json.dumps(list(broker_args))}
+""" + pools.replace("{broker}", broker))
     return config, http_port, server_uuid
 
 

@@ -18,3 +18,19 @@ def test_broker_stop_a_second_signal_forces_a_second_graceful_shutdown_does_not(
     assert not by_signal._forced
     by_signal.stop()
     assert by_signal._forced
+
+
+def test_the_dispatcher_keeps_records_only_while_a_sink_wants_them() -> None:
+    links = [LinkSpec.parse("tcp://127.0.0.1:1,tcp://127.0.0.1:2")]
+    broker = Broker(links, "tcp://127.0.0.1:0")
+    assert not broker.dispatcher.record  # no sink: no per-request record at all
+    tapping = [False]
+    broker.add_done_sink(lambda batch: None, wanted=lambda: tapping[0])
+    assert not broker.dispatcher.record  # a tap nobody subscribed to
+    tapping[0] = True
+    broker._update_recording()
+    assert broker.dispatcher.record
+    broker.add_done_sink(lambda batch: None)  # the access log: always
+    tapping[0] = False
+    broker._update_recording()
+    assert broker.dispatcher.record
