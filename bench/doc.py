@@ -80,8 +80,11 @@ Content-Length, HTTP/1.1 keep-alive from the client.
 - Memory: VmRSS from `/proc/PID/status` of every process, after the runs.
 - Knobs: `BENCH_DURATION` (seconds per run, default 5), `BENCH_RUNS`
   (default 3), `BENCH_WRK_THREADS` (default 2), `BENCH_SCENARIOS` (a
-  comma-separated subset of the scenario names). With the defaults, {cells}
-  measured runs: about {planned} min of load, plus start-up.
+  comma-separated subset of the scenario names). With these settings and
+  all six scenarios: {cells} measured runs of {duration} s and {warmups}
+  warm-ups, about {planned} min of load plus about a minute of start-up and
+  sampling (the defaults, 5 s and 3 runs: 672 s of load, about 12 min in
+  all; estimated from shorter runs on this 2-core machine).
 
 Absolute numbers move between machines and between runs; the **ratios within
 one run** are what count.
@@ -91,10 +94,11 @@ one run** are what count.
 def render(*, machine: str, settings: Settings, cpus: str, cells: int,
            no_control_socket: bool, summary: str, ratios: str, results: str, cpu: str,
            runs: str, memory: str, runtime_s: float) -> str:
-    load_s = cells * settings.duration_s + cells // settings.runs * settings.warmup_s
+    warmups = cells // settings.runs
+    load_s = cells * settings.duration_s + warmups * settings.warmup_s
     header = HEADER.format(machine=machine, threads=settings.wrk_threads,
                            duration=settings.duration_s, warmup=settings.warmup_s,
-                           runs=settings.runs, cpus=cpus, cells=cells,
+                           runs=settings.runs, cpus=cpus, cells=cells, warmups=warmups,
                            planned=f"{load_s / 60:.0f}",
                            no_control_socket=" --no-control-socket" if no_control_socket else "")
     return (f"{header}\n## Results\n\nThis run took {runtime_s / 60:.1f} min in all.\n\n"
