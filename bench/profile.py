@@ -92,6 +92,14 @@ def py_spy() -> str:
     return found
 
 
+def _py_spy_version() -> str:
+    try:
+        done = subprocess.run([py_spy(), "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired, BenchError):
+        return "unknown"
+    return done.stdout.strip().removeprefix("py-spy ") or "unknown"
+
+
 def profile_table(profile: Profile) -> str:
     if not profile.samples:
         return f"#### {profile.role}\n\nno samples"
@@ -126,7 +134,7 @@ in which that function was the innermost frame; inclusive % the share in
 which it was anywhere on the stack (entry points, on 99 % or more of the
 stacks, left out).
 
-{machine_table()}
+{machine_table([("py-spy", _py_spy_version())])}
 
 CPU µs per request of each process during the profiled run (utime+stime from
 /proc, divided by wrk's requests):
