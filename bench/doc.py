@@ -34,12 +34,15 @@ by the bench and stopped at its end, all in the same run:
   is itself the Mongrel2 handler (PULL from send_spec, XPUB to recv_spec,
   drains the PULL until EAGAIN per wake-up, builds each reply itself). Nothing
   behind Mongrel2 can be faster: the ceiling. It sends every reply as one
-  message and ignores download credits.
+  message and reads no download credits, so its Mongrel2 runs with
+  `download.flow_control=0` (with it on, Mongrel2 closes the connection on a
+  reply larger than its initial credits, 102400 bytes).
 - **scale0**: Mongrel2 -> `scale0 broker` -> `scale0 wsgi examples.hello:app
   --processes 2 --threads 4`.
 - **scale0+relay**: the same with `scale0 relay` between Mongrel2 and the
   broker: the shape `make run` starts (`scale0.toml`). Mongrel2 has
-  `download.flow_control=1` in these three, as `mongrel2/mongrel2.conf` has.
+  `download.flow_control=1` in scale0 and scale0+relay, as
+  `mongrel2/mongrel2.conf` has.
 - **scale0+relay fc-off**: scale0+relay with Mongrel2's
   `download.flow_control=0`: the difference is what flow control costs.
 - **gunicorn**: nginx -> gunicorn `-w 2 -k sync{no_control_socket}`

@@ -168,7 +168,7 @@ def report(results: Results, mem: Memory, settings: Settings, names: list[str],
     subject = targets.SUBJECT
     others = [n for n in ("granian", "gunicorn", "direct", "scale0", targets.FC_OFF)
               if n != subject]
-    summary = targets.summary(results, CASES)
+    summary = targets.summary(results, CASES, doc.section_body(DOC_PATH, "long"))
     ratios = ratio_table(results, CASES, subject, others) if subject in names else "-"
     table = results_table(results, CASES, names)
     cpu = cpu_table(results, CASES, names)

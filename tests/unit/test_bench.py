@@ -49,6 +49,14 @@ def test_targets_missed_when_the_numbers_fall_short() -> None:
     assert lines[1].startswith("- **missed**") and lines[4].startswith("- **missed**")
 
 
+def test_memory_verdicts_come_from_the_long_section() -> None:
+    assert "not measured yet" in targets.summary(_results(12_500), CASES).splitlines()[-1]
+    long = "## Long checks\n\n- **met**: relay RSS flat\n- **missed**: broker RSS flat\n"
+    lines = targets.summary(_results(12_500), CASES, long).splitlines()
+    assert lines[-2:] == ["- (last `make bench-long`, section below) **met**: relay RSS flat",
+                          "- (last `make bench-long`, section below) **missed**: broker RSS flat"]
+
+
 def test_targets_not_measured_say_so() -> None:
     results = {k: v for k, v in _results(12_500).items() if k[1] != "granian"}
     lines = targets.summary(results, CASES).splitlines()
