@@ -112,8 +112,9 @@ def _start_nginx(scenario: Scenario, tmp: Path, upstream_port: int) -> None:
     for kind in NGINX_TEMP_DIRS:
         (prefix / kind).mkdir(parents=True, exist_ok=True)
     # As root nginx's workers run as `nobody`: they must reach the temp paths
-    # (a 1 MiB reply is buffered there, as with any nginx proxying by default).
-    for folder in (tmp.parent, tmp, prefix):
+    # (a 1 MiB reply is buffered there, as with any nginx proxying by default),
+    # so the folders above them must be searchable (bench.run opens its own).
+    for folder in (tmp, prefix):
         folder.chmod(0o755)
     conf = prefix / "nginx.conf"
     conf.write_text(nginx_conf(prefix, scenario.http_port, upstream_port))

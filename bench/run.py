@@ -206,6 +206,7 @@ def main() -> int:
         return 2
     signal.signal(signal.SIGTERM, _raise_interrupt)  # stop the stacks on SIGTERM too
     tmp = Path(tempfile.mkdtemp(prefix="scale0-bench-"))
+    tmp.chmod(0o755)  # nginx's workers (`nobody` when run as root) write temp files below it
     scenarios: list[Scenario] = []
     keep_logs = False
     try:
