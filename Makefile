@@ -1,14 +1,18 @@
 # Scale0: `make run` starts the whole stack, `make test` runs the suite.
 # Both install what is missing: the .venv, and Debian's mongrel2-core (as root);
 # `make test` also Debian's chromium and chromium-driver, for the status page test.
+# `make bench` (docs/benchmarks.md) also installs Debian's wrk and nginx and the
+# `bench` extras (gunicorn, granian, py-spy); `make bench-long` runs the memory
+# and connection checks, `make profile` profiles the hot path with py-spy.
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 CONFIG ?= scale0.toml
 
-.PHONY: run test unit e2e lint bench deps mongrel2 browser wrk clean
+.PHONY: run test unit e2e lint bench bench-long profile deps mongrel2 browser wrk nginx clean
 
 run: deps
 	$(BIN)/scale0 up --config $(CONFIG) --exit-with-parent
@@ -26,8 +30,19 @@ lint: $(STAMP)
 	$(BIN)/ruff check scale0 tests examples bench
 	$(BIN)/mypy scale0
 
-bench: deps wrk
+bench: deps wrk nginx $(BENCH_STAMP)
 	$(BIN)/python -m bench.run
+
+bench-long: deps wrk $(BENCH_STAMP)
+	$(BIN)/python -m bench.long
+
+profile: deps wrk $(BENCH_STAMP)
+	$(BIN)/python -m bench.profile
+
+# gunicorn, granian (the peers) and py-spy: only the benchmarks need them.
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	@touch $@
 
 deps: $(STAMP) mongrel2
 
@@ -51,6 +66,10 @@ browser:
 
 wrk:
 	@command -v wrk >/dev/null || $(MAKE) --no-print-directory apt-wrk
+
+# Debian's nginx: the front of both peers in `make bench` (it lives in /usr/sbin).
+nginx:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || $(MAKE) --no-print-directory apt-nginx
 
 apt-%:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -6,9 +6,10 @@ XPUB) to its recv_spec, answering each request itself with the bytes
 N bytes of b"x" for /bytes/N (N <= 16 MiB, else 400). No broker, no worker:
 this is the ceiling for anything behind Mongrel2.
 
-Replies go out as one message each: the payloads benchmarked (64 KiB) fit in
-Mongrel2's initial download credits (102400 bytes per request), so flow
-control never has to hold a reply back.
+Replies go out as one message each, whatever their size, and download
+credits are not read: the bench runs this handler's Mongrel2 with
+download.flow_control=0 (with it on, Mongrel2 closes the connection on a
+reply larger than its initial credits, 102400 bytes).
 
     python -m bench.direct_handler --send-spec tcp://... --recv-spec tcp://...
 """

@@ -1,16 +1,25 @@
-"""docs/benchmarks.md: written whole on every `make bench` run."""
+"""docs/benchmarks.md: `make bench` writes the main part; `make bench-long` and
+`make profile` each write a section of their own, which a later `make bench`
+keeps (and a new profile moves the last one to "previous").
+
+A section is the text between `<!-- section NAME -->` and `<!-- end NAME -->`.
+"""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from .report import Settings
 
-ANCHOR_DIRECT_C1 = 5001  # /work/shared/BENCH-ANCHORS.md, c=1
+SECTIONS = ("long", "profile", "profile-previous")
 
 HEADER = """\
 # Scale0 benchmarks
 
-> **Generated file**: `make bench` (`bench/run.py`) overwrites it completely on
-> every run. Do not edit by hand; change `bench/doc.py` instead.
+> **Generated file**: `make bench` (`bench/run.py`) writes everything above the
+> sections of `make bench-long` and `make profile`, which it keeps. Do not
+> edit by hand; change `bench/doc.py` instead.
 
 ## Machine
 
@@ -18,79 +27,140 @@ HEADER = """\
 
 ## Method
 
-Two stacks are measured in the same run, each with its own Mongrel2 on free
-loopback ports in a temporary folder (config from
-`scale0.m2server.config_text`: tnetstring protocol,
-`download.flow_control=1`, access log on, as in `mongrel2/mongrel2.conf`):
+Every scenario runs on free loopback ports in a temporary folder, all started
+by the bench and stopped at its end, all in the same run:
 
 - **direct**: Mongrel2 -> `bench/direct_handler.py`, one Python process that
-  is itself the Mongrel2 handler (PULL from send_spec, XPUB to recv_spec after
-  the subscription arrived, drains the PULL until EAGAIN per wake-up, builds
-  each reply itself with `scale0.mongrel2.parse_message`/`reply`). Nothing
-  behind Mongrel2 can be faster: this is the ceiling.
+  is itself the Mongrel2 handler (PULL from send_spec, XPUB to recv_spec,
+  drains the PULL until EAGAIN per wake-up, builds each reply itself). Nothing
+  behind Mongrel2 can be faster: the ceiling. It sends every reply as one
+  message and reads no download credits, so its Mongrel2 runs with
+  `download.flow_control=0` (with it on, Mongrel2 closes the connection on a
+  reply larger than its initial credits, 102400 bytes).
 - **scale0**: Mongrel2 -> `scale0 broker` -> `scale0 wsgi examples.hello:app
-  --processes 2 --threads 4` (one broker, one pool, flow control on).
+  --processes 2 --threads 4`.
 - **scale0+relay**: the same with `scale0 relay` between Mongrel2 and the
-  broker: the shape of the hello stack in `scale0.toml`. The difference to
-  **scale0** is the relay's cost.
+  broker: the shape `make run` starts (`scale0.toml`). Mongrel2 has
+  `download.flow_control=1` in scale0 and scale0+relay, as
+  `mongrel2/mongrel2.conf` has.
+- **scale0+relay fc-off**: scale0+relay with Mongrel2's
+  `download.flow_control=0`: the difference is what flow control costs.
+- **gunicorn**: nginx -> gunicorn `-w 2 -k sync{no_control_socket}`
+  `examples.hello:app`.
+- **granian**: nginx -> granian `--interface wsgi --workers 2 --no-ws`
+  `examples.hello:app`.
+- nginx (both peers): `worker_processes auto`, `daemon off`, a plain
+  `proxy_pass http://127.0.0.1:PORT;` (HTTP/1.0 upstream, a new upstream
+  connection per request, default buffering: a 1 MiB reply goes through a
+  temp file), `keepalive_requests 1000000`, default access log (to the temp
+  folder; Mongrel2 keeps its access log too).
 
-All give the same bytes (checked before measuring): `GET /` is the 19-byte
-`Hello from Scale0!\\n`, `GET /bytes/65536` is 64 KiB; HTTP/1.1 keep-alive with
-Content-Length. 64 KiB fits in Mongrel2's initial download credits (102400
-bytes per request), so the direct handler sends it as one message.
+Mongrel2 config for the Mongrel2 scenarios: `scale0.m2server.config_text`
+(tnetstring protocol, access log on). Every scenario serves the same app
+bytes, checked before measuring: `GET /` is the 19-byte `Hello from
+Scale0!\\n`, `GET /bytes/65536` 64 KiB, `GET /bytes/1048576` 1 MiB, with
+Content-Length, HTTP/1.1 keep-alive from the client.
 
-- Load: `wrk -t1 -c1 -d{duration}s --timeout=2s --latency URL` and the same
-  with `-t{threads} -c64` (wrk threads = min(`BENCH_WRK_THREADS`, connections)).
-  wrk, Mongrel2 and the Python processes share the {cpus} CPUs, so more wrk
-  threads than cores would only take CPU from the servers under test. A check
-  at c=64 on this machine gave `-t1` and `-t2` equal within noise for hello,
-  and `-t2` up to ~10 % more for direct 64 KiB, where one wrk thread reading
-  ~450 MB/s starts to limit the ceiling; hence 2 threads at c=64. (The anchor
-  figures used `-t1` throughout; at c=1 it is the same here.)
+- Load: `wrk -t{{T}} -c{{C}} -d{duration}s --timeout=2s --latency URL` with
+  T = min({threads}, C) (`BENCH_WRK_THREADS`). wrk shares the {cpus} CPUs with
+  what it measures, so from 16 connections on every scenario is CPU-bound and
+  its req/s is the inverse of the CPU all its processes spend per request.
 - Warm-up: {warmup} s of the same load per scenario and case, discarded.
 - Then {runs} runs of {duration} s per scenario and case, interleaved (run 1
-  of every case and scenario, then run 2, ...) so that drift hits both
-  stacks alike. Tables give the **median** of requests/s, of p50 and of p99
-  (each median taken on its own), from wrk's `Requests/sec` and `Latency
-  Distribution` lines.
-- Errors: wrk's `Non-2xx or 3xx responses` plus `Socket errors`
-  (connect + read + write + timeout), summed over the runs; anything
-  non-zero shows in bold with its run numbers.
+  of every case and scenario, then run 2, ...) so that drift hits all
+  alike. Tables give **medians** over the runs (each column's median taken
+  on its own).
+- Errors: wrk's `Non-2xx or 3xx responses` plus `Socket errors`, summed over
+  the runs; anything non-zero shows in bold with its run numbers.
+- **CPU per request**: utime+stime from `/proc/PID/stat` of every process of
+  the scenario (each started process and everything it forked: nginx master
+  and workers, gunicorn arbiter and workers, granian's processes, Mongrel2,
+  relay, broker, pool supervisor and each pool worker), read just before and
+  just after each measured run, the difference divided by the requests wrk
+  counted in that run; median over runs. `wrk (client)` is wrk's own CPU
+  (`getrusage` of the finished child). Resolution: one clock tick (10 ms) per
+  run, divided by its requests.
 - Memory: VmRSS from `/proc/PID/status` of every process, after the runs.
 - Knobs: `BENCH_DURATION` (seconds per run, default 5), `BENCH_RUNS`
-  (default 3), `BENCH_WRK_THREADS` (default 2).
+  (default 3), `BENCH_WRK_THREADS` (default 2), `BENCH_SCENARIOS` (a
+  comma-separated subset of the scenario names). With these settings and
+  all six scenarios: {cells} measured runs of {duration} s and {warmups}
+  warm-ups, about {planned} min of load plus about a minute of start-up and
+  sampling (the defaults, 5 s and 3 runs: 672 s of load, about 12 min in
+  all; estimated from shorter runs on this 2-core machine).
 
-## How to read it
-
-Absolute numbers move between machines and between runs (wrk shares the
-CPUs with what it measures); the **ratios within one run** are what count.
-Reference figures from `/work/shared/BENCH-ANCHORS.md` (same kind of 2-vCPU
-machine, `wrk -t1`, 13-byte hello, medians of 3 runs): Mongrel2 + one pyzmq
-handler answering directly did **5001 req/s at c=1** (p50 192 µs, p99 569 µs;
-34577 at c=16); Mongrel2 -> a **bare forwarding broker** (ROUTER/DEALER) -> 1
-worker did **2677-2940 req/s at c=1** (0.54-0.59x of direct; ~21000 at c=16,
-0.61x); **nginx -> gunicorn** (2 sync workers) did **2894 req/s at c=1**
-(0.58x) and **~5559 at c=16** (0.16x). So a scale0/direct ratio near 0.55 at
-c=1 means the broker + WSGI worker cost about what a bare forwarding hop
-costs; under load (c=64 here, every scenario CPU-bound) the ratio shows how
-much CPU per request Scale0's broker and worker add on top of Mongrel2. To
-set this machine against the anchor machine, compare the direct c=1 hello
-figure below with 5001.
+Absolute numbers move between machines and between runs; the **ratios within
+one run** are what count.
 """
 
 
-def render(*, machine: str, settings: Settings, cpus: str, results: str, runs: str,
-           memory: str, summary: str) -> str:
+def render(*, machine: str, settings: Settings, cpus: str, cells: int,
+           no_control_socket: bool, summary: str, ratios: str, results: str, cpu: str,
+           runs: str, memory: str, runtime_s: float) -> str:
+    warmups = cells // settings.runs
+    load_s = cells * settings.duration_s + warmups * settings.warmup_s
     header = HEADER.format(machine=machine, threads=settings.wrk_threads,
                            duration=settings.duration_s, warmup=settings.warmup_s,
-                           runs=settings.runs, cpus=cpus)
-    return (f"{header}\n## Results\n\n{summary}\n\n{results}\n\n"
-            f"Requests/s of each run (outliers show here):\n\n{runs}\n\n"
+                           runs=settings.runs, cpus=cpus, cells=cells, warmups=warmups,
+                           planned=f"{load_s / 60:.0f}",
+                           no_control_socket=" --no-control-socket" if no_control_socket else "")
+    return (f"{header}\n## Results\n\nThis run took {runtime_s / 60:.1f} min in all.\n\n"
+            f"### Targets of issue 9, judged on this run\n\n{summary}\n\n"
+            f"### Ratios: scale0+relay's req/s against each\n\n{ratios}\n\n"
+            f"### Throughput, latency, errors\n\n{results}\n\n"
+            f"### CPU µs per request, every process (median over runs)\n\n{cpu}\n\n"
+            f"### Requests/s of each run (outliers show here)\n\n{runs}\n\n"
             f"### Memory (RSS after the runs)\n\n{memory}\n")
 
 
-def summary(direct_c1: float, ratio_c1: float, ratio_c64: float) -> str:
-    return (f"This run: direct, hello, c=1 = {direct_c1:,.0f} req/s "
-            f"({direct_c1 / ANCHOR_DIRECT_C1:.2f}x the anchor's {ANCHOR_DIRECT_C1}). "
-            f"scale0/direct, hello: {ratio_c1:.2f}x at c=1 (anchors at c=1: bare forwarding "
-            f"broker 0.54-0.59x, nginx -> gunicorn 0.58x), {ratio_c64:.2f}x at c=64.")
+def _pattern(name: str) -> re.Pattern[str]:
+    return re.compile(rf"<!-- section {re.escape(name)} -->\n.*?<!-- end {re.escape(name)} -->\n",
+                      re.S)
+
+
+def sections(text: str) -> dict[str, str]:
+    """The kept sections of a benchmarks.md, by name (markers included)."""
+    found = {}
+    for name in SECTIONS:
+        match = _pattern(name).search(text)
+        if match:
+            found[name] = match.group(0)
+    return found
+
+
+def section(name: str, body: str) -> str:
+    return f"<!-- section {name} -->\n{body.rstrip()}\n<!-- end {name} -->\n"
+
+
+def _main_part(text: str) -> str:
+    start = text.find("<!-- section ")
+    return text if start < 0 else text[:start]
+
+
+def merge(old: str, main: str | None = None, updates: dict[str, str] | None = None) -> str:
+    """`main` (or the old main part) followed by the sections, old ones kept
+    unless `updates` replaces them (body text, without markers)."""
+    kept = sections(old)
+    for name, body in (updates or {}).items():
+        kept[name] = section(name, body)
+    text = (main if main is not None else _main_part(old)).rstrip() + "\n"
+    for name in SECTIONS:
+        if name in kept:
+            text += "\n" + kept[name]
+    return text
+
+
+def write(path: Path, main: str | None = None, updates: dict[str, str] | None = None) -> None:
+    old = path.read_text() if path.exists() else ""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(merge(old, main, updates))
+
+
+def section_body(path: Path, name: str) -> str | None:
+    """The body of section `name` in the file at `path`, without markers."""
+    if not path.exists():
+        return None
+    found = sections(path.read_text()).get(name)
+    if found is None:
+        return None
+    return found.split("\n", 1)[1].rsplit("<!-- end ", 1)[0].rstrip()

@@ -46,15 +46,18 @@ class Proc:
     """A child process whose stdout and stderr go to `<log_dir>/<name>.log`."""
 
     def __init__(self, name: str, argv: list[str], cwd: Path, log_dir: Path,
-                 stop_signal: int = signal.SIGTERM, extra_logs: tuple[Path, ...] = ()) -> None:
+                 stop_signal: int = signal.SIGTERM, extra_logs: tuple[Path, ...] = (),
+                 child_role: str = "child", env: dict[str, str] | None = None) -> None:
         self.name = name
+        self.child_role = child_role  # what its forked processes are called in the tables
         self.stop_signal = stop_signal
         self.log_path = log_dir / f"{name}.log"
         self.extra_logs = extra_logs
         with open(self.log_path, "wb") as log:
             self.popen = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True,
-                                          preexec_fn=_die_with_parent)
+                                          preexec_fn=_die_with_parent,
+                                          env=None if env is None else {**os.environ, **env})
 
     @property
     def pid(self) -> int:
@@ -148,3 +151,29 @@ def children(pid: int) -> list[int]:
         if len(fields) > 1 and fields[1] == str(pid):
             found.append(int(entry.name))
     return sorted(found)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children, ...), in pid order per level."""
+    found: list[int] = []
+    level = children(pid)
+    while level:
+        found += level
+        level = [grandchild for child in level for grandchild in children(child)]
+    return found
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of `pid` (all its threads) from /proc/PID/stat; None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # fields[0] is field 3 (state)
+    try:
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14 and 15
+    except (IndexError, ValueError):
+        return None

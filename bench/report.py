@@ -1,4 +1,4 @@
-"""Markdown tables for the terminal and for docs/benchmarks.md."""
+"""Markdown tables for the terminal and for docs/benchmarks.md (pure functions of results)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import platform
 import re
 import statistics
 import subprocess
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import zmq
 from .wrk import WrkResult
 
 DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+WRK_ROLE = "wrk (client)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +26,10 @@ class Case:
     payload: str  # label, e.g. "hello (19 B)"
     path: str
     connections: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.payload}, c={self.connections}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +43,45 @@ class Settings:
         return min(self.wrk_threads, connections)
 
 
-Results = dict[tuple[Case, str], list[WrkResult]]  # (case, scenario) -> one per run
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One wrk run against one scenario, with the CPU each process spent in it."""
+
+    wrk: WrkResult
+    cpu_us: dict[str, float] = field(default_factory=dict)  # role -> CPU µs per request
+
+
+Results = dict[tuple[Case, str], list[Run]]  # (case, scenario) -> one per run
 Memory = list[tuple[str, str, int, int | None]]  # scenario, process, pid, RSS KiB
+
+
+def median_of(runs: list[Run], get: Callable[[Run], float]) -> float:
+    values = [v for v in (get(r) for r in runs) if not math.isnan(v)]
+    return statistics.median(values) if values else math.nan
+
+
+def rps(results: Results, case: Case, name: str) -> float:
+    return median_of(results.get((case, name), []), lambda r: r.wrk.requests_per_s)
+
+
+def p50_ms(results: Results, case: Case, name: str) -> float:
+    return median_of(results.get((case, name), []), lambda r: r.wrk.p50_ms)
+
+
+def cpu_roles(runs: list[Run]) -> list[str]:
+    """Roles in the order they first appear (the scenario's start order)."""
+    roles: list[str] = []
+    for run in runs:
+        roles += [role for role in run.cpu_us if role not in roles]
+    return roles
+
+
+def cpu_us(results: Results, case: Case, name: str, match: Callable[[str], bool]) -> float:
+    """Median over runs of the CPU µs per request of the roles `match` picks, summed per run."""
+    runs = results.get((case, name), [])
+    sums = [sum(v for role, v in r.cpu_us.items() if match(role)) for r in runs
+            if any(match(role) for role in r.cpu_us)]
+    return statistics.median(sums) if sums else math.nan
 
 
 def _ms(value: float) -> str:
@@ -47,54 +90,90 @@ def _ms(value: float) -> str:
     return f"{value:.2f}" if value < 10 else f"{value:.1f}"
 
 
-def _cell(runs: list[WrkResult]) -> str:
-    rps = statistics.median(r.requests_per_s for r in runs)
-    p50 = statistics.median(r.p50_ms for r in runs)
-    p99 = statistics.median(r.p99_ms for r in runs)
-    return f"{rps:,.0f} ({_ms(p50)} / {_ms(p99)} ms)"
+def _us(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:,.0f}" if value >= 10 else f"{value:.1f}"
 
 
-def _errors(results: Results, case: Case, scenarios: list[str]) -> str:
-    parts = []
-    for name in scenarios:
-        runs = results[case, name]
-        non_2xx = sum(r.non_2xx for r in runs)
-        sock = sum(r.socket_errors for r in runs)
-        empty = sum(1 for r in runs if r.requests == 0)
-        if non_2xx or sock or empty:
-            bad = [str(i + 1) for i, r in enumerate(runs) if r.errors or r.requests == 0]
-            text = f"**{name}: {non_2xx} non-2xx, {sock} socket"
-            text += f", {empty} empty run(s)" if empty else ""
-            parts.append(text + f" (run {', '.join(bad)})**")
-    return "; ".join(parts) or "0"
+def _errors(runs: list[Run]) -> str:
+    non_2xx = sum(r.wrk.non_2xx for r in runs)
+    sock = sum(r.wrk.socket_errors for r in runs)
+    empty = sum(1 for r in runs if r.wrk.requests == 0)
+    if not (non_2xx or sock or empty):
+        return "0"
+    bad = [str(i + 1) for i, r in enumerate(runs) if r.wrk.errors or r.wrk.requests == 0]
+    text = f"**{non_2xx} non-2xx, {sock} socket"
+    text += f", {empty} empty run(s)" if empty else ""
+    return text + f" (run {', '.join(bad)})**"
+
+
+def _not_wrk(role: str) -> bool:
+    return role != WRK_ROLE
 
 
 def results_table(results: Results, cases: list[Case], scenarios: list[str]) -> str:
-    """One row per case: the baseline (first scenario), then each other with
-    its ratio to the baseline measured in the same run."""
-    base, others = scenarios[0], scenarios[1:]
-    head = f"| payload | connections | {base} req/s (p50 / p99) | "
-    head += "".join(f"{o} req/s (p50 / p99) | {o}/{base} | " for o in others)
-    lines = [head + "errors |", "|---|---:|---:|" + "---:|---:|" * len(others) + "---|"]
+    """One row per case and scenario: medians of req/s, p50, p99; errors; server CPU."""
+    lines = ["| payload | c | scenario | req/s | p50 ms | p99 ms | errors "
+             "| server CPU µs/req |",
+             "|---|---:|---|---:|---:|---:|---|---:|"]
     for case in cases:
-        a = statistics.median(r.requests_per_s for r in results[case, base])
-        row = f"| {case.payload} | {case.connections} | {_cell(results[case, base])} | "
-        for other in others:
-            b = statistics.median(r.requests_per_s for r in results[case, other])
-            ratio = f"{b / a:.2f}x" if a > 0 else "-"
-            row += f"{_cell(results[case, other])} | {ratio} | "
-        lines.append(row + f"{_errors(results, case, scenarios)} |")
+        for name in scenarios:
+            runs = results.get((case, name), [])
+            if not runs:
+                continue
+            p99 = median_of(runs, lambda r: r.wrk.p99_ms)
+            lines.append(f"| {case.payload} | {case.connections} | {name} "
+                         f"| {rps(results, case, name):,.0f} | {_ms(p50_ms(results, case, name))} "
+                         f"| {_ms(p99)} | {_errors(runs)} "
+                         f"| {_us(cpu_us(results, case, name, _not_wrk))} |")
+    return "\n".join(lines)
+
+
+def ratio_table(results: Results, cases: list[Case], subject: str, others: list[str]) -> str:
+    """req/s of `subject` divided by each other scenario's, measured in the same run."""
+    present = [o for o in others if any((c, o) in results for c in cases)]
+    lines = [f"| payload | c | {subject} req/s | " + " | ".join(f"/ {o}" for o in present) + " |",
+             "|---|---:|---:|" + "---:|" * len(present)]
+    for case in cases:
+        mine = rps(results, case, subject)
+        if math.isnan(mine):
+            continue
+        cells = []
+        for other in present:
+            theirs = rps(results, case, other)
+            cells.append(f"{mine / theirs:.2f}x" if theirs > 0 else "-")
+        lines.append(f"| {case.payload} | {case.connections} | {mine:,.0f} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cpu_table(results: Results, cases: list[Case], scenarios: list[str]) -> str:
+    """CPU µs per request of every process (median over runs), one column per case."""
+    lines = ["| scenario | process | " + " | ".join(c.label for c in cases) + " |",
+             "|---|---|" + "---:|" * len(cases)]
+    for name in scenarios:
+        runs = [r for c in cases for r in results.get((c, name), [])]
+        if not runs:
+            continue
+        roles = [r for r in cpu_roles(runs) if r != WRK_ROLE]
+        for role in [*roles, "all server processes", WRK_ROLE]:
+            if role == "all server processes":
+                match: Callable[[str], bool] = _not_wrk
+            else:
+                match = role.__eq__
+            cells = [_us(cpu_us(results, c, name, match)) for c in cases]
+            label = f"**{role}**" if role == "all server processes" else role
+            lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def runs_table(results: Results, cases: list[Case], scenarios: list[str]) -> str:
-    lines = ["| payload | connections | " + " | ".join(f"{s} req/s, each run"
-                                                    for s in scenarios) + " |",
-             "|---|---:|" + "---:|" * len(scenarios)]
+    lines = ["| payload | c | scenario | req/s, each run |", "|---|---:|---|---|"]
     for case in cases:
-        cells = [" / ".join(f"{r.requests_per_s:,.0f}" for r in results[case, s])
-                 for s in scenarios]
-        lines.append(f"| {case.payload} | {case.connections} | " + " | ".join(cells) + " |")
+        for name in scenarios:
+            runs = results.get((case, name), [])
+            if runs:
+                each = " / ".join(f"{r.wrk.requests_per_s:,.0f}" for r in runs)
+                lines.append(f"| {case.payload} | {case.connections} | {name} | {each} |")
     return "\n".join(lines)
 
 
@@ -122,7 +201,7 @@ def mongrel2_version() -> str:
     return f"{dpkg} (Debian mongrel2-core)" if dpkg else "unknown"
 
 
-def machine() -> list[tuple[str, str]]:
+def machine(extra: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
     model = "unknown"
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -141,9 +220,10 @@ def machine() -> list[tuple[str, str]]:
         ("pyzmq / libzmq", f"{zmq.__version__} / {zmq.zmq_version()}"),
         ("Mongrel2", mongrel2_version()),
         ("wrk", (_command(["wrk", "-v"]).split(" Copyright")[0] or "unknown")),
+        *(extra or []),
         ("Scale0 source", f"git {rev}" + (" (uncommitted changes)" if "dirty" in rev else "")),
     ]
 
 
-def machine_table() -> str:
-    return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in machine())])
+def machine_table(extra: list[tuple[str, str]] | None = None) -> str:
+    return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in machine(extra))])

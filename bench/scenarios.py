@@ -1,11 +1,15 @@
-"""The two stacks measured, each with its own Mongrel2 on free ports in a temp folder.
+"""The Mongrel2 stacks measured, each with its own Mongrel2 on free ports in a temp folder.
 
-- direct: Mongrel2 -> bench.direct_handler (one Python process answering itself).
+- direct: Mongrel2 (download.flow_control=0) -> bench.direct_handler (one
+  Python process answering itself).
 - scale0: Mongrel2 -> `scale0 broker` -> `scale0 wsgi examples.hello:app`:
   one broker, one pool of processes=2 threads=4, download.flow_control=1
   (scale0.m2server.config_text sets it).
 - scale0+relay: the same with `scale0 relay` between Mongrel2 and the broker,
-  the shape of scale0.toml's hello stack.
+  the shape of scale0.toml's hello stack (what `make run` starts).
+- scale0+relay fc-off: the same with Mongrel2's download.flow_control=0.
+
+The peers (nginx -> gunicorn, nginx -> granian) are in bench.peers.
 """
 
 from __future__ import annotations
@@ -17,7 +21,16 @@ from pathlib import Path
 
 from scale0.m2server import Mongrel2Server, config_text
 
-from .procs import BenchError, Proc, WaitTimeout, answers_200, children, free_port, wait_until
+from .procs import (
+    BenchError,
+    Proc,
+    WaitTimeout,
+    answers_200,
+    children,
+    descendants,
+    free_port,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SENDER = "5ca1e000-0000-4000-8000-00000000be01"
@@ -58,16 +71,23 @@ class Scenario:
         except WaitTimeout as exc:
             raise BenchError(f"{exc}\n{self.log_tails()}") from None
 
-    def memory_pids(self) -> list[tuple[str, int]]:
-        """(role, pid) of every process to report RSS for, pool workers included."""
+    def wait_children(self, proc_name: str, count: int) -> None:
+        """Wait until the started process `proc_name` has forked `count` processes."""
+        proc = next(p for p in self.procs if p.name == proc_name)
+        try:
+            wait_until(lambda: len(children(proc.pid)) >= count, READY_TIMEOUT_S,
+                       f"{self.name}: {count} {proc.child_role} processes", self.check_alive)
+        except WaitTimeout as exc:
+            raise BenchError(f"{exc}\n{self.log_tails()}") from None
+
+    def processes(self) -> list[tuple[str, int]]:
+        """(role, pid) of every process of the scenario: each started process,
+        then everything it forked (pool workers, nginx and gunicorn workers, ...)."""
         found: list[tuple[str, int]] = []
         for proc in self.procs:
-            if proc.name != "pool":
-                found.append((proc.name, proc.pid))
-                continue
-            found.append(("pool supervisor", proc.pid))
-            found += [(f"pool worker {i + 1}", pid)
-                      for i, pid in enumerate(children(proc.pid))]
+            found.append((proc.name, proc.pid))
+            found += [(f"{proc.child_role} {i + 1}", pid)
+                      for i, pid in enumerate(descendants(proc.pid))]
         return found
 
     def stop(self) -> None:
@@ -76,13 +96,15 @@ class Scenario:
             proc.stop()
 
 
-def _start_mongrel2(scenario: Scenario, tmp: Path) -> tuple[str, str, Path]:
+def _start_mongrel2(scenario: Scenario, tmp: Path, *, flow_control: bool = True,
+                    settings: dict[str, int] | None = None) -> tuple[str, str, Path]:
     """Mongrel2 for `scenario`; returns (send_spec, recv_spec, upload_dir)."""
     send_spec = f"tcp://127.0.0.1:{free_port()}"
     recv_spec = f"tcp://127.0.0.1:{free_port()}"
     conf = tmp / "mongrel2.conf"
     conf.write_text(config_text(http_port=scenario.http_port, send_spec=send_spec,
-                                recv_spec=recv_spec, send_ident=SENDER, uuid=M2_UUID))
+                                recv_spec=recv_spec, send_ident=SENDER, uuid=M2_UUID,
+                                flow_control=flow_control, settings=settings))
     server = Mongrel2Server(conf, tmp / "m2", M2_UUID)
     server.prepare()
     logs = server.runtime_dir / "logs"
@@ -96,7 +118,10 @@ def start_direct(tmp: Path) -> Scenario:
     tmp.mkdir(parents=True, exist_ok=True)
     scenario = Scenario("direct", free_port())
     try:
-        send_spec, recv_spec, _ = _start_mongrel2(scenario, tmp)
+        # Without flow control: the handler sends every reply as one message
+        # and reads no credits, which with flow control on Mongrel2 does not
+        # take for replies larger than its initial credits (1 MiB).
+        send_spec, recv_spec, _ = _start_mongrel2(scenario, tmp, flow_control=False)
         argv = [sys.executable, "-m", "bench.direct_handler",
                 "--send-spec", send_spec, "--recv-spec", recv_spec]
         scenario.procs.append(Proc("direct_handler", argv, ROOT, tmp))
@@ -107,11 +132,13 @@ def start_direct(tmp: Path) -> Scenario:
     return scenario
 
 
-def start_scale0(tmp: Path, *, relay: bool = False) -> Scenario:
+def start_scale0(tmp: Path, *, relay: bool = False, flow_control: bool = True,
+                 name: str = "", m2_settings: dict[str, int] | None = None) -> Scenario:
     tmp.mkdir(parents=True, exist_ok=True)
-    scenario = Scenario("scale0+relay" if relay else "scale0", free_port())
+    scenario = Scenario(name or ("scale0+relay" if relay else "scale0"), free_port())
     try:
-        send_spec, recv_spec, upload_dir = _start_mongrel2(scenario, tmp)
+        send_spec, recv_spec, upload_dir = _start_mongrel2(
+            scenario, tmp, flow_control=flow_control, settings=m2_settings)
         broker = f"tcp://127.0.0.1:{free_port()}"
         cli = [sys.executable, "-m", "scale0.cli"]
         link = f"{send_spec},{recv_spec}"
@@ -125,7 +152,8 @@ def start_scale0(tmp: Path, *, relay: bool = False) -> Scenario:
         scenario.procs.append(Proc("pool", [
             *cli, "wsgi", "examples.hello:app", "--connect", broker, "--service", "hello",
             "--route", "/", "--processes", str(POOL_PROCESSES),
-            "--threads", str(POOL_THREADS), "--upload-dir", str(upload_dir)], ROOT, tmp))
+            "--threads", str(POOL_THREADS), "--upload-dir", str(upload_dir)], ROOT, tmp,
+            child_role="pool worker"))
         scenario.wait_ready(expected_workers=POOL_PROCESSES)
     except BaseException:
         scenario.stop()

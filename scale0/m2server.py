@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -63,6 +64,24 @@ class Mongrel2Server:
         return ["mongrel2", "config.sqlite", self.uuid]
 
 
+def raise_open_files_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; returns the new soft limit.
+
+    Children inherit it: Mongrel2 needs one descriptor per client connection.
+    As root Mongrel2 then sets both limits to its `superpoll.max_fd` setting
+    (default 10240) itself; as another user it keeps the soft limit it was
+    started with, so the soft limit is what caps its connections.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and hard != resource.RLIM_INFINITY:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def server_uuid(config_text: str) -> str:
     """The first Server(uuid=...) in an m2sh config."""
     match = re.search(r"""uuid\s*=\s*["']([0-9A-Za-z-]+)["']""", config_text)
@@ -74,7 +93,7 @@ def server_uuid(config_text: str) -> str:
 def config_text(*, http_port: int, send_spec: str, recv_spec: str, send_ident: str,
                 uuid: str = "f400bf85-4538-4f7a-8908-67e313d515c2", bind_addr: str = "127.0.0.1",
                 content_length_limit: int = 20480, recv_ident: str = "",
-                settings: dict[str, int] | None = None) -> str:
+                settings: dict[str, int] | None = None, flow_control: bool = True) -> str:
     """A one-server, one-handler m2sh config routing every path to Scale0."""
     extra = "".join(f',\n    "{key}": {value}' for key, value in (settings or {}).items())
     return f"""\
@@ -90,7 +109,7 @@ main = Server(
 settings = {{
     "upload.temp_store": "uploads/upload.XXXXXX",
     "server.daemonize": 0,
-    "download.flow_control": 1,
+    "download.flow_control": {int(flow_control)},
     "limits.content_length": {content_length_limit}{extra}
 }}
 servers = [main]

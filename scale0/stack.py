@@ -43,7 +43,7 @@ from .config import (
     to_argv,
     unknown,
 )
-from .m2server import Mongrel2Error, Mongrel2Server, server_uuid
+from .m2server import Mongrel2Error, Mongrel2Server, raise_open_files_limit, server_uuid
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,7 @@ class Stack:
         return stack
 
     def run(self, ready: Callable[[str], None]) -> int:
+        raise_open_files_limit()  # inherited by Mongrel2: one descriptor per client connection
         try:
             self.mongrel2.prepare()
         except Mongrel2Error as exc:

@@ -1,0 +1,93 @@
+"""The bench's pure parts: target verdicts, the docs/benchmarks.md sections, py-spy parsing."""
+
+from __future__ import annotations
+
+from bench import doc, targets
+from bench.profile import parse_raw
+from bench.report import Case, Results, Run, cpu_table
+from bench.wrk import WrkResult
+
+HELLO = {c: Case("hello (19 B)", "/", c) for c in (1, 16, 128)}
+MIB = Case("1 MiB", "/bytes/1048576", 16)
+CASES = [*HELLO.values(), MIB]
+
+
+def _run(rps: float, p50_ms: float = 1.0, cpu: dict[str, float] | None = None) -> Run:
+    return Run(WrkResult(requests_per_s=rps, p50_ms=p50_ms, p99_ms=2 * p50_ms,
+                         requests=int(rps * 5), non_2xx=0, socket_errors=0), cpu or {})
+
+
+def _results(subject_rps: float) -> Results:
+    """granian 10k, gunicorn 4k, direct 30k req/s at every case; the subject as given."""
+    results: Results = {}
+    for case in CASES:
+        results[case, "granian"] = [_run(10_000, 0.2)] * 3
+        results[case, "gunicorn"] = [_run(4_000, 0.4)] * 3
+        results[case, "direct"] = [_run(30_000, 0.1)] * 3
+        cpu = {"mongrel2": 30.0, "relay": 8.0, "broker": 20.0, "pool": 0.0,
+               "pool worker 1": 15.0, "pool worker 2": 20.0}
+        results[case, targets.SUBJECT] = [_run(subject_rps, 0.2, cpu)] * 3
+        results[case, targets.FC_OFF] = [_run(subject_rps * 1.05, 0.2)] * 3
+    return results
+
+
+def test_targets_met_when_the_numbers_meet_them() -> None:
+    text = targets.summary(_results(12_500), CASES)
+    lines = text.splitlines()
+    assert lines[0].startswith("- **met**") and "1.25x granian, 3.12x gunicorn" in lines[0]
+    assert lines[1].startswith("- **met**") and "(+100 µs)" in lines[1]
+    assert lines[2].startswith("- **met**") and "WSGI workers 35 µs" in lines[2]
+    assert lines[3].startswith("- **met**") and "+4.8%" in lines[3]
+    assert lines[4].startswith("- **met**") and "c=16: 1.25x" in lines[4]
+
+
+def test_targets_missed_when_the_numbers_fall_short() -> None:
+    lines = targets.summary(_results(11_000), CASES).splitlines()
+    assert lines[0].startswith("- **missed**") and "1.10x granian" in lines[0]
+    assert lines[4].startswith("- **met**")  # 1.10x granian at 1 MiB is not slower
+    lines = targets.summary(_results(9_000), CASES).splitlines()
+    assert lines[1].startswith("- **missed**") and lines[4].startswith("- **missed**")
+
+
+def test_memory_verdicts_come_from_the_long_section() -> None:
+    assert "not measured yet" in targets.summary(_results(12_500), CASES).splitlines()[-1]
+    long = "## Long checks\n\n- **met**: relay RSS flat\n- **missed**: broker RSS flat\n"
+    lines = targets.summary(_results(12_500), CASES, long).splitlines()
+    assert lines[-2:] == ["- (last `make bench-long`, section below) **met**: relay RSS flat",
+                          "- (last `make bench-long`, section below) **missed**: broker RSS flat"]
+
+
+def test_targets_not_measured_say_so() -> None:
+    results = {k: v for k, v in _results(12_500).items() if k[1] != "granian"}
+    lines = targets.summary(results, CASES).splitlines()
+    assert lines[0].endswith("not measured in this run")
+    assert lines[4].endswith("not measured in this run")
+
+
+def test_cpu_table_has_every_process_and_the_total() -> None:
+    table = cpu_table(_results(12_500), CASES, [targets.SUBJECT])
+    assert "| scale0+relay | pool worker 2 | 20 | 20 | 20 | 20 |" in table
+    assert "| scale0+relay | **all server processes** | 93 | 93 | 93 | 93 |" in table
+
+
+def test_bench_keeps_the_long_and_profile_sections() -> None:
+    old = doc.merge("", "# old main\n", {"long": "long body", "profile": "profile body"})
+    new = doc.merge(old, "# new main\n")
+    assert new.startswith("# new main\n") and "# old main" not in new
+    assert doc.sections(new) == doc.sections(old)
+    assert "long body" in new and "profile body" in new
+    again = doc.merge(new, updates={"profile": "second profile"})
+    assert again.startswith("# new main\n")
+    assert "second profile" in again and "profile body" not in again and "long body" in again
+
+
+def test_parse_raw_counts_own_and_inclusive_samples() -> None:
+    raw = ("main (a.py:1);loop (a.py:5);poll (zmq/sugar/poll.py:3) 6\n"
+           "main (a.py:1);loop (a.py:6);send (/x/site-packages/zmq/s.py:9) 3\n"
+           "main (a.py:1);loop (a.py:7) 1\n")
+    profile = parse_raw(raw, "broker")
+    assert profile.samples == 10
+    assert profile.own == [("poll (zmq/sugar/poll.py)", 6), ("send (zmq/s.py)", 3),
+                           ("loop (a.py)", 1)]
+    assert ("main (a.py)", 10) not in profile.inclusive  # on every stack: an entry point
+    assert profile.inclusive[0] == ("poll (zmq/sugar/poll.py)", 6)
