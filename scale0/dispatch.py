@@ -43,12 +43,13 @@ from typing import Any
 from . import mongrel2 as m2
 from . import protocol as p
 from .routing import Route, RouteTable, parse_route
+from .screen import screen
 
 log = logging.getLogger(__name__)
 
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 SAFE_TO_RETRY = frozenset({b"GET", b"HEAD", b"OPTIONS"})
-_REFUSED_TEXT = {400: "bad upload"}
+_REFUSED_TEXT = {400: "bad request"}
 _CREDITS_TAIL = b'{"type":"credits"},'
 
 
@@ -162,6 +163,7 @@ class Counters:
     client_gone: int = 0
     too_large: int = 0
     forged_uploads: int = 0
+    bad_requests: int = 0
 
 
 class Dispatcher:
@@ -246,9 +248,14 @@ class Dispatcher:
         key = (link, conn_id)
         refused = 0
         match = None
+        req, raw, problem = screen(req, raw)
         length = req.header(b"content-length")
         declared = int(length) if length is not None and length.isdigit() else None
-        if isinstance(req, m2.UploadStart) and (req.body or not declared):
+        if problem:  # duplicate Host, conflicting lengths (screen.py)
+            self.counters.bad_requests += 1
+            log.warning("bad request on conn %d: %s", conn_id, problem)
+            refused, close = 400, True
+        elif isinstance(req, m2.UploadStart) and (req.body or not declared):
             # Mongrel2's own upload-start has an empty body and a Content-Length
             # over limits.content_length; a client-forged header on a small
             # request has neither.
@@ -274,8 +281,8 @@ class Dispatcher:
         if refused and isinstance(req, m2.UploadStart):
             self.counters.requests += 1  # refused at its start: it ends here, counted once
         if refused and on_conn is None:
-            self._reply_error(link, sender, conn_id, refused, _REFUSED_TEXT.get(refused, ""),
-                              close=close)
+            self._reply_error(link, sender, conn_id, refused,
+                              problem or _REFUSED_TEXT.get(refused, ""), close=close)
             if self.record:
                 uri = req.header(b"URI") or req.path
                 self.done.append(Done(link, conn_id, req.method.decode("latin-1"),

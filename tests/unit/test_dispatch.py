@@ -1734,3 +1734,36 @@ def test_snapshot_lists_services_routes_workers_and_counters() -> None:
     (w,) = snap["workers"]
     assert (w["label"], w["in_flight"], w["capacity"], w["age_s"]) == ("w1", 1, 2, 7.5)
     assert snap["counters"]["requests"] == 1 and snap["requests"] == 1
+
+
+# ---- HTTP edges (screen.py): duplicate Host, conflicting lengths, absolute-form ----
+
+
+def test_duplicate_host_and_conflicting_lengths_are_400_and_counted() -> None:
+    h = Harness(max_body_bytes=1000)
+    h.hello(b"w1")
+    h.m2(m2_message(SENDER, 1, b"/app", {b"METHOD": b"GET", b"VERSION": b"HTTP/1.1",
+                                          b"PATH": b"/app", b"host": [b"a", b"localhost"]}))
+    assert b"Host" in h.take_error(400, 1, close=True).body
+    # Mongrel2 reads the body by the first length: a check of the last must not pass it.
+    h.m2(m2_message(SENDER, 2, b"/app", {b"METHOD": b"POST", b"VERSION": b"HTTP/1.1",
+                                          b"PATH": b"/app", b"host": b"localhost",
+                                          b"content-length": [b"3000", b"3"]}, b"abc"))
+    assert b"Content-Length" in h.take_error(400, 2, close=True).body
+    assert h.d.counters.bad_requests == 2 and h.d.counters.requests == 2
+    assert h.take_workers() == []
+
+
+def test_absolute_form_routes_by_the_target_authority() -> None:
+    h = Harness()
+    h.hello(b"w1", {"app": ("example.com/app",)})
+    raw = m2_request(1, b"//example.com/app/x", host=b"other",
+                     extra={b"URI": b"//example.com/app/x?q=1", b"QUERY": b"q=1"})
+    h.m2(raw)
+    sent = h.take_one_request()
+    event = sent.event
+    assert (event.path, event.headers[b"host"], event.headers[b"URI"]) == (
+        b"/app/x", b"example.com", b"/app/x?q=1")
+    assert sent.script_name == b"/app"
+    h.serve(sent)
+    assert [m.status for m in h.take_mongrel2()] == [200]
