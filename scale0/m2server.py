@@ -17,6 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RUNTIME_DIRS = ("run", "logs", "uploads", "tmp")
+# limits.buffer_size: the request line and all header lines must fit in it,
+# else Mongrel2 answers 400 (Mongrel2's default 4096 refuses an 8 KB cookie).
+# 32 KiB holds gunicorn's largest field (8190 bytes) several times over; each
+# connection allocates it, resident once filled (docs/operating.md).
+HEADER_BUFFER_BYTES = 32768
 
 
 class Mongrel2Error(RuntimeError):
@@ -94,8 +99,10 @@ def config_text(*, http_port: int, send_spec: str, recv_spec: str, send_ident: s
                 uuid: str = "f400bf85-4538-4f7a-8908-67e313d515c2", bind_addr: str = "127.0.0.1",
                 content_length_limit: int = 20480, recv_ident: str = "",
                 settings: dict[str, int] | None = None, flow_control: bool = True) -> str:
-    """A one-server, one-handler m2sh config routing every path to Scale0."""
-    extra = "".join(f',\n    "{key}": {value}' for key, value in (settings or {}).items())
+    """A one-server, one-handler m2sh config routing every path to Scale0.
+    `settings` add to (or replace) the Mongrel2 settings written here."""
+    settings = {"limits.buffer_size": HEADER_BUFFER_BYTES, **(settings or {})}
+    extra = "".join(f',\n    "{key}": {value}' for key, value in settings.items())
     return f"""\
 scale0 = Handler(send_spec='{send_spec}', send_ident='{send_ident}',
                  recv_spec='{recv_spec}', recv_ident='{recv_ident}', protocol='tnetstring')
