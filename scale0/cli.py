@@ -177,6 +177,7 @@ def load_app(spec: str) -> Any:
 
 def cmd_wsgi(cfg: config.WsgiConfig, _: argparse.Namespace) -> int:
     from .childstate import current as child_state
+    from .forwarded import trust
     from .supervise import BOOT_FAILED, Pool
     from .worker import ReplyStream, Worker, WorkerSettings
     from .wsgi import WsgiSettings, run_wsgi
@@ -192,7 +193,8 @@ def cmd_wsgi(cfg: config.WsgiConfig, _: argparse.Namespace) -> int:
         graceful_timeout_s=cfg.graceful_timeout)
     wsgi_settings = WsgiSettings(
         upload_dir=os.path.abspath(cfg.upload_dir) if cfg.upload_dir else None,
-        multithread=cfg.threads > 1, multiprocess=cfg.processes > 1)
+        multithread=cfg.threads > 1, multiprocess=cfg.processes > 1,
+        forwarded=trust(cfg.forwarded_allow_ips, cfg.client_address_header))
 
     def serve() -> int:
         try:

@@ -157,6 +157,26 @@ def _metrics_address(text: str) -> tuple[str, int] | None:
         raise Invalid(str(exc)) from exc
 
 
+def _forwarded_allow(text: str) -> str:
+    from .forwarded import parse_allow
+
+    try:
+        parse_allow(text)
+    except ValueError as exc:
+        raise Invalid(f"forwarded_allow_ips: {exc}") from exc
+    return text
+
+
+def _header_name(text: str) -> str:
+    from .forwarded import trust
+
+    try:
+        trust(client_header=text)
+    except ValueError as exc:
+        raise Invalid(str(exc)) from exc
+    return text
+
+
 def _access_format(text: str) -> str:
     try:
         check_format(text)
@@ -188,6 +208,9 @@ SERVICE_PAGE = Kind("SERVICE=FILE", (), _service_page)
 METRICS_ADDRESS = Kind("[HOST:]PORT or off", (str, int), lambda text: _metrics_address(text),
                        lambda value: _metrics_address(str(value)))
 ACCESS_FORMAT = Kind("a str.format template", (str,), _access_format, _access_format)
+FORWARDED_ALLOW = Kind("IP addresses or networks, comma-separated, or *", (str,),
+                       _forwarded_allow, _forwarded_allow)
+HEADER_NAME = Kind("a header name", (str,), _header_name, _header_name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,6 +338,14 @@ class WsgiConfig(PeerConfig):
         0.0, "kill and replace a process stuck this long in one request, or whose loop "
         "stalls this long (0: off; set it above the broker's request_timeout)",
         NON_NEGATIVE_FLOAT, metavar="SECONDS")
+    forwarded_allow_ips: str = setting(
+        "127.0.0.1,::1", "Mongrel2 peers (a load balancer, a TLS front) whose "
+        "X-Forwarded-Proto and client-address header are believed: addresses or "
+        "networks, comma-separated, or * for any", FORWARDED_ALLOW, metavar="ADDRESSES")
+    client_address_header: str = setting(
+        "X-Real-IP", "from those peers, the header whose address becomes REMOTE_ADDR "
+        "(Mongrel2 overwrites X-Forwarded-For unless no_clobber_xff)", HEADER_NAME,
+        metavar="HEADER")
 
 
 @dataclass(frozen=True, slots=True)
