@@ -186,7 +186,7 @@ def cmd_wsgi(cfg: config.WsgiConfig, _: argparse.Namespace) -> int:
         os.chdir(cfg.chdir)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    service = cfg.service or cfg.app.partition(":")[0].rsplit(".", 1)[-1]
+    service = cfg.service or config.default_service(cfg.app)
     worker_settings = WorkerSettings(
         connect=cfg.connect, services=(p.ServiceSpec(service, cfg.route),),
         capacity=cfg.threads, heartbeat_s=cfg.heartbeat, liveness=cfg.liveness,

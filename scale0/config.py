@@ -348,6 +348,12 @@ class WsgiConfig(PeerConfig):
         metavar="HEADER")
 
 
+def default_service(app: str) -> str:
+    """The service name of a pool given none: the app's module, last part
+    ('pkg.web:app' -> 'web')."""
+    return app.partition(":")[0].rsplit(".", 1)[-1]
+
+
 @dataclass(frozen=True, slots=True)
 class RelayConfig(PeerConfig):
     mongrel2: str = setting("", "the Mongrel2 handler's send_spec to PULL from", required=True,
