@@ -7,6 +7,8 @@ import re
 import resource
 from pathlib import Path
 
+import pytest
+
 from scale0.m2server import HEADER_BUFFER_BYTES, config_text, raise_open_files_limit
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,6 +52,13 @@ def test_a_given_setting_replaces_the_default_once() -> None:
     assert text.count("limits.buffer_size") == 1
     assert _settings(text)["limits.buffer_size"] == "8192"
     assert _settings(text)["upload.stream"] == "1"
+
+
+def test_a_header_buffer_over_the_spool_threshold_is_refused() -> None:
+    # Mongrel2 1.12 corrupts spooled uploads when buffer_size > content_length.
+    with pytest.raises(ValueError, match="corrupts"):
+        config_text(http_port=1, send_spec="tcp://a:1", recv_spec="tcp://a:2",
+                    send_ident="x", settings={"limits.buffer_size": 32768})
 
 
 def test_shipped_config_sets_the_header_buffer() -> None:
