@@ -104,7 +104,8 @@ def cmd_broker(cfg: config.BrokerConfig, _: argparse.Namespace) -> int:
         queue_timeout_s=cfg.queue_timeout, request_timeout_s=cfg.request_timeout,
         retry_after_s=cfg.retry_after, max_body_bytes=cfg.max_body,
         keepalive_s=cfg.keepalive, routes=cfg.route, service_timeouts=cfg.service_timeout,
-        maintenance_pages=cfg.maintenance_page)
+        maintenance_pages=cfg.maintenance_page,
+        upload_dir=os.path.abspath(cfg.upload_dir) if cfg.upload_dir else None)
     broker = Broker(links, cfg.bind, settings, graceful_timeout_s=cfg.graceful_timeout,
                     control="" if cfg.control == "off" else cfg.control,
                     metrics=cfg.metrics)
@@ -182,6 +183,8 @@ def cmd_wsgi(cfg: config.WsgiConfig, _: argparse.Namespace) -> int:
     from .worker import ReplyStream, Worker, WorkerSettings
     from .wsgi import WsgiSettings, run_wsgi
 
+    # Relative paths in settings mean the working directory they were given in.
+    upload_dir = os.path.abspath(cfg.upload_dir) if cfg.upload_dir else None
     if cfg.chdir:
         os.chdir(cfg.chdir)
     if os.getcwd() not in sys.path:
@@ -192,8 +195,7 @@ def cmd_wsgi(cfg: config.WsgiConfig, _: argparse.Namespace) -> int:
         capacity=cfg.threads, heartbeat_s=cfg.heartbeat, liveness=cfg.liveness,
         graceful_timeout_s=cfg.graceful_timeout)
     wsgi_settings = WsgiSettings(
-        upload_dir=os.path.abspath(cfg.upload_dir) if cfg.upload_dir else None,
-        multithread=cfg.threads > 1, multiprocess=cfg.processes > 1,
+        upload_dir=upload_dir, multithread=cfg.threads > 1, multiprocess=cfg.processes > 1,
         forwarded=trust(cfg.forwarded_allow_ips, cfg.client_address_header))
 
     def serve() -> int:

@@ -296,6 +296,10 @@ class BrokerConfig(PeerConfig):
     access_log_format: str = setting(
         ACCESS_LOG_FORMAT, "access log line, a Python str.format template over: "
         + ", ".join(ACCESS_LOG_FIELDS), ACCESS_FORMAT, metavar="TEMPLATE")
+    upload_dir: str | None = setting(
+        None, "Mongrel2's upload.temp_store folder as seen here: each spooled request "
+        "body is removed once its request is over (refused, answered, abandoned)",
+        metavar="DIR")
     keepalive: float = setting(
         30.0, "send Mongrel2 a ctl keep-alive for requests waiting this long, and again as "
         "often, so its idle killer (min_ping) spares them", POSITIVE_FLOAT, metavar="SECONDS")

@@ -70,6 +70,9 @@ class DispatchSettings:
     service_timeouts: tuple[tuple[str, float], ...] = ()  # per-service request_timeout_s
     # Per service: the 503 page (HTML) sent while no worker of it is connected.
     maintenance_pages: tuple[tuple[str, bytes], ...] = ()
+    # Mongrel2's upload.temp_store folder as the broker sees it: spooled bodies
+    # are removed there once their request is over (spool.py). None: not here.
+    upload_dir: str | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -95,6 +98,7 @@ class Request:
     bytes_out: int = 0  # response bytes forwarded (only counted while recording)
     worker_label: str = ""  # the last worker it was sent to
     uri: bytes = b""  # path and query, as the client sent them (only kept while recording)
+    upload: bytes = b""  # Mongrel2's spooled body file: removed when the request is over
 
 
 @dataclass(slots=True, eq=False)
@@ -178,6 +182,11 @@ class Dispatcher:
         # (link, conn_id) -> requests on that connection, the first one active.
         self.connections: dict[tuple[int, int], deque[Request]] = {}
         self.uploads: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        # Uploads refused at their start: their done message is dropped, the file removed.
+        self.refused_uploads: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        # Mongrel2 paths of spooled bodies nobody needs any more; the loop removes
+        # them (spool.py) and empties the list.
+        self.to_unlink: list[bytes] = []
         self._starting: set[tuple[int, int]] = set()  # connections in _start_next
         self._nowhere = Service("", b"")  # of refused requests; never has workers
         self.to_workers: list[list[bytes]] = []
@@ -233,6 +242,8 @@ class Dispatcher:
 
     def _on_request(self, link: int, raw: bytes,
                     req: m2.HttpRequest | m2.UploadStart | m2.UploadDone, now: float) -> None:
+        if isinstance(req, m2.UploadDone) and self._refused_done(link, req):
+            return
         if not isinstance(req, m2.UploadStart):
             self.counters.requests += 1
         sender, conn_id = req.sender, req.conn_id
@@ -249,20 +260,24 @@ class Dispatcher:
         refused = 0
         match = None
         req, raw, problem = screen(req, raw)
+        # A done message matching its start names Mongrel2's own file (spool.py).
+        spooled = b""
+        if isinstance(req, m2.UploadDone) and self.uploads.pop(key, None) == req.upload_path:
+            spooled = req.upload_path
         length = req.header(b"content-length")
         declared = int(length) if length is not None and length.isdigit() else None
         if problem:  # duplicate Host, conflicting lengths (screen.py)
             self.counters.bad_requests += 1
             log.warning("bad request on conn %d: %s", conn_id, problem)
             refused, close = 400, True
-        elif isinstance(req, m2.UploadStart) and (req.body or not declared):
+        elif isinstance(req, m2.UploadStart) and (req.body or not (declared or _chunked(req))):
             # Mongrel2's own upload-start has an empty body and a Content-Length
-            # over limits.content_length; a client-forged header on a small
-            # request has neither.
+            # over limits.content_length, or is chunked (always spooled); a
+            # client-forged header on a small request has neither.
             self.counters.forged_uploads += 1
             log.warning("forged upload-start on conn %d", conn_id)
             refused, close = 400, True
-        elif isinstance(req, m2.UploadDone) and self.uploads.pop(key, None) != req.upload_path:
+        elif isinstance(req, m2.UploadDone) and not spooled:
             self.counters.forged_uploads += 1
             log.warning("upload-done without matching upload-start on conn %d", conn_id)
             refused, close = 400, True
@@ -280,7 +295,11 @@ class Dispatcher:
         on_conn = self.connections.get(key)
         if refused and isinstance(req, m2.UploadStart):
             self.counters.requests += 1  # refused at its start: it ends here, counted once
+            if not req.body and (declared or _chunked(req)):  # genuine: Mongrel2's file
+                self._refuse_upload(key, req.upload_path)
         if refused and on_conn is None:
+            if spooled:
+                self.to_unlink.append(spooled)
             self._reply_error(link, sender, conn_id, refused,
                               problem or _REFUSED_TEXT.get(refused, ""), close=close)
             if self.record:
@@ -297,7 +316,7 @@ class Dispatcher:
             service = self.services[match.service]
             script_name = match.script_name.encode("latin-1")
         r = Request(rid, link, sender, conn_id, req.method, raw, service, script_name, now,
-                    close, reply_prefix=prefix, refused=refused)
+                    close, reply_prefix=prefix, refused=refused, upload=spooled)
         if self.record:
             r.uri = req.header(b"URI") or req.path
         self.requests[rid] = r
@@ -343,7 +362,10 @@ class Dispatcher:
 
     def _on_disconnect(self, link: int, conn_id: int) -> None:
         key = (link, conn_id)
-        self.uploads.pop(key, None)
+        started = self.uploads.pop(key, None)  # Mongrel2 removes a half-written file
+        if started is not None:  # itself, but it may have been complete
+            self.to_unlink.append(started)
+        self.refused_uploads.pop(key, None)
         on_conn = self.connections.pop(key, None)
         if not on_conn:
             return
@@ -368,7 +390,25 @@ class Dispatcher:
         self.uploads[key] = event.upload_path
         self.uploads.move_to_end(key)
         while len(self.uploads) > 10_000:  # bounded even if no upload-done ever comes
-            self.uploads.popitem(last=False)
+            self.to_unlink.append(self.uploads.popitem(last=False)[1])
+
+    def _refuse_upload(self, key: tuple[int, int], upload_path: bytes) -> None:
+        """A genuine upload refused at its start: its file goes, and so does its
+        done message, if Mongrel2 still sends one (the body was in first)."""
+        self.to_unlink.append(upload_path)
+        self.refused_uploads[key] = upload_path
+        self.refused_uploads.move_to_end(key)
+        while len(self.refused_uploads) > 10_000:
+            self.refused_uploads.popitem(last=False)
+
+    def _refused_done(self, link: int, req: m2.UploadDone) -> bool:
+        """The done message of an upload refused at its start: already answered."""
+        key = (link, req.conn_id)
+        if self.refused_uploads.get(key) != req.upload_path:
+            return False
+        del self.refused_uploads[key]
+        self.to_unlink.append(req.upload_path)
+        return True
 
     # ---- worker side ---------------------------------------------------
 
@@ -660,8 +700,8 @@ class Dispatcher:
             r.cancelled = True
         r.service.queue.pop(r.rid, None)
         r.service.active.pop(r.rid, None)
-        if r.worker is None:
-            self.requests.pop(r.rid, None)
+        if r.worker is None and self.requests.pop(r.rid, None) is not None and r.upload:
+            self.to_unlink.append(r.upload)  # over: nobody reads its body any more
         key = (r.link, r.conn_id)
         on_conn = self.connections.get(key)
         if not on_conn:
@@ -844,6 +884,11 @@ class Dispatcher:
         for rid in self.requests:
             if rid not in where:
                 raise AssertionError(f"request {rid} is nowhere")
+
+
+def _chunked(req: m2.Message) -> bool:
+    """A chunked body: Mongrel2 spools it whatever its size, with no Content-Length."""
+    return b"chunked" in (req.header(b"transfer-encoding") or b"").lower()
 
 
 def _wants_close(req: m2.Message) -> bool:

@@ -11,7 +11,8 @@ and a reason to refuse it with 400, or "":
   repeated headers as a list, so the broker would route by one value while
   the app saw them joined.
 * Content-Length: field lines with different values, or a value that is not
-  one decimal number: 400 (RFC 9110 section 8.6, RFC 9112 section 6.3).
+  one decimal number, or beside a Transfer-Encoding: 400 (RFC 9110 section
+  8.6, RFC 9112 sections 6.1 and 6.3).
   Mongrel2 reads the body by the first value; a check of another one would
   let a larger body past ``--max-body``. Identical repeats are one length.
 * Absolute-form target (``GET http://host:port/path?q HTTP/1.1``, RFC 9112
@@ -56,7 +57,8 @@ def screen(req: E, raw: bytes) -> tuple[E, bytes, str]:
     headers = req.headers
     length = headers.get(b"content-length")
     if (type(headers.get(b"host")) is not list and req.path[:2] != b"//"
-            and (length is None or (isinstance(length, bytes) and length.isdigit()))):
+            and (length is None or (isinstance(length, bytes) and length.isdigit()
+                                    and b"transfer-encoding" not in headers))):
         return req, raw, ""  # the common case
     problem = framing_problem(headers)
     if problem:
@@ -73,6 +75,8 @@ def framing_problem(headers: m2.Headers) -> str:
     length = headers.get(b"content-length")
     if length is None:
         return ""
+    if b"transfer-encoding" in headers:
+        return "both Transfer-Encoding and Content-Length (RFC 9112 section 6.1)"
     values = length if isinstance(length, list) else [length]
     if not all(value.isdigit() for value in values):
         return "invalid Content-Length (RFC 9112 section 6.3)"
@@ -115,7 +119,7 @@ def absolute_form(req: E, raw: bytes) -> tuple[E, bytes, str]:
     query = headers.get(b"QUERY")
     headers[b"URI"] = path + b"?" + query if type(query) is bytes and query else path
     # Re-encoded with tnetstring headers whatever protocol Mongrel2 used:
-    # parse_message reads both (MONGREL2.md "Request message").
+    # parse_message reads both handler protocols (docs/protocol.md).
     encoded = tnetstring.dumps(headers)
     message = b"%s %d %s %s%d:%s," % (req.sender, req.conn_id, path, encoded,
                                       len(req.body), req.body)

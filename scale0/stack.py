@@ -142,7 +142,7 @@ class Stack:
             # The pools' routes first, as configured routes: a service whose
             # workers are down or crash-looping then gets 503, not 404. The
             # broker's own `route` and `routes` come after them and win.
-            argv = [*scale0, "broker",
+            argv = [*scale0, "broker", f"--upload-dir={server.upload_dir}",
                     *(f"--route={spec}={service}"
                       for spec, service in _routes_for(b["bind"], binds, pool_routes)),
                     *to_argv(BrokerConfig, settings)]

@@ -284,6 +284,9 @@ def test_stack_tables_take_every_setting(tmp_path: Path) -> None:
     broker, pool = (p.argv[3:] for p in s.procs[1:])
     # The pool's route comes first (configured: 503 while its workers are down),
     # so the broker's own routes win over it.
+    # The stack's Mongrel2 upload folder first: the broker removes spooled bodies.
+    assert broker[1] == f"--upload-dir={tmp_path}/var/mongrel2/uploads"
+    del broker[1]
     assert broker == ["broker", "--route=/=hi", "--bind=tcp://127.0.0.1:6780",
                       f"--mongrel2={LINK}", "--queue-size=7", "--route=/api=api",
                       "--route=/static=assets"]

@@ -1767,3 +1767,114 @@ def test_absolute_form_routes_by_the_target_authority() -> None:
     assert sent.script_name == b"/app"
     h.serve(sent)
     assert [m.status for m in h.take_mongrel2()] == [200]
+
+
+# ---- spooled bodies (spool.py): chunked uploads, cleanup -------------------------
+
+
+def m2_chunked(conn_id: int, start: bytes, done: bytes | None = None,
+               path: bytes = b"/app/up") -> bytes:
+    """Mongrel2's upload pair for a chunked body: no Content-Length."""
+    extra = {b"x-mongrel2-upload-start": start, b"transfer-encoding": b"chunked"}
+    if done is not None:
+        extra[b"x-mongrel2-upload-done"] = done
+    return m2_request(conn_id, path, method=b"POST", extra=extra)
+
+
+def take_unlink(h: Harness) -> list[bytes]:
+    out, h.d.to_unlink = h.d.to_unlink, []
+    return out
+
+
+def test_a_chunked_upload_is_served_and_its_file_removed_after() -> None:
+    h = Harness()
+    h.hello(b"w1")
+    h.m2(m2_chunked(1, b"uploads/upload.C"))
+    h.quiet()
+    h.m2(m2_chunked(1, b"uploads/upload.C", done=b"uploads/upload.C"))
+    sent = h.take_one_request()
+    assert take_unlink(h) == []  # the worker reads it now
+    h.serve(sent)
+    assert [m.status for m in h.take_mongrel2()] == [200]
+    assert take_unlink(h) == [b"uploads/upload.C"]
+    assert h.d.counters.forged_uploads == 0
+
+
+def test_a_forged_chunked_start_with_a_body_is_400_and_nothing_removed() -> None:
+    h = Harness()
+    h.hello(b"w1")
+    h.m2(m2_request(1, b"/app", method=b"POST", body=b"hi",
+                    extra={b"x-mongrel2-upload-start": b"uploads/upload.Other",
+                           b"transfer-encoding": b"chunked"}))
+    h.take_error(400, 1, close=True)  # a length beside chunked: refused by screen.py
+    assert take_unlink(h) == [] and h.d.counters.bad_requests == 1
+    h.m2(m2_message(SENDER, 2, b"/app", {b"METHOD": b"GET", b"VERSION": b"HTTP/1.1",
+                                          b"transfer-encoding": b"chunked",
+                                          b"x-mongrel2-upload-start": b"uploads/upload.O"},
+                    b"hi"))
+    h.take_error(400, 2, close=True)
+    assert take_unlink(h) == [] and h.d.counters.forged_uploads == 1
+
+
+def test_a_forged_done_is_never_removed() -> None:
+    h = Harness()
+    h.hello(b"w1")
+    h.m2(m2_upload(1, b"uploads/upload.Real"))
+    h.m2(m2_upload(1, b"uploads/upload.Real", done=b"uploads/upload.Victim"))
+    h.take_error(400, 1, close=True)
+    assert take_unlink(h) == []
+
+
+def test_an_upload_refused_at_its_start_is_removed_and_its_done_dropped() -> None:
+    h = Harness(max_body_bytes=1000)
+    h.hello(b"w1")
+    h.m2(m2_upload(1, b"uploads/upload.Big"))  # Content-Length 5000
+    h.take_error(413, 1, close=True)
+    assert take_unlink(h) == [b"uploads/upload.Big"]
+    assert h.d.counters.requests == 1
+    # The body was in before the close: Mongrel2 still sends the done.
+    h.m2(m2_upload(1, b"uploads/upload.Big", done=b"uploads/upload.Big"))
+    h.quiet()
+    assert take_unlink(h) == [b"uploads/upload.Big"]
+    assert (h.d.counters.requests, h.d.counters.forged_uploads) == (1, 0)
+
+
+@pytest.mark.parametrize("ending", ["no route", "no worker", "worker gone", "timeout",
+                                    "client gone", "worker refuses"])
+def test_every_ending_removes_the_spooled_body(ending: str) -> None:
+    h = Harness(routes=(("/none", "none"),), request_timeout_s=5.0)
+    h.hello(b"w1")
+    path = {"no route": b"/nowhere", "no worker": b"/none"}.get(ending, b"/app/up")
+    h.m2(m2_upload(1, b"uploads/upload.E", path=path))
+    h.m2(m2_upload(1, b"uploads/upload.E", done=b"uploads/upload.E", path=path))
+    if ending == "no route":
+        h.take_error(404, 1)
+    elif ending == "no worker":
+        h.take_error(503, 1)
+    else:
+        sent = h.take_one_request()
+        assert take_unlink(h) == []
+        if ending == "worker gone":  # a POST is not retried: 502
+            h.worker(b"w1", Cmd.BYE)
+            h.take_error(502, 1)
+        elif ending == "timeout":
+            h.tick(6.0)
+            h.take_error(504, 1)
+            assert take_unlink(h) == []  # still at the worker, which may be reading it
+            h.serve(sent)
+        elif ending == "client gone":
+            h.m2(m2_disconnect(1))
+            assert take_unlink(h) == []
+            h.serve(sent)  # its last reply: the request is over
+        else:  # e.g. a worker with no --upload-dir answers 400
+            h.serve(sent, b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    assert take_unlink(h) == [b"uploads/upload.E"]
+    assert h.d.requests == {}
+
+
+def test_a_disconnect_during_an_upload_removes_its_file() -> None:
+    h = Harness()
+    h.hello(b"w1")
+    h.m2(m2_upload(1, b"uploads/upload.Half"))
+    h.m2(m2_disconnect(1))
+    assert take_unlink(h) == [b"uploads/upload.Half"] and h.d.uploads == {}

@@ -118,3 +118,9 @@ def test_a_doubled_slash_path_is_left_alone() -> None:
 
 def test_userinfo_in_the_target_is_refused() -> None:
     assert "userinfo" in run(message(b"//u:pw@example.com/x", {b"host": b"h"}))[2]
+
+
+def test_a_length_beside_transfer_encoding_is_refused() -> None:
+    problem = run(message(b"/app", {b"content-length": b"5", b"transfer-encoding": b"chunked"}))[2]
+    assert "Transfer-Encoding" in problem
+    assert run(message(b"/app", {b"transfer-encoding": b"chunked"}))[2] == ""
