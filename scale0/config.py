@@ -300,6 +300,11 @@ class BrokerConfig(PeerConfig):
         None, "Mongrel2's upload.temp_store folder as seen here: each spooled request "
         "body is removed once its request is over (refused, answered, abandoned)",
         metavar="DIR")
+    inline_body_max: int = setting(
+        8 << 20, "with upload_dir: spooled request bodies up to this size are read here "
+        "and sent inside the request, so workers need no shared disk for them (at most "
+        "128 MiB of them held at once); larger ones reach only workers given --upload-dir "
+        "(0: never)", NON_NEGATIVE_INT, metavar="BYTES", default_text="8388608 (8 MiB)")
     keepalive: float = setting(
         30.0, "send Mongrel2 a ctl keep-alive for requests waiting this long, and again as "
         "often, so its idle killer (min_ping) spares them", POSITIVE_FLOAT, metavar="SECONDS")

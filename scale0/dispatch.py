@@ -37,11 +37,13 @@ from __future__ import annotations
 import logging
 import random
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import mongrel2 as m2
 from . import protocol as p
+from . import spool
 from .routing import Route, RouteTable, parse_route
 from .screen import screen
 
@@ -73,6 +75,10 @@ class DispatchSettings:
     # Mongrel2's upload.temp_store folder as the broker sees it: spooled bodies
     # are removed there once their request is over (spool.py). None: not here.
     upload_dir: str | None = None
+    # Spooled bodies up to this size go to the worker inside the request (spool.py),
+    # at most inline_budget_bytes of them held at once; 0: never.
+    inline_body_max: int = 0
+    inline_budget_bytes: int = 128 << 20
 
 
 @dataclass(slots=True, eq=False)
@@ -99,6 +105,7 @@ class Request:
     worker_label: str = ""  # the last worker it was sent to
     uri: bytes = b""  # path and query, as the client sent them (only kept while recording)
     upload: bytes = b""  # Mongrel2's spooled body file: removed when the request is over
+    inline: int = 0  # bytes of that body put into `raw` (spool.py), counted in inline_bytes
 
 
 @dataclass(slots=True, eq=False)
@@ -112,6 +119,7 @@ class Worker:
     in_flight: dict[int, Request] = field(default_factory=dict)
     draining: bool = False
     served: int = 0
+    reads_uploads: bool = False  # HELLO meta uploads=file: it opens spooled files itself
 
 
 @dataclass(slots=True, eq=False)
@@ -187,6 +195,10 @@ class Dispatcher:
         # Mongrel2 paths of spooled bodies nobody needs any more; the loop removes
         # them (spool.py) and empties the list.
         self.to_unlink: list[bytes] = []
+        # The loop's reader of spooled bodies (spool.read), when it shares Mongrel2's
+        # disk: (path, max bytes) -> the body, or None to forward the file instead.
+        self.read_spooled: Callable[[bytes, int], bytes | None] | None = None
+        self.inline_bytes = 0  # bodies inlined into requests still held
         self._starting: set[tuple[int, int]] = set()  # connections in _start_next
         self._nowhere = Service("", b"")  # of refused requests; never has workers
         self.to_workers: list[list[bytes]] = []
@@ -348,6 +360,8 @@ class Dispatcher:
 
     def _send(self, r: Request, w: Worker, now: float) -> None:
         """Hand `r` to `w` (just popped from ready queues or known to be free)."""
+        if r.upload and not r.inline and not w.reads_uploads and self.read_spooled:
+            self._inline(r)  # no shared disk there: the body goes inside (spool.py)
         r.worker = w
         r.worker_label = w.label
         r.attempts += 1
@@ -400,6 +414,22 @@ class Dispatcher:
         self.refused_uploads.move_to_end(key)
         while len(self.refused_uploads) > 10_000:
             self.refused_uploads.popitem(last=False)
+
+    def _inline(self, r: Request) -> None:
+        """Put `r`'s spooled body into its message, when it fits inline_body_max
+        and the budget; else it stays a file (a worker without it answers 400)."""
+        s = self.settings
+        room = min(s.inline_body_max, s.inline_budget_bytes - self.inline_bytes)
+        if room <= 0 or self.read_spooled is None:
+            return
+        body = self.read_spooled(r.upload, room)
+        event = m2.parse_message(r.raw) if body is not None else None
+        if body is None or not isinstance(event, m2.UploadDone):
+            return
+        r.raw = spool.inline_message(event, body)
+        r.inline = len(body)
+        self.inline_bytes += r.inline
+        self.to_unlink.append(r.upload)  # in memory now: the file can go
 
     def _refused_done(self, link: int, req: m2.UploadDone) -> bool:
         """The done message of an upload refused at its start: already answered."""
@@ -470,7 +500,7 @@ class Dispatcher:
             if route not in self.configured:  # the broker's own route table wins
                 self.routes.add(route, name)
         w = Worker(ident, hello.worker or ident.hex(), services, hello.capacity, now,
-                   now + self.expiry_s)
+                   now + self.expiry_s, reads_uploads=hello.meta.get("uploads") == "file")
         self.workers[ident] = w
         for service in services:
             service.workers[ident] = w
@@ -702,6 +732,7 @@ class Dispatcher:
         r.service.active.pop(r.rid, None)
         if r.worker is None and self.requests.pop(r.rid, None) is not None and r.upload:
             self.to_unlink.append(r.upload)  # over: nobody reads its body any more
+            self.inline_bytes -= r.inline
         key = (r.link, r.conn_id)
         on_conn = self.connections.get(key)
         if not on_conn:

@@ -20,13 +20,26 @@ to `remove`, which deletes them inside the broker's ``--upload-dir``
 an upload-start that Mongrel2 sent (not one a client forged) and, for the
 done message, by the same path. A path is only ever taken by its file name,
 inside the upload folder, so a forged ``/etc/passwd`` can name nothing else.
+
+Bodies up to the broker's ``inline_body_max`` are also read here (`read`)
+and put into the request message itself (`inline_message`), so a worker
+needs no shared disk for them; the file is then removed at once. Larger
+bodies stay files, which only a worker given ``--upload-dir`` can read.
+The dispatcher holds at most ``inline_budget_bytes`` of such bodies at once
+(a request keeps its message until it ends, for a retry), so many parallel
+uploads cannot grow the broker without bound: past it, bodies stay files.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Iterable
+
+import tnetstring
+
+from . import mongrel2 as m2
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +71,41 @@ def remove(upload_paths: Iterable[bytes], upload_dir: str | None) -> int:
         except OSError as exc:
             log.warning("cannot remove spooled body %s: %s", path, exc.strerror)
     return removed
+
+
+def read(upload_path: bytes, upload_dir: str, max_bytes: int) -> bytes | None:
+    """The spooled body, if it is a regular file of at most `max_bytes`; else
+    None (too large, gone, or not a plain file: the caller forwards the file)."""
+    path = spooled_file(upload_path, upload_dir)
+    if path is None:
+        return None
+    try:
+        # O_NOFOLLOW: not through a symlink; O_NONBLOCK: a FIFO cannot hang us.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+            return None
+        with os.fdopen(os.dup(fd), "rb") as file:
+            body = file.read(max_bytes + 1)
+        return body if len(body) <= max_bytes else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+_UPLOAD_HEADERS = (b"x-mongrel2-upload-start", b"x-mongrel2-upload-done",
+                   b"transfer-encoding", b"content-length")
+
+
+def inline_message(req: m2.UploadDone, body: bytes) -> bytes:
+    """`req` as an ordinary request message with `body` in it: what Mongrel2
+    sends for a small body (tnetstring headers, Content-Length set; chunked
+    framing is gone, as the spooled file holds the de-chunked body)."""
+    headers = {k: v for k, v in req.headers.items() if k not in _UPLOAD_HEADERS}
+    headers[b"content-length"] = b"%d" % len(body)
+    encoded: bytes = tnetstring.dumps(headers)
+    return b"%s %d %s %s%d:%s," % (req.sender, req.conn_id, req.path, encoded, len(body), body)

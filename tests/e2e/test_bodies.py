@@ -1,5 +1,6 @@
-"""Request bodies through the real stack (issue 11): chunked bodies, spooled
-files always removed, a relative --upload-dir with --chdir."""
+"""Request bodies through the real stack (issue 11): chunked bodies, bodies
+for workers with no shared disk, spooled files always removed, a relative
+--upload-dir with --chdir."""
 
 from __future__ import annotations
 
@@ -19,13 +20,17 @@ from .conftest import Stack, wait_for
 @pytest.fixture(scope="module")
 def bodies(stack: Stack) -> Iterator[Stack]:
     stack.start_mongrel2()
-    stack.start_broker("--upload-dir", str(stack.m2.upload_dir), "--max-body", "1000000",
-                       "--request-timeout", "20")
+    stack.start_broker("--upload-dir", str(stack.m2.upload_dir), "--max-body", "3000000",
+                       "--inline-body-max", str(INLINE_MAX), "--request-timeout", "20")
     stack.start_pool("e2e_apps:app", service="app", routes=("/app",), threads=4)
     stack.start_pool("e2e_apps:app", service="nodisk", routes=("/nodisk",), upload_dir=False)
     stack.wait_ok("/app/")
     stack.wait_ok("/nodisk/")
     yield stack
+
+
+INLINE_MAX = 400_000  # bodies up to this reach /nodisk inside the request
+OVER_INLINE = 1_000_000  # spooled, and stays a file: only /app can read it
 
 
 def spooled(stack: Stack) -> list[str]:
@@ -79,27 +84,47 @@ def test_a_length_beside_chunked_is_400(bodies: Stack) -> None:
 
 
 def test_an_upload_refused_with_413_leaves_no_file(bodies: Stack) -> None:
-    body = b"z" * 2_000_000  # over --max-body 1000000
+    body = b"z" * 4_000_000  # over --max-body 3000000
     r = requests.post(bodies.url("/app/echo"), data=body, timeout=20)
     assert r.status_code == 413
     wait_no_spooled(bodies)
 
 
-def test_a_worker_without_upload_dir_refuses_and_the_file_goes(bodies: Stack) -> None:
-    r = requests.post(bodies.url("/nodisk/echo"), data=b"q" * 100_000, timeout=20)
+def test_bodies_reach_a_worker_without_upload_dir_inline(bodies: Stack, tmp_path: Path) -> None:
+    body = os.urandom(100_000)
+    r = requests.post(bodies.url("/nodisk/echo"), data=body, timeout=20)
+    assert r.status_code == 200, r.text
+    assert r.json()["sha256"] == hashlib.sha256(body).hexdigest()
+    chunked = os.urandom(300_000)
+    (tmp_path / "body").write_bytes(chunked)
+    out = subprocess.run(
+        ["curl", "-sS", "--max-time", "20", "-H", "Transfer-Encoding: chunked",
+         "--data-binary", f"@{tmp_path / 'body'}", bodies.url("/nodisk/echo")],
+        capture_output=True, check=True, timeout=30).stdout
+    got = requests.models.complexjson.loads(out)
+    assert (got["length"], got["sha256"]) == (len(chunked), hashlib.sha256(chunked).hexdigest())
+    wait_no_spooled(bodies)
+
+
+def test_a_body_over_the_inline_limit_needs_a_shared_disk(bodies: Stack) -> None:
+    body = os.urandom(OVER_INLINE)
+    r = requests.post(bodies.url("/nodisk/echo"), data=body, timeout=20)
     assert r.status_code == 400 and "uploads are not accepted here" in r.text
+    wait_no_spooled(bodies)  # the broker removed what the worker could not read
+    r = requests.post(bodies.url("/app/echo"), data=body, timeout=20)
+    assert r.json()["sha256"] == hashlib.sha256(body).hexdigest()
     wait_no_spooled(bodies)
 
 
 def test_a_crashed_worker_leaves_no_file(bodies: Stack) -> None:
-    r = requests.post(bodies.url("/app/crash"), data=b"c" * 100_000, timeout=30)
+    r = requests.post(bodies.url("/app/crash"), data=b"c" * OVER_INLINE, timeout=30)
     assert r.status_code == 502
     wait_no_spooled(bodies)
     bodies.wait_ok("/app/")  # the pool replaced the process
 
 
 def test_a_client_that_leaves_leaves_no_file(bodies: Stack) -> None:
-    body = b"d" * 100_000
+    body = b"d" * OVER_INLINE
     with socket.create_connection(("127.0.0.1", bodies.http_port), timeout=10) as sock:
         sock.sendall(b"POST /app/sleep?1.5 HTTP/1.1\r\nHost: localhost\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
@@ -115,8 +140,23 @@ def test_relative_upload_dir_is_resolved_before_chdir(bodies: Stack) -> None:
     bodies.start_pool("e2e_apps:app", "--upload-dir", relative, "--chdir", str(elsewhere),
                       service="rel", routes=("/rel",), upload_dir=False)
     bodies.wait_ok("/rel/")
-    body = os.urandom(100_000)
+    body = os.urandom(OVER_INLINE)  # a file the worker reads from its --upload-dir
     r = requests.post(bodies.url("/rel/echo"), data=body, timeout=20)
     assert r.status_code == 200, r.text
     assert r.json()["sha256"] == hashlib.sha256(body).hexdigest()
     wait_no_spooled(bodies)
+
+
+def test_five_megabytes_reach_a_worker_without_upload_dir(fresh_stack: Stack) -> None:
+    # The defaults: the broker knows Mongrel2's upload folder, inline_body_max 8 MiB.
+    s = fresh_stack
+    s.start_mongrel2()
+    s.start_broker("--upload-dir", str(s.m2.upload_dir))
+    s.start_pool("e2e_apps:app", service="app", routes=("/",), upload_dir=False)
+    s.wait_ok("/")
+    body = os.urandom(5 * 1024 * 1024)
+    r = requests.post(s.url("/echo"), data=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert (r.json()["length"], r.json()["sha256"]) == (len(body),
+                                                        hashlib.sha256(body).hexdigest())
+    wait_no_spooled(s)

@@ -1878,3 +1878,71 @@ def test_a_disconnect_during_an_upload_removes_its_file() -> None:
     h.m2(m2_upload(1, b"uploads/upload.Half"))
     h.m2(m2_disconnect(1))
     assert take_unlink(h) == [b"uploads/upload.Half"] and h.d.uploads == {}
+
+
+def test_a_spooled_body_within_the_inline_limit_goes_inside_the_request() -> None:
+    h = Harness(inline_body_max=100, inline_budget_bytes=150)
+    files = {b"uploads/upload.S": b"s" * 80, b"uploads/upload.T": b"t" * 80,
+             b"uploads/upload.B": b"b" * 101}
+    asked: list[tuple[bytes, int]] = []
+
+    def read(path: bytes, limit: int) -> bytes | None:
+        asked.append((path, limit))
+        body = files[path]
+        return body if len(body) <= limit else None
+
+    h.d.read_spooled = read
+    h.hello(b"w1", capacity=3)
+    for conn, name in ((1, b"uploads/upload.S"), (2, b"uploads/upload.T"),
+                       (3, b"uploads/upload.B")):
+        h.m2(m2_chunked(conn, name))
+        h.m2(m2_chunked(conn, name, done=name))
+    first, second, third = h.take_requests()
+    event = first.event
+    assert isinstance(event, m2.HttpRequest) and event.body == b"s" * 80
+    assert event.headers[b"content-length"] == b"80"
+    assert b"transfer-encoding" not in event.headers
+    assert b"x-mongrel2-upload-done" not in event.headers
+    # The budget (150) had 70 left for the second and the third: they stay files.
+    assert asked == [(b"uploads/upload.S", 100), (b"uploads/upload.T", 70),
+                     (b"uploads/upload.B", 70)]
+    assert isinstance(second.event, m2.UploadDone) and isinstance(third.event, m2.UploadDone)
+    assert take_unlink(h) == [b"uploads/upload.S"]  # in memory: its file goes at once
+    assert h.d.inline_bytes == 80
+    h.serve(first)
+    assert h.d.inline_bytes == 0
+    assert take_unlink(h) == [b"uploads/upload.S"]  # again at its end: harmless
+    # With the budget back, a body up to inline_body_max goes inline again.
+    h.m2(m2_chunked(4, b"uploads/upload.S"))
+    h.m2(m2_chunked(4, b"uploads/upload.S", done=b"uploads/upload.S"))
+    fourth = h.take_one_request()
+    assert isinstance(fourth.event, m2.HttpRequest)
+    assert asked[-1] == (b"uploads/upload.S", 100)
+    h.serve(fourth)
+    assert take_unlink(h) == [b"uploads/upload.S"] * 2
+    h.serve(second)
+    h.serve(third)
+    assert take_unlink(h) == [b"uploads/upload.T", b"uploads/upload.B"]
+
+
+def test_no_inline_without_a_reader() -> None:
+    h = Harness(inline_body_max=100)
+    h.hello(b"w1")
+    h.m2(m2_chunked(1, b"uploads/upload.S"))
+    h.m2(m2_chunked(1, b"uploads/upload.S", done=b"uploads/upload.S"))
+    assert isinstance(h.take_one_request().event, m2.UploadDone)
+
+
+def test_a_worker_that_reads_spooled_files_gets_the_file() -> None:
+    h = Harness(inline_body_max=100)
+    h.d.read_spooled = lambda path, limit: b"x" * 10
+    hello = p.Hello((p.ServiceSpec("app", ("/app",)),), 1, worker="disk",
+                    meta={"uploads": "file"})
+    h.worker(b"disk", Cmd.HELLO, hello.encode())
+    h.d.to_workers.clear()  # its WELCOME
+    h.m2(m2_chunked(1, b"uploads/upload.D"))
+    h.m2(m2_chunked(1, b"uploads/upload.D", done=b"uploads/upload.D"))
+    sent = h.take_one_request()
+    assert isinstance(sent.event, m2.UploadDone) and take_unlink(h) == []
+    h.serve(sent)
+    assert take_unlink(h) == [b"uploads/upload.D"] and h.d.inline_bytes == 0
