@@ -915,6 +915,9 @@ class Dispatcher:
         for rid in self.requests:
             if rid not in where:
                 raise AssertionError(f"request {rid} is nowhere")
+        inlined = sum(r.inline for r in self.requests.values())
+        if inlined != self.inline_bytes:
+            raise AssertionError(f"inline_bytes {self.inline_bytes} != {inlined} held")
 
 
 def _chunked(req: m2.Message) -> bool:
