@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from . import spool
 from .control import ControlServer, default_endpoint
 from .dispatch import Dispatcher, DispatchSettings, Done
 from .frames import recv_frames, recv_one, send_frames, send_one
@@ -539,6 +540,9 @@ class Broker:
                     if worker is not None:
                         log.warning("worker %s unreachable: %s", worker.label, exc)
                         d.remove_worker(worker, time.monotonic())
+        if d.to_unlink:  # spooled bodies whose request is over (spool.py)
+            unlink, d.to_unlink = d.to_unlink, []
+            spool.remove(unlink, d.settings.upload_dir)
         if d.to_mongrel2:
             out2, d.to_mongrel2 = d.to_mongrel2, []
             links = self._links

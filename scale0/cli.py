@@ -11,6 +11,7 @@ import os
 import queue
 import sys
 from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any, Protocol, cast
 
 from . import __version__, config, ctl, m2db
@@ -99,15 +100,19 @@ def cmd_broker(cfg: config.BrokerConfig, _: argparse.Namespace) -> int:
         links = _links(cfg)
     except m2db.M2DBError as exc:
         return _usage_error("broker", str(exc))
+    upload_dir = os.path.abspath(cfg.upload_dir) if cfg.upload_dir else None
     settings = DispatchSettings(
         heartbeat_s=cfg.heartbeat, liveness=cfg.liveness, queue_size=cfg.queue_size,
         queue_timeout_s=cfg.queue_timeout, request_timeout_s=cfg.request_timeout,
         retry_after_s=cfg.retry_after, max_body_bytes=cfg.max_body,
         keepalive_s=cfg.keepalive, routes=cfg.route, service_timeouts=cfg.service_timeout,
-        maintenance_pages=cfg.maintenance_page)
+        maintenance_pages=cfg.maintenance_page, upload_dir=upload_dir,
+        inline_body_max=cfg.inline_body_max if upload_dir else 0)
     broker = Broker(links, cfg.bind, settings, graceful_timeout_s=cfg.graceful_timeout,
                     control="" if cfg.control == "off" else cfg.control,
                     metrics=cfg.metrics)
+    if upload_dir is not None and cfg.inline_body_max:  # spool.py: bodies into requests
+        broker.dispatcher.read_spooled = partial(_read_spooled, upload_dir)
     access: AccessLog | None = None
     if cfg.access_log:
         access = AccessLog(cfg.access_log, cfg.access_log_format)
@@ -175,24 +180,35 @@ def load_app(spec: str) -> Any:
     raise AttributeError(f"{spec}: no {' or '.join(names)} in module {module_name}")
 
 
+def _read_spooled(upload_dir: str, upload_path: bytes, max_bytes: int) -> bytes | None:
+    from .spool import read
+
+    return read(upload_path, upload_dir, max_bytes)
+
+
 def cmd_wsgi(cfg: config.WsgiConfig, _: argparse.Namespace) -> int:
     from .childstate import current as child_state
+    from .forwarded import trust
     from .supervise import BOOT_FAILED, Pool
     from .worker import ReplyStream, Worker, WorkerSettings
     from .wsgi import WsgiSettings, run_wsgi
 
+    # Relative paths in settings mean the working directory they were given in.
+    upload_dir = os.path.abspath(cfg.upload_dir) if cfg.upload_dir else None
     if cfg.chdir:
         os.chdir(cfg.chdir)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    service = cfg.service or cfg.app.partition(":")[0].rsplit(".", 1)[-1]
+    service = cfg.service or config.default_service(cfg.app)
     worker_settings = WorkerSettings(
         connect=cfg.connect, services=(p.ServiceSpec(service, cfg.route),),
         capacity=cfg.threads, heartbeat_s=cfg.heartbeat, liveness=cfg.liveness,
-        graceful_timeout_s=cfg.graceful_timeout)
+        graceful_timeout_s=cfg.graceful_timeout,
+        # It reads spooled bodies from Mongrel2's disk: the broker need not inline them.
+        meta=(("uploads", "file"),) if upload_dir else ())
     wsgi_settings = WsgiSettings(
-        upload_dir=os.path.abspath(cfg.upload_dir) if cfg.upload_dir else None,
-        multithread=cfg.threads > 1, multiprocess=cfg.processes > 1)
+        upload_dir=upload_dir, multithread=cfg.threads > 1, multiprocess=cfg.processes > 1,
+        forwarded=trust(cfg.forwarded_allow_ips, cfg.client_address_header))
 
     def serve() -> int:
         try:

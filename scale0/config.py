@@ -157,6 +157,26 @@ def _metrics_address(text: str) -> tuple[str, int] | None:
         raise Invalid(str(exc)) from exc
 
 
+def _forwarded_allow(text: str) -> str:
+    from .forwarded import parse_allow
+
+    try:
+        parse_allow(text)
+    except ValueError as exc:
+        raise Invalid(f"forwarded_allow_ips: {exc}") from exc
+    return text
+
+
+def _header_name(text: str) -> str:
+    from .forwarded import trust
+
+    try:
+        trust(client_header=text)
+    except ValueError as exc:
+        raise Invalid(str(exc)) from exc
+    return text
+
+
 def _access_format(text: str) -> str:
     try:
         check_format(text)
@@ -188,6 +208,9 @@ SERVICE_PAGE = Kind("SERVICE=FILE", (), _service_page)
 METRICS_ADDRESS = Kind("[HOST:]PORT or off", (str, int), lambda text: _metrics_address(text),
                        lambda value: _metrics_address(str(value)))
 ACCESS_FORMAT = Kind("a str.format template", (str,), _access_format, _access_format)
+FORWARDED_ALLOW = Kind("IP addresses or networks, comma-separated, or *", (str,),
+                       _forwarded_allow, _forwarded_allow)
+HEADER_NAME = Kind("a header name", (str,), _header_name, _header_name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +296,15 @@ class BrokerConfig(PeerConfig):
     access_log_format: str = setting(
         ACCESS_LOG_FORMAT, "access log line, a Python str.format template over: "
         + ", ".join(ACCESS_LOG_FIELDS), ACCESS_FORMAT, metavar="TEMPLATE")
+    upload_dir: str | None = setting(
+        None, "Mongrel2's upload.temp_store folder as seen here: each spooled request "
+        "body is removed once its request is over (refused, answered, abandoned)",
+        metavar="DIR")
+    inline_body_max: int = setting(
+        8 << 20, "with upload_dir: spooled request bodies up to this size are read here "
+        "and sent inside the request, so workers need no shared disk for them (at most "
+        "128 MiB of them held at once); larger ones reach only workers given --upload-dir "
+        "(0: never)", NON_NEGATIVE_INT, metavar="BYTES", default_text="8388608 (8 MiB)")
     keepalive: float = setting(
         30.0, "send Mongrel2 a ctl keep-alive for requests waiting this long, and again as "
         "often, so its idle killer (min_ping) spares them", POSITIVE_FLOAT, metavar="SECONDS")
@@ -315,6 +347,20 @@ class WsgiConfig(PeerConfig):
         0.0, "kill and replace a process stuck this long in one request, or whose loop "
         "stalls this long (0: off; set it above the broker's request_timeout)",
         NON_NEGATIVE_FLOAT, metavar="SECONDS")
+    forwarded_allow_ips: str = setting(
+        "127.0.0.1,::1", "Mongrel2 peers (a load balancer, a TLS front) whose "
+        "X-Forwarded-Proto and client-address header are believed: addresses or "
+        "networks, comma-separated, or * for any", FORWARDED_ALLOW, metavar="ADDRESSES")
+    client_address_header: str = setting(
+        "X-Real-IP", "from those peers, the header whose address becomes REMOTE_ADDR "
+        "(Mongrel2 overwrites X-Forwarded-For unless no_clobber_xff)", HEADER_NAME,
+        metavar="HEADER")
+
+
+def default_service(app: str) -> str:
+    """The service name of a pool given none: the app's module, last part
+    ('pkg.web:app' -> 'web')."""
+    return app.partition(":")[0].rsplit(".", 1)[-1]
 
 
 @dataclass(frozen=True, slots=True)

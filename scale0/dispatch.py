@@ -37,18 +37,21 @@ from __future__ import annotations
 import logging
 import random
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import mongrel2 as m2
 from . import protocol as p
+from . import spool
 from .routing import Route, RouteTable, parse_route
+from .screen import screen
 
 log = logging.getLogger(__name__)
 
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 SAFE_TO_RETRY = frozenset({b"GET", b"HEAD", b"OPTIONS"})
-_REFUSED_TEXT = {400: "bad upload"}
+_REFUSED_TEXT = {400: "bad request"}
 _CREDITS_TAIL = b'{"type":"credits"},'
 
 
@@ -69,6 +72,13 @@ class DispatchSettings:
     service_timeouts: tuple[tuple[str, float], ...] = ()  # per-service request_timeout_s
     # Per service: the 503 page (HTML) sent while no worker of it is connected.
     maintenance_pages: tuple[tuple[str, bytes], ...] = ()
+    # Mongrel2's upload.temp_store folder as the broker sees it: spooled bodies
+    # are removed there once their request is over (spool.py). None: not here.
+    upload_dir: str | None = None
+    # Spooled bodies up to this size go to the worker inside the request (spool.py),
+    # at most inline_budget_bytes of them held at once; 0: never.
+    inline_body_max: int = 0
+    inline_budget_bytes: int = 128 << 20
 
 
 @dataclass(slots=True, eq=False)
@@ -94,6 +104,8 @@ class Request:
     bytes_out: int = 0  # response bytes forwarded (only counted while recording)
     worker_label: str = ""  # the last worker it was sent to
     uri: bytes = b""  # path and query, as the client sent them (only kept while recording)
+    upload: bytes = b""  # Mongrel2's spooled body file: removed when the request is over
+    inline: int = 0  # bytes of that body put into `raw` (spool.py), counted in inline_bytes
 
 
 @dataclass(slots=True, eq=False)
@@ -107,6 +119,7 @@ class Worker:
     in_flight: dict[int, Request] = field(default_factory=dict)
     draining: bool = False
     served: int = 0
+    reads_uploads: bool = False  # HELLO meta uploads=file: it opens spooled files itself
 
 
 @dataclass(slots=True, eq=False)
@@ -162,6 +175,7 @@ class Counters:
     client_gone: int = 0
     too_large: int = 0
     forged_uploads: int = 0
+    bad_requests: int = 0
 
 
 class Dispatcher:
@@ -176,6 +190,15 @@ class Dispatcher:
         # (link, conn_id) -> requests on that connection, the first one active.
         self.connections: dict[tuple[int, int], deque[Request]] = {}
         self.uploads: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        # Uploads refused at their start: their done message is dropped, the file removed.
+        self.refused_uploads: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        # Mongrel2 paths of spooled bodies nobody needs any more; the loop removes
+        # them (spool.py) and empties the list.
+        self.to_unlink: list[bytes] = []
+        # The loop's reader of spooled bodies (spool.read), when it shares Mongrel2's
+        # disk: (path, max bytes) -> the body, or None to forward the file instead.
+        self.read_spooled: Callable[[bytes, int], bytes | None] | None = None
+        self.inline_bytes = 0  # bodies inlined into requests still held
         self._starting: set[tuple[int, int]] = set()  # connections in _start_next
         self._nowhere = Service("", b"")  # of refused requests; never has workers
         self.to_workers: list[list[bytes]] = []
@@ -231,6 +254,8 @@ class Dispatcher:
 
     def _on_request(self, link: int, raw: bytes,
                     req: m2.HttpRequest | m2.UploadStart | m2.UploadDone, now: float) -> None:
+        if isinstance(req, m2.UploadDone) and self._refused_done(link, req):
+            return
         if not isinstance(req, m2.UploadStart):
             self.counters.requests += 1
         sender, conn_id = req.sender, req.conn_id
@@ -246,16 +271,25 @@ class Dispatcher:
         key = (link, conn_id)
         refused = 0
         match = None
+        req, raw, problem = screen(req, raw)
+        # A done message matching its start names Mongrel2's own file (spool.py).
+        spooled = b""
+        if isinstance(req, m2.UploadDone) and self.uploads.pop(key, None) == req.upload_path:
+            spooled = req.upload_path
         length = req.header(b"content-length")
         declared = int(length) if length is not None and length.isdigit() else None
-        if isinstance(req, m2.UploadStart) and (req.body or not declared):
+        if problem:  # duplicate Host, conflicting lengths (screen.py)
+            self.counters.bad_requests += 1
+            log.warning("bad request on conn %d: %s", conn_id, problem)
+            refused, close = 400, True
+        elif isinstance(req, m2.UploadStart) and (req.body or not (declared or _chunked(req))):
             # Mongrel2's own upload-start has an empty body and a Content-Length
-            # over limits.content_length; a client-forged header on a small
-            # request has neither.
+            # over limits.content_length, or is chunked (always spooled); a
+            # client-forged header on a small request has neither.
             self.counters.forged_uploads += 1
             log.warning("forged upload-start on conn %d", conn_id)
             refused, close = 400, True
-        elif isinstance(req, m2.UploadDone) and self.uploads.pop(key, None) != req.upload_path:
+        elif isinstance(req, m2.UploadDone) and not spooled:
             self.counters.forged_uploads += 1
             log.warning("upload-done without matching upload-start on conn %d", conn_id)
             refused, close = 400, True
@@ -273,9 +307,13 @@ class Dispatcher:
         on_conn = self.connections.get(key)
         if refused and isinstance(req, m2.UploadStart):
             self.counters.requests += 1  # refused at its start: it ends here, counted once
+            if not req.body and (declared or _chunked(req)):  # genuine: Mongrel2's file
+                self._refuse_upload(key, req.upload_path)
         if refused and on_conn is None:
-            self._reply_error(link, sender, conn_id, refused, _REFUSED_TEXT.get(refused, ""),
-                              close=close)
+            if spooled:
+                self.to_unlink.append(spooled)
+            self._reply_error(link, sender, conn_id, refused,
+                              problem or _REFUSED_TEXT.get(refused, ""), close=close)
             if self.record:
                 uri = req.header(b"URI") or req.path
                 self.done.append(Done(link, conn_id, req.method.decode("latin-1"),
@@ -290,7 +328,7 @@ class Dispatcher:
             service = self.services[match.service]
             script_name = match.script_name.encode("latin-1")
         r = Request(rid, link, sender, conn_id, req.method, raw, service, script_name, now,
-                    close, reply_prefix=prefix, refused=refused)
+                    close, reply_prefix=prefix, refused=refused, upload=spooled)
         if self.record:
             r.uri = req.header(b"URI") or req.path
         self.requests[rid] = r
@@ -322,6 +360,8 @@ class Dispatcher:
 
     def _send(self, r: Request, w: Worker, now: float) -> None:
         """Hand `r` to `w` (just popped from ready queues or known to be free)."""
+        if r.upload and not r.inline and not w.reads_uploads and self.read_spooled:
+            self._inline(r)  # no shared disk there: the body goes inside (spool.py)
         r.worker = w
         r.worker_label = w.label
         r.attempts += 1
@@ -336,7 +376,10 @@ class Dispatcher:
 
     def _on_disconnect(self, link: int, conn_id: int) -> None:
         key = (link, conn_id)
-        self.uploads.pop(key, None)
+        started = self.uploads.pop(key, None)  # Mongrel2 removes a half-written file
+        if started is not None:  # itself, but it may have been complete
+            self.to_unlink.append(started)
+        self.refused_uploads.pop(key, None)
         on_conn = self.connections.pop(key, None)
         if not on_conn:
             return
@@ -361,7 +404,41 @@ class Dispatcher:
         self.uploads[key] = event.upload_path
         self.uploads.move_to_end(key)
         while len(self.uploads) > 10_000:  # bounded even if no upload-done ever comes
-            self.uploads.popitem(last=False)
+            self.to_unlink.append(self.uploads.popitem(last=False)[1])
+
+    def _refuse_upload(self, key: tuple[int, int], upload_path: bytes) -> None:
+        """A genuine upload refused at its start: its file goes, and so does its
+        done message, if Mongrel2 still sends one (the body was in first)."""
+        self.to_unlink.append(upload_path)
+        self.refused_uploads[key] = upload_path
+        self.refused_uploads.move_to_end(key)
+        while len(self.refused_uploads) > 10_000:
+            self.refused_uploads.popitem(last=False)
+
+    def _inline(self, r: Request) -> None:
+        """Put `r`'s spooled body into its message, when it fits inline_body_max
+        and the budget; else it stays a file (a worker without it answers 400)."""
+        s = self.settings
+        room = min(s.inline_body_max, s.inline_budget_bytes - self.inline_bytes)
+        if room <= 0 or self.read_spooled is None:
+            return
+        body = self.read_spooled(r.upload, room)
+        event = m2.parse_message(r.raw) if body is not None else None
+        if body is None or not isinstance(event, m2.UploadDone):
+            return
+        r.raw = spool.inline_message(event, body)
+        r.inline = len(body)
+        self.inline_bytes += r.inline
+        self.to_unlink.append(r.upload)  # in memory now: the file can go
+
+    def _refused_done(self, link: int, req: m2.UploadDone) -> bool:
+        """The done message of an upload refused at its start: already answered."""
+        key = (link, req.conn_id)
+        if self.refused_uploads.get(key) != req.upload_path:
+            return False
+        del self.refused_uploads[key]
+        self.to_unlink.append(req.upload_path)
+        return True
 
     # ---- worker side ---------------------------------------------------
 
@@ -423,7 +500,7 @@ class Dispatcher:
             if route not in self.configured:  # the broker's own route table wins
                 self.routes.add(route, name)
         w = Worker(ident, hello.worker or ident.hex(), services, hello.capacity, now,
-                   now + self.expiry_s)
+                   now + self.expiry_s, reads_uploads=hello.meta.get("uploads") == "file")
         self.workers[ident] = w
         for service in services:
             service.workers[ident] = w
@@ -653,8 +730,9 @@ class Dispatcher:
             r.cancelled = True
         r.service.queue.pop(r.rid, None)
         r.service.active.pop(r.rid, None)
-        if r.worker is None:
-            self.requests.pop(r.rid, None)
+        if r.worker is None and self.requests.pop(r.rid, None) is not None and r.upload:
+            self.to_unlink.append(r.upload)  # over: nobody reads its body any more
+            self.inline_bytes -= r.inline
         key = (r.link, r.conn_id)
         on_conn = self.connections.get(key)
         if not on_conn:
@@ -837,6 +915,14 @@ class Dispatcher:
         for rid in self.requests:
             if rid not in where:
                 raise AssertionError(f"request {rid} is nowhere")
+        inlined = sum(r.inline for r in self.requests.values())
+        if inlined != self.inline_bytes:
+            raise AssertionError(f"inline_bytes {self.inline_bytes} != {inlined} held")
+
+
+def _chunked(req: m2.Message) -> bool:
+    """A chunked body: Mongrel2 spools it whatever its size, with no Content-Length."""
+    return b"chunked" in (req.header(b"transfer-encoding") or b"").lower()
 
 
 def _wants_close(req: m2.Message) -> bool:

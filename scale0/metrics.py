@@ -68,7 +68,8 @@ _LABELLED_COUNTERS = (
      (("mongrel2", "bad_mongrel2"), ("worker", "bad_worker"))),
     ("scale0_refused", "Requests answered by the broker itself, by reason.", "reason",
      (("no_route", "no_route"), ("no_worker", "no_worker"), ("queue_full", "queue_full"),
-      ("too_large", "too_large"), ("forged_upload", "forged_uploads"))),
+      ("too_large", "too_large"), ("forged_upload", "forged_uploads"),
+      ("bad_request", "bad_requests"))),
 )
 
 

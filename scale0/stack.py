@@ -38,6 +38,7 @@ from .config import (
     ConfigError,
     RelayConfig,
     WsgiConfig,
+    default_service,
     from_mapping,
     specs,
     to_argv,
@@ -123,6 +124,9 @@ class Stack:
         stack.procs.append(_Proc("mongrel2", server.argv(), runtime, stop_signal=signal.SIGINT,
                                  stop_order=3))
         scale0 = [sys.executable, "-m", "scale0.cli"]
+        pool_routes = _pool_routes(data.get("pool"))
+        binds = [str(b.get("bind")) for b in data.get("broker", [])
+                 if isinstance(b, dict)] if isinstance(data.get("broker"), list) else []
         for i, r in enumerate(need(data, "relay", list, "") if "relay" in data else []):
             where = f"relay[{i}]"
             settings = _settings(RelayConfig, r, f"{source}: {where}", RELAY_OWN_KEYS, base)
@@ -135,7 +139,13 @@ class Stack:
             need(b, "bind", str, where)
             if "mongrel2" not in b and "mongrel2_db" not in b:
                 raise StackError(f"{source}: {where} needs mongrel2 or mongrel2_db")
-            argv = [*scale0, "broker", *to_argv(BrokerConfig, settings)]
+            # The pools' routes first, as configured routes: a service whose
+            # workers are down or crash-looping then gets 503, not 404. The
+            # broker's own `route` and `routes` come after them and win.
+            argv = [*scale0, "broker", f"--upload-dir={server.upload_dir}",
+                    *(f"--route={spec}={service}"
+                      for spec, service in _routes_for(b["bind"], binds, pool_routes)),
+                    *to_argv(BrokerConfig, settings)]
             routes: dict[str, Any] = need(b, "routes", dict, where) if "routes" in b else {}
             argv += [f"--route={spec}={service}" for spec, service in routes.items()]
             argv += _args(b, where, source)
@@ -279,6 +289,46 @@ def _settings(cls: type[CommonConfig], table: Any, where: str,
     except ConfigError as exc:
         raise StackError(str(exc)) from exc
     return settings
+
+
+PoolRoutes = list[tuple[tuple[str, ...], list[tuple[str, str]]]]
+
+
+def _pool_routes(pools: Any) -> PoolRoutes:
+    """(connect endpoints, [(route, service)]) of each [[pool]] table; tables
+    of the wrong shape are skipped here (from_dict's pool loop reports them)."""
+    out: PoolRoutes = []
+    for pool in pools if isinstance(pools, list) else []:
+        if not isinstance(pool, dict) or not isinstance(pool.get("app"), str):
+            continue
+        service = pool.get("service") or default_service(pool["app"])
+        specs = [r for key in ("routes", "route") if isinstance(pool.get(key), list)
+                 for r in pool[key] if isinstance(r, str)]
+        connect = pool.get("connect")
+        endpoints = tuple(c for c in connect if isinstance(c, str)) if isinstance(
+            connect, list) else ()
+        out.append((endpoints, [(spec, str(service)) for spec in specs]))
+    return out
+
+
+def _routes_for(bind: str, binds: list[str], pool_routes: PoolRoutes) -> list[tuple[str, str]]:
+    """The routes of the pools that connect to the broker bound at `bind`. A
+    pool that reaches none of the stack's brokers (`binds`) as far as the
+    endpoints tell (another name for the same host) gives them to every one."""
+    out: list[tuple[str, str]] = []
+    for endpoints, routes in pool_routes:
+        if any(_reaches(bind, e) for e in endpoints) or not any(
+                _reaches(b, e) for b in binds for e in endpoints):
+            out += routes
+    return out
+
+
+def _reaches(bind: str, endpoint: str) -> bool:
+    """A worker connecting to `endpoint` reaches a broker bound at `bind`: the
+    same endpoint, or the same port when the broker binds every interface."""
+    host, _, port = bind.rpartition(":")
+    return endpoint == bind or (host.endswith(("//*", "//0.0.0.0"))
+                                and endpoint.rpartition(":")[2] == port)
 
 
 def _args(table: dict[str, Any], where: str, source: str) -> list[str]:

@@ -72,6 +72,7 @@ class WorkerSettings:
     graceful_timeout_s: float = 30.0
     reconnect_max_s: float = 10.0
     label: str = ""
+    meta: tuple[tuple[str, str], ...] = ()  # more HELLO meta, e.g. ("uploads", "file")
 
 
 class ReplyStream:
@@ -247,7 +248,7 @@ class Worker:
                                    for i, ep in enumerate(s.connect)]
         pool = ThreadPoolExecutor(s.capacity, thread_name_prefix="scale0-req")
         hello = p.Hello(s.services, s.capacity, self.label, int(s.heartbeat_s * 1000),
-                        {"pid": str(os.getpid())}).encode()
+                        {"pid": str(os.getpid()), **dict(s.meta)}).encode()
         drain_started = 0.0
         polled: tuple[zmq.Socket[bytes] | None, ...] = ()
         poller = zmq.Poller()

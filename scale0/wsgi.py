@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TextIO
 
+from scale0.forwarded import LOOPBACK, Trust
+from scale0.forwarded import apply as apply_forwarded
 from scale0.mongrel2 import Headers, HttpRequest, UploadDone
 
 if TYPE_CHECKING:
@@ -56,6 +58,7 @@ class WsgiSettings:
     multithread: bool = False
     multiprocess: bool = False
     delete_uploads: bool = True  # unlink the temp_store file after the response
+    forwarded: Trust = LOOPBACK  # whose X-Forwarded-Proto / client address to believe
 
 
 @dataclass(slots=True)
@@ -199,6 +202,7 @@ def build_environ(request: HttpRequest | UploadDone, *, script_name: str, path_i
                 environ["CONTENT_TYPE"] = value
             continue
         environ["HTTP_" + name.upper().replace("-", "_")] = value
+    apply_forwarded(environ, headers, settings.forwarded)  # forwarded.py
     if isinstance(request, UploadDone):
         file = _open_upload(request.upload_path, settings.upload_dir)
         environ["wsgi.input"] = file

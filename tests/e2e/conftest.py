@@ -183,10 +183,12 @@ class Stack:
 
     def start_pool(self, app: str, *args: str, service: str | None = None,
                    routes: tuple[str, ...] = ("/",), processes: int = 1, threads: int = 2,
-                   env: dict[str, str] | None = None, connect: list[str] | None = None) -> Proc:
+                   env: dict[str, str] | None = None, connect: list[str] | None = None,
+                   upload_dir: bool = True) -> Proc:
+        """A worker pool; `upload_dir`: given Mongrel2's upload folder (shared disk)."""
         argv = [sys.executable, "-m", "scale0.cli", "wsgi", app,
                 "--processes", str(processes), "--threads", str(threads),
-                "--upload-dir", str(self.m2.upload_dir), *args]
+                *(("--upload-dir", str(self.m2.upload_dir)) if upload_dir else ()), *args]
         for endpoint in connect or self.broker_endpoints:
             argv += ["--connect", endpoint]
         if service:

@@ -63,6 +63,8 @@ def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[byt
         return _json(start_response, {"slept": seconds})
     if path.endswith("/fail"):
         raise RuntimeError("this app fails on purpose")
+    if path.endswith("/crash"):  # the worker process dies mid-request
+        os._exit(13)  # not BOOT_FAILED (3): the pool replaces the process
     body = b"e2e hello\n"
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]

@@ -168,3 +168,30 @@ def test_make_run_answers_curl_and_sigterm_stops_everything() -> None:
         if make.poll() is None:
             os.killpg(make.pid, signal.SIGKILL)
             make.wait()
+
+
+def test_a_pool_that_cannot_boot_answers_503_not_404(tmp_path: Path) -> None:
+    # `scale0 up` gives the broker each pool's routes as configured routes:
+    # while the pool's app fails to boot (and the stack restarts it in a
+    # crash loop), its route answers 503 with Retry-After and the page.
+    (tmp_path / "down.html").write_text("<h1>broken is down</h1>")
+    pools = EXAMPLE_POOLS.split("[[pool]]\napp = \"examples.flask_app")[0] + """
+[[pool]]
+app = "no_such_module_anywhere:app"
+service = "broken"
+routes = ["/broken"]
+connect = ["{broker}"]
+"""
+    config, http_port, _ = write_stack(
+        tmp_path, pools, broker_args=("--maintenance-page", "broken=down.html"))
+    up = Proc("up", [sys.executable, "-m", "scale0.cli", "up", "--config", str(config)],
+              tmp_path, {"PYTHONPATH": str(ROOT)})
+    try:
+        up.wait_ready(20, "READY up")
+        wait_200(f"http://127.0.0.1:{http_port}/")  # the stack serves: the broker is up
+        r = requests.get(f"http://127.0.0.1:{http_port}/broken/x", timeout=10)
+        assert r.status_code == 503, r.text
+        assert int(r.headers["Retry-After"]) > 0
+        assert r.text == "<h1>broken is down</h1>"
+    finally:
+        up.stop()

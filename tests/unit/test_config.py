@@ -282,10 +282,16 @@ routes = ["/"]
 def test_stack_tables_take_every_setting(tmp_path: Path) -> None:
     s = stack(tmp_path, "queue_size = 7\nroute = ['/api=api']", "threads = 4\nservice = 'hi'")
     broker, pool = (p.argv[3:] for p in s.procs[1:])
-    assert broker == ["broker", "--bind=tcp://127.0.0.1:6780", f"--mongrel2={LINK}",
-                      "--queue-size=7", "--route=/api=api", "--route=/static=assets"]
+    # The pool's route comes first (configured: 503 while its workers are down),
+    # so the broker's own routes win over it.
+    # The stack's Mongrel2 upload folder first: the broker removes spooled bodies.
+    assert broker[1] == f"--upload-dir={tmp_path}/var/mongrel2/uploads"
+    del broker[1]
+    assert broker == ["broker", "--route=/=hi", "--bind=tcp://127.0.0.1:6780",
+                      f"--mongrel2={LINK}", "--queue-size=7", "--route=/api=api",
+                      "--route=/static=assets"]
     assert resolve(broker).route == (
-        ("/api", "api"), ("/static", "assets"))
+        ("/", "hi"), ("/api", "api"), ("/static", "assets"))
     assert pool[0] == "wsgi" and "--threads=4" in pool and "--service=hi" in pool
     assert resolve(pool).threads == 4
 
@@ -330,3 +336,40 @@ def test_stack_checks_relative_paths_from_the_stack_file_folder(
     assert "--maintenance-page=app=down.html" in s.procs[1].argv
     with pytest.raises(StackError, match=r"missing\.html"):
         stack(tmp_path, "maintenance_page = ['app=missing.html']", "")
+
+
+def broker_routes(tmp_path: Path, text: str) -> list[list[str]]:
+    path = write(tmp_path, '[mongrel2]\nconfig = "m2.conf"\nhttp = "127.0.0.1:6767"\n'
+                 'uuid = "u"\n' + text, "stack.toml")
+    return [[a for a in p.argv if a.startswith("--route=")]
+            for p in Stack.from_file(path).procs if p.name.startswith("broker")]
+
+
+def test_each_broker_gets_the_routes_of_the_pools_that_connect_to_it(tmp_path: Path) -> None:
+    brokers = f"""
+[[broker]]
+bind = "tcp://127.0.0.1:6780"
+mongrel2 = ["{LINK}"]
+[[broker]]
+bind = "tcp://*:6782"
+mongrel2 = ["{LINK}"]
+"""
+    pools = """
+[[pool]]
+app = "pkg.web:app"
+connect = ["tcp://127.0.0.1:6780"]
+routes = ["/web", "example.com/"]
+[[pool]]
+app = "api:app"
+service = "api"
+connect = ["tcp://10.0.0.2:6782"]
+route = ["/api"]
+[[pool]]
+app = "other:app"
+connect = ["tcp://localhost:6780"]
+routes = ["/other"]
+"""
+    assert broker_routes(tmp_path, brokers + pools) == [
+        ["--route=/web=web", "--route=example.com/=web", "--route=/other=other"],
+        ["--route=/api=api", "--route=/other=other"],  # a bind on every interface
+    ]

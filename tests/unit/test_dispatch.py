@@ -1734,3 +1734,215 @@ def test_snapshot_lists_services_routes_workers_and_counters() -> None:
     (w,) = snap["workers"]
     assert (w["label"], w["in_flight"], w["capacity"], w["age_s"]) == ("w1", 1, 2, 7.5)
     assert snap["counters"]["requests"] == 1 and snap["requests"] == 1
+
+
+# ---- HTTP edges (screen.py): duplicate Host, conflicting lengths, absolute-form ----
+
+
+def test_duplicate_host_and_conflicting_lengths_are_400_and_counted() -> None:
+    h = Harness(max_body_bytes=1000)
+    h.hello(b"w1")
+    h.m2(m2_message(SENDER, 1, b"/app", {b"METHOD": b"GET", b"VERSION": b"HTTP/1.1",
+                                          b"PATH": b"/app", b"host": [b"a", b"localhost"]}))
+    assert b"Host" in h.take_error(400, 1, close=True).body
+    # Mongrel2 reads the body by the first length: a check of the last must not pass it.
+    h.m2(m2_message(SENDER, 2, b"/app", {b"METHOD": b"POST", b"VERSION": b"HTTP/1.1",
+                                          b"PATH": b"/app", b"host": b"localhost",
+                                          b"content-length": [b"3000", b"3"]}, b"abc"))
+    assert b"Content-Length" in h.take_error(400, 2, close=True).body
+    assert h.d.counters.bad_requests == 2 and h.d.counters.requests == 2
+    assert h.take_workers() == []
+
+
+def test_absolute_form_routes_by_the_target_authority() -> None:
+    h = Harness()
+    h.hello(b"w1", {"app": ("example.com/app",)})
+    raw = m2_request(1, b"//example.com/app/x", host=b"other",
+                     extra={b"URI": b"//example.com/app/x?q=1", b"QUERY": b"q=1"})
+    h.m2(raw)
+    sent = h.take_one_request()
+    event = sent.event
+    assert (event.path, event.headers[b"host"], event.headers[b"URI"]) == (
+        b"/app/x", b"example.com", b"/app/x?q=1")
+    assert sent.script_name == b"/app"
+    h.serve(sent)
+    assert [m.status for m in h.take_mongrel2()] == [200]
+
+
+# ---- spooled bodies (spool.py): chunked uploads, cleanup -------------------------
+
+
+def m2_chunked(conn_id: int, start: bytes, done: bytes | None = None,
+               path: bytes = b"/app/up") -> bytes:
+    """Mongrel2's upload pair for a chunked body: no Content-Length."""
+    extra = {b"x-mongrel2-upload-start": start, b"transfer-encoding": b"chunked"}
+    if done is not None:
+        extra[b"x-mongrel2-upload-done"] = done
+    return m2_request(conn_id, path, method=b"POST", extra=extra)
+
+
+def take_unlink(h: Harness) -> list[bytes]:
+    out, h.d.to_unlink = h.d.to_unlink, []
+    return out
+
+
+def test_a_chunked_upload_is_served_and_its_file_removed_after() -> None:
+    h = Harness()
+    h.hello(b"w1")
+    h.m2(m2_chunked(1, b"uploads/upload.C"))
+    h.quiet()
+    h.m2(m2_chunked(1, b"uploads/upload.C", done=b"uploads/upload.C"))
+    sent = h.take_one_request()
+    assert take_unlink(h) == []  # the worker reads it now
+    h.serve(sent)
+    assert [m.status for m in h.take_mongrel2()] == [200]
+    assert take_unlink(h) == [b"uploads/upload.C"]
+    assert h.d.counters.forged_uploads == 0
+
+
+def test_a_forged_chunked_start_with_a_body_is_400_and_nothing_removed() -> None:
+    h = Harness()
+    h.hello(b"w1")
+    h.m2(m2_request(1, b"/app", method=b"POST", body=b"hi",
+                    extra={b"x-mongrel2-upload-start": b"uploads/upload.Other",
+                           b"transfer-encoding": b"chunked"}))
+    h.take_error(400, 1, close=True)  # a length beside chunked: refused by screen.py
+    assert take_unlink(h) == [] and h.d.counters.bad_requests == 1
+    h.m2(m2_message(SENDER, 2, b"/app", {b"METHOD": b"GET", b"VERSION": b"HTTP/1.1",
+                                          b"transfer-encoding": b"chunked",
+                                          b"x-mongrel2-upload-start": b"uploads/upload.O"},
+                    b"hi"))
+    h.take_error(400, 2, close=True)
+    assert take_unlink(h) == [] and h.d.counters.forged_uploads == 1
+
+
+def test_a_forged_done_is_never_removed() -> None:
+    h = Harness()
+    h.hello(b"w1")
+    h.m2(m2_upload(1, b"uploads/upload.Real"))
+    h.m2(m2_upload(1, b"uploads/upload.Real", done=b"uploads/upload.Victim"))
+    h.take_error(400, 1, close=True)
+    assert take_unlink(h) == []
+
+
+def test_an_upload_refused_at_its_start_is_removed_and_its_done_dropped() -> None:
+    h = Harness(max_body_bytes=1000)
+    h.hello(b"w1")
+    h.m2(m2_upload(1, b"uploads/upload.Big"))  # Content-Length 5000
+    h.take_error(413, 1, close=True)
+    assert take_unlink(h) == [b"uploads/upload.Big"]
+    assert h.d.counters.requests == 1
+    # The body was in before the close: Mongrel2 still sends the done.
+    h.m2(m2_upload(1, b"uploads/upload.Big", done=b"uploads/upload.Big"))
+    h.quiet()
+    assert take_unlink(h) == [b"uploads/upload.Big"]
+    assert (h.d.counters.requests, h.d.counters.forged_uploads) == (1, 0)
+
+
+@pytest.mark.parametrize("ending", ["no route", "no worker", "worker gone", "timeout",
+                                    "client gone", "worker refuses"])
+def test_every_ending_removes_the_spooled_body(ending: str) -> None:
+    h = Harness(routes=(("/none", "none"),), request_timeout_s=5.0)
+    h.hello(b"w1")
+    path = {"no route": b"/nowhere", "no worker": b"/none"}.get(ending, b"/app/up")
+    h.m2(m2_upload(1, b"uploads/upload.E", path=path))
+    h.m2(m2_upload(1, b"uploads/upload.E", done=b"uploads/upload.E", path=path))
+    if ending == "no route":
+        h.take_error(404, 1)
+    elif ending == "no worker":
+        h.take_error(503, 1)
+    else:
+        sent = h.take_one_request()
+        assert take_unlink(h) == []
+        if ending == "worker gone":  # a POST is not retried: 502
+            h.worker(b"w1", Cmd.BYE)
+            h.take_error(502, 1)
+        elif ending == "timeout":
+            h.tick(6.0)
+            h.take_error(504, 1)
+            assert take_unlink(h) == []  # still at the worker, which may be reading it
+            h.serve(sent)
+        elif ending == "client gone":
+            h.m2(m2_disconnect(1))
+            assert take_unlink(h) == []
+            h.serve(sent)  # its last reply: the request is over
+        else:  # e.g. a worker with no --upload-dir answers 400
+            h.serve(sent, b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    assert take_unlink(h) == [b"uploads/upload.E"]
+    assert h.d.requests == {}
+
+
+def test_a_disconnect_during_an_upload_removes_its_file() -> None:
+    h = Harness()
+    h.hello(b"w1")
+    h.m2(m2_upload(1, b"uploads/upload.Half"))
+    h.m2(m2_disconnect(1))
+    assert take_unlink(h) == [b"uploads/upload.Half"] and h.d.uploads == {}
+
+
+def test_a_spooled_body_within_the_inline_limit_goes_inside_the_request() -> None:
+    h = Harness(inline_body_max=100, inline_budget_bytes=150)
+    files = {b"uploads/upload.S": b"s" * 80, b"uploads/upload.T": b"t" * 80,
+             b"uploads/upload.B": b"b" * 101}
+    asked: list[tuple[bytes, int]] = []
+
+    def read(path: bytes, limit: int) -> bytes | None:
+        asked.append((path, limit))
+        body = files[path]
+        return body if len(body) <= limit else None
+
+    h.d.read_spooled = read
+    h.hello(b"w1", capacity=3)
+    for conn, name in ((1, b"uploads/upload.S"), (2, b"uploads/upload.T"),
+                       (3, b"uploads/upload.B")):
+        h.m2(m2_chunked(conn, name))
+        h.m2(m2_chunked(conn, name, done=name))
+    first, second, third = h.take_requests()
+    event = first.event
+    assert isinstance(event, m2.HttpRequest) and event.body == b"s" * 80
+    assert event.headers[b"content-length"] == b"80"
+    assert b"transfer-encoding" not in event.headers
+    assert b"x-mongrel2-upload-done" not in event.headers
+    # The budget (150) had 70 left for the second and the third: they stay files.
+    assert asked == [(b"uploads/upload.S", 100), (b"uploads/upload.T", 70),
+                     (b"uploads/upload.B", 70)]
+    assert isinstance(second.event, m2.UploadDone) and isinstance(third.event, m2.UploadDone)
+    assert take_unlink(h) == [b"uploads/upload.S"]  # in memory: its file goes at once
+    assert h.d.inline_bytes == 80
+    h.serve(first)
+    assert h.d.inline_bytes == 0
+    assert take_unlink(h) == [b"uploads/upload.S"]  # again at its end: harmless
+    # With the budget back, a body up to inline_body_max goes inline again.
+    h.m2(m2_chunked(4, b"uploads/upload.S"))
+    h.m2(m2_chunked(4, b"uploads/upload.S", done=b"uploads/upload.S"))
+    fourth = h.take_one_request()
+    assert isinstance(fourth.event, m2.HttpRequest)
+    assert asked[-1] == (b"uploads/upload.S", 100)
+    h.serve(fourth)
+    assert take_unlink(h) == [b"uploads/upload.S"] * 2
+    h.serve(second)
+    h.serve(third)
+    assert take_unlink(h) == [b"uploads/upload.T", b"uploads/upload.B"]
+
+
+def test_no_inline_without_a_reader() -> None:
+    h = Harness(inline_body_max=100)
+    h.hello(b"w1")
+    h.m2(m2_chunked(1, b"uploads/upload.S"))
+    h.m2(m2_chunked(1, b"uploads/upload.S", done=b"uploads/upload.S"))
+    assert isinstance(h.take_one_request().event, m2.UploadDone)
+
+
+def test_a_worker_that_reads_spooled_files_gets_the_file() -> None:
+    h = Harness(inline_body_max=100)
+    h.d.read_spooled = lambda path, limit: b"x" * 10
+    hello = p.Hello((p.ServiceSpec("app", ("/app",)),), 1, worker="disk",
+                    meta={"uploads": "file"})
+    h.worker(b"disk", Cmd.HELLO, hello.encode())
+    h.d.to_workers.clear()  # its WELCOME
+    h.m2(m2_chunked(1, b"uploads/upload.D"))
+    h.m2(m2_chunked(1, b"uploads/upload.D", done=b"uploads/upload.D"))
+    sent = h.take_one_request()
+    assert isinstance(sent.event, m2.UploadDone) and take_unlink(h) == []
+    h.serve(sent)
+    assert take_unlink(h) == [b"uploads/upload.D"] and h.d.inline_bytes == 0

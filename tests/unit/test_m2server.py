@@ -1,10 +1,17 @@
-"""scale0.m2server: the generated Mongrel2 config and the open-files limit."""
+"""scale0.m2server: the generated Mongrel2 config (and the shipped one's header
+limit) and the open-files limit."""
 
 from __future__ import annotations
 
+import re
 import resource
+from pathlib import Path
 
-from scale0.m2server import config_text, raise_open_files_limit
+import pytest
+
+from scale0.m2server import HEADER_BUFFER_BYTES, config_text, raise_open_files_limit
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _conf(**extra: bool) -> str:
@@ -28,3 +35,32 @@ def test_raise_open_files_limit_lifts_the_soft_limit_to_the_hard_one() -> None:
             assert new_soft == hard
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _settings(text: str) -> dict[str, str]:
+    block = text[text.index("settings = {"):]
+    return dict(re.findall(r'"([a-z_.]+)":\s*("?[^",\n}]+"?)', block[:block.index("}")]))
+
+
+def test_generated_config_sets_the_header_buffer() -> None:
+    assert _settings(_conf())["limits.buffer_size"] == str(HEADER_BUFFER_BYTES)
+
+
+def test_a_given_setting_replaces_the_default_once() -> None:
+    text = config_text(http_port=1, send_spec="tcp://a:1", recv_spec="tcp://a:2",
+                       send_ident="x", settings={"limits.buffer_size": 8192, "upload.stream": 1})
+    assert text.count("limits.buffer_size") == 1
+    assert _settings(text)["limits.buffer_size"] == "8192"
+    assert _settings(text)["upload.stream"] == "1"
+
+
+def test_a_header_buffer_over_the_spool_threshold_is_refused() -> None:
+    # Mongrel2 1.12 corrupts spooled uploads when buffer_size > content_length.
+    with pytest.raises(ValueError, match="corrupts"):
+        config_text(http_port=1, send_spec="tcp://a:1", recv_spec="tcp://a:2",
+                    send_ident="x", settings={"limits.buffer_size": 32768})
+
+
+def test_shipped_config_sets_the_header_buffer() -> None:
+    text = (ROOT / "mongrel2" / "mongrel2.conf").read_text()
+    assert _settings(text)["limits.buffer_size"] == str(HEADER_BUFFER_BYTES)
