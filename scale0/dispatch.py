@@ -222,8 +222,13 @@ class Dispatcher:
             head = raw.split(b" ", 3)
             if len(head) == 4 and head[2][:1] == b"@" and head[1].isdigit():
                 key = (link, int(head[1]))
-                if key not in self.connections and key not in self.unacked:
-                    return
+                if key not in self.connections:
+                    if key not in self.unacked:
+                        return
+                    credits = m2.credits_of(head[3])  # the end of a reply: count only
+                    if credits is not None:
+                        self._credited(key, credits)
+                        return
         try:
             event = m2.parse_message(raw)
         except m2.Mongrel2ProtocolError as exc:
@@ -366,14 +371,17 @@ class Dispatcher:
                 self._record(r, 499)
             self._forget(r, cancel=True)
 
-    def _on_credits(self, link: int, conn_id: int, credits: int) -> None:
-        key = (link, conn_id)
+    def _credited(self, key: tuple[int, int], credits: int) -> None:
         left = self.unacked.get(key)
         if left is not None:
             if left > credits:
                 self.unacked[key] = left - credits
             else:
                 del self.unacked[key]
+
+    def _on_credits(self, link: int, conn_id: int, credits: int) -> None:
+        key = (link, conn_id)
+        self._credited(key, credits)
         on_conn = self.connections.get(key)
         if on_conn:
             r = on_conn[0]
