@@ -853,6 +853,11 @@ class Dispatcher:
             for r in service.active.values():
                 if r.worker is None or r.cancelled or r.worker.in_flight.get(r.rid) is not r:
                     raise AssertionError(f"active request {r.rid} is not at a worker")
+        for (link, conn_id), n in self.unacked.items():
+            if n <= 0 or link not in self.link_credits:
+                raise AssertionError(f"unacked {n} on conn {conn_id} of link {link}")
+        if len(self.unacked) > MAX_UNACKED_CONNECTIONS:
+            raise AssertionError("too many connections with unacked bytes")
         for w in self.workers.values():
             if len(w.in_flight) > w.capacity:
                 raise AssertionError(f"worker {w.label} over capacity")

@@ -1530,6 +1530,7 @@ class DispatchMachine(RuleBasedStateMachine):
     def request(self, new: bool, link: int, pick: int, path: bytes, method: bytes,
                 http10: bool, big: bool) -> None:
         key = None if new else self._open(pick)
+        first = key is None
         if key is None:
             key = (link, sum(1 for k in self.conns if k[0] == link) + 1)
             self.conns[key] = Conn()
@@ -1537,6 +1538,8 @@ class DispatchMachine(RuleBasedStateMachine):
         token = b"t%d" % self.next_token
         self.conns[key].tokens.append(token)
         extra = {b"x-token": token}
+        if first and key[0] == 1:  # link 1 is flow-controlled: Mongrel2 says so once
+            extra[b"DOWNLOAD_CREDITS"] = b"102400"
         if not http10 or pick % 2:
             extra[b"connection"] = b"keep-alive"
         if big and pick % 8 == 0:
