@@ -6,10 +6,13 @@ XPUB) to its recv_spec, answering each request itself with the bytes
 N bytes of b"x" for /bytes/N (N <= 16 MiB, else 400). No broker, no worker:
 this is the ceiling for anything behind Mongrel2.
 
-Replies go out as one message each, whatever their size, and download
-credits are not read: the bench runs this handler's Mongrel2 with
-download.flow_control=0 (with it on, Mongrel2 closes the connection on a
-reply larger than its initial credits, 102400 bytes).
+Without download flow control replies go out as one message each, whatever
+their size: the bench runs this handler's Mongrel2 with
+download.flow_control=0, the cheapest way through Mongrel2. With it on, the
+handler keeps Mongrel2's rule (docs/protocol.md 3.9): per connection, reply
+bytes not yet credited back stay within the window (102400 bytes, announced
+by DOWNLOAD_CREDITS on a connection's first request only), so a bigger reply
+goes in pieces, each sent when credits come back.
 
     python -m bench.direct_handler --send-spec tcp://... --recv-spec tcp://...
 """
@@ -20,10 +23,18 @@ import argparse
 import signal
 import sys
 import time
+from collections import deque
 
 import zmq
 
-from scale0.mongrel2 import HttpRequest, Mongrel2ProtocolError, parse_message, reply
+from scale0.mongrel2 import (
+    Credits,
+    Disconnect,
+    HttpRequest,
+    Mongrel2ProtocolError,
+    parse_message,
+    reply,
+)
 
 HELLO = b"Hello from Scale0!\n"
 MAX_BYTES = 16 * 1024 * 1024
@@ -66,8 +77,57 @@ def wait_subscribed(pub: zmq.Socket[bytes], timeout_s: float) -> None:
     raise TimeoutError(f"Mongrel2 did not subscribe within {timeout_s:.0f}s")
 
 
+class Windows:
+    """download.flow_control: each connection's credit window and what waits for it.
+
+    Invariant: for every connection, the bytes sent and not yet credited are
+    at most `size`. A connection is only kept while bytes are uncredited or
+    waiting; one that is not kept has its whole window.
+    """
+
+    def __init__(self, pub: zmq.Socket[bytes]) -> None:
+        self.pub = pub
+        self.size: int | None = None  # None until a request shows flow control is on
+        self.left: dict[int, int] = {}  # conn id -> credits left
+        self.waiting: dict[int, deque[bytes]] = {}  # conn id -> bodies to send (b"": close)
+
+    def send(self, sender: bytes, conn_id: int, body: bytes, close: bool) -> None:
+        assert self.size is not None
+        queue = self.waiting.setdefault(conn_id, deque())
+        queue.append(body)
+        if close:
+            queue.append(b"")
+        self.left.setdefault(conn_id, self.size)
+        self.pump(sender, conn_id)
+
+    def credit(self, sender: bytes, conn_id: int, n: int) -> None:
+        if conn_id in self.left:
+            self.left[conn_id] += n
+            self.pump(sender, conn_id)
+
+    def forget(self, conn_id: int) -> None:
+        self.left.pop(conn_id, None)
+        self.waiting.pop(conn_id, None)
+
+    def pump(self, sender: bytes, conn_id: int) -> None:
+        queue, left = self.waiting.get(conn_id), self.left[conn_id]
+        while queue and (left > 0 or not queue[0]):
+            body = queue.popleft()
+            if body and len(body) > left:  # the rest waits for credits
+                queue.appendleft(body[left:])
+                body = body[:left]
+            left -= len(body)
+            self.pub.send(reply(sender, conn_id, body))
+        self.left[conn_id] = left
+        if not queue:
+            self.waiting.pop(conn_id, None)
+            if left >= (self.size or 0):  # all credited: nothing to remember
+                del self.left[conn_id]
+
+
 def serve(pull: zmq.Socket[bytes], pub: zmq.Socket[bytes]) -> None:
     """Answer requests until SIGTERM/SIGINT; drain the PULL until EAGAIN per wake-up."""
+    windows = Windows(pub)
     while True:
         pull.poll()  # blocks; a signal raises out of it (see main)
         while True:
@@ -80,9 +140,22 @@ def serve(pull: zmq.Socket[bytes], pub: zmq.Socket[bytes]) -> None:
             except Mongrel2ProtocolError as exc:
                 print(f"direct_handler: bad message: {exc}", file=sys.stderr)
                 continue
+            if isinstance(event, Credits):
+                windows.credit(event.sender, event.conn_id, event.credits)
+                continue
+            if isinstance(event, Disconnect):
+                windows.forget(event.conn_id)
+                continue
             if not isinstance(event, HttpRequest):
-                continue  # disconnects, credits: nothing to do
+                continue
             body, close = response(event)
+            if windows.size is None:
+                window = event.header(b"DOWNLOAD_CREDITS")
+                if window is not None and window.isdigit():
+                    windows.size = int(window)
+            if windows.size is not None:
+                windows.send(event.sender, event.conn_id, body, close)
+                continue
             pub.send(reply(event.sender, event.conn_id, body))
             if close:
                 pub.send(reply(event.sender, event.conn_id, b""))

@@ -33,10 +33,10 @@ by the bench and stopped at its end, all in the same run:
 - **direct**: Mongrel2 -> `bench/direct_handler.py`, one Python process that
   is itself the Mongrel2 handler (PULL from send_spec, XPUB to recv_spec,
   drains the PULL until EAGAIN per wake-up, builds each reply itself). Nothing
-  behind Mongrel2 can be faster: the ceiling. It sends every reply as one
-  message and reads no download credits, so its Mongrel2 runs with
-  `download.flow_control=0` (with it on, Mongrel2 closes the connection on a
-  reply larger than its initial credits, 102400 bytes).
+  behind Mongrel2 can be faster: the ceiling. Its Mongrel2 runs with
+  `download.flow_control=0`, so it sends every reply as one message (with it
+  on, it keeps Mongrel2's per-connection window of 102400 bytes and sends
+  bigger replies in pieces, each waiting for credits).
 - **scale0**: Mongrel2 -> `scale0 broker` -> `scale0 wsgi examples.hello:app
   --processes 2 --threads 4`.
 - **scale0+relay**: the same with `scale0 relay` between Mongrel2 and the

@@ -118,9 +118,10 @@ def start_direct(tmp: Path) -> Scenario:
     tmp.mkdir(parents=True, exist_ok=True)
     scenario = Scenario("direct", free_port())
     try:
-        # Without flow control: the handler sends every reply as one message
-        # and reads no credits, which with flow control on Mongrel2 does not
-        # take for replies larger than its initial credits (1 MiB).
+        # Without flow control: the handler then sends every reply as one
+        # message, the cheapest way through Mongrel2 (with it on, it would
+        # send replies over Mongrel2's 102400-byte window in pieces, each
+        # waiting for credits: docs/protocol.md 3.9).
         send_spec, recv_spec, _ = _start_mongrel2(scenario, tmp, flow_control=False)
         argv = [sys.executable, "-m", "bench.direct_handler",
                 "--send-spec", send_spec, "--recv-spec", recv_spec]

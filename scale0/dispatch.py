@@ -53,6 +53,9 @@ IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", 
 SAFE_TO_RETRY = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 _REFUSED_TEXT = {400: "bad request"}
 _CREDITS_TAIL = b'{"type":"credits"},'
+# Connections with reply bytes not yet credited by Mongrel2, at most; the oldest
+# is forgotten past this (only one whose credits never came: its client left).
+MAX_UNACKED_CONNECTIONS = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +202,15 @@ class Dispatcher:
         # disk: (path, max bytes) -> the body, or None to forward the file instead.
         self.read_spooled: Callable[[bytes, int], bytes | None] | None = None
         self.inline_bytes = 0  # bodies inlined into requests still held
+        # download.flow_control (protocol.md 3.9): Mongrel2's window belongs to
+        # the connection, not to a request, and only the first request of a
+        # connection carries DOWNLOAD_CREDITS. `link_credits`: the window size
+        # of each link seen to be flow-controlled; `unacked`: per connection,
+        # reply bytes sent to Mongrel2 and not yet credited back. A REQUEST
+        # carries the rest of the window, so a later request on a keep-alive
+        # connection stays within it too.
+        self.link_credits: dict[int, int] = {}
+        self.unacked: OrderedDict[tuple[int, int], int] = OrderedDict()
         self._starting: set[tuple[int, int]] = set()  # connections in _start_next
         self._nowhere = Service("", b"")  # of refused requests; never has workers
         self.to_workers: list[list[bytes]] = []
@@ -231,9 +243,15 @@ class Dispatcher:
             # request ended. Those need no parse (the only per-reply extra cost).
             # Only a '@' path is a special message: a request body may end alike.
             head = raw.split(b" ", 3)
-            if (len(head) == 4 and head[2][:1] == b"@" and head[1].isdigit()
-                    and (link, int(head[1])) not in self.connections):
-                return
+            if len(head) == 4 and head[2][:1] == b"@" and head[1].isdigit():
+                key = (link, int(head[1]))
+                if key not in self.connections:
+                    if key not in self.unacked:
+                        return
+                    credits = m2.credits_of(head[3])  # the end of a reply: count only
+                    if credits is not None:
+                        self._credited(key, credits)
+                        return
         try:
             event = m2.parse_message(raw)
         except m2.Mongrel2ProtocolError as exc:
@@ -269,6 +287,10 @@ class Dispatcher:
             return
         close = _wants_close(req)
         key = (link, conn_id)
+        if link not in self.link_credits:
+            window = req.header(b"DOWNLOAD_CREDITS")  # upper case: Mongrel2's own
+            if window is not None and window.isdigit():
+                self.link_credits[link] = int(window)
         refused = 0
         match = None
         req, raw, problem = screen(req, raw)
@@ -368,10 +390,12 @@ class Dispatcher:
         w.in_flight[r.rid] = r
         r.deadline = now + r.service.timeout_s
         r.service.active[r.rid] = r
-        self.to_workers.append([
-            w.ident, p.VERSION, p.CMD[p.Command.REQUEST], p.encode_request_id(r.rid),
-            r.service.name_bytes, r.script_name, r.raw,
-        ])
+        frames = [w.ident, p.VERSION, p.CMD[p.Command.REQUEST], p.encode_request_id(r.rid),
+                  r.service.name_bytes, r.script_name, r.raw]
+        window = self.link_credits.get(r.link)
+        if window is not None:  # what is left of the connection's window
+            frames.append(b"%d" % max(0, window - self.unacked.get((r.link, r.conn_id), 0)))
+        self.to_workers.append(frames)
         self._update_ready(w)
 
     def _on_disconnect(self, link: int, conn_id: int) -> None:
@@ -380,6 +404,7 @@ class Dispatcher:
         if started is not None:  # itself, but it may have been complete
             self.to_unlink.append(started)
         self.refused_uploads.pop(key, None)
+        self.unacked.pop(key, None)
         on_conn = self.connections.pop(key, None)
         if not on_conn:
             return
@@ -389,8 +414,18 @@ class Dispatcher:
                 self._record(r, 499)
             self._forget(r, cancel=True)
 
+    def _credited(self, key: tuple[int, int], credits: int) -> None:
+        left = self.unacked.get(key)
+        if left is not None:
+            if left > credits:
+                self.unacked[key] = left - credits
+            else:
+                del self.unacked[key]
+
     def _on_credits(self, link: int, conn_id: int, credits: int) -> None:
-        on_conn = self.connections.get((link, conn_id))
+        key = (link, conn_id)
+        self._credited(key, credits)
+        on_conn = self.connections.get(key)
         if on_conn:
             r = on_conn[0]
             if r.worker is not None:
@@ -526,6 +561,9 @@ class Dispatcher:
             if all(message.startswith(prefix) for message in messages):
                 link = r.link
                 self.to_mongrel2.extend([(link, message) for message in messages])
+                if link in self.link_credits and messages:
+                    self._unacked_add((link, r.conn_id),
+                                      sum(map(len, messages)) - len(prefix) * len(messages))
                 if self.record and messages:
                     if not r.reply_started:
                         r.status = _status_of(messages[0], len(prefix))
@@ -763,6 +801,14 @@ class Dispatcher:
         finally:
             self._starting.discard(key)
 
+    def _unacked_add(self, key: tuple[int, int], n: int) -> None:
+        """`n` more reply bytes are on their way to connection `key` (flow control)."""
+        if n > 0:
+            self.unacked[key] = self.unacked.get(key, 0) + n
+            self.unacked.move_to_end(key)
+            if len(self.unacked) > MAX_UNACKED_CONNECTIONS:
+                self.unacked.popitem(last=False)
+
     def _reply_error(self, link: int, sender: bytes, conn_id: int, status: int,
                      text: str | None = None, *, close: bool = False,
                      page: bytes | None = None) -> None:
@@ -781,6 +827,8 @@ class Dispatcher:
             self.to_mongrel2.append((link, m2.reply(sender, conn_id, body)))
             if close:
                 self.to_mongrel2.append((link, m2.close_reply(sender, conn_id)))
+            if link in self.link_credits:  # Mongrel2 credits these bytes back too
+                self._unacked_add((link, conn_id), len(body))
         except ValueError:
             log.warning("cannot answer sender %r conn %d", sender, conn_id)
 
@@ -883,6 +931,11 @@ class Dispatcher:
             for r in service.active.values():
                 if r.worker is None or r.cancelled or r.worker.in_flight.get(r.rid) is not r:
                     raise AssertionError(f"active request {r.rid} is not at a worker")
+        for (link, conn_id), n in self.unacked.items():
+            if n <= 0 or link not in self.link_credits:
+                raise AssertionError(f"unacked {n} on conn {conn_id} of link {link}")
+        if len(self.unacked) > MAX_UNACKED_CONNECTIONS:
+            raise AssertionError("too many connections with unacked bytes")
         for w in self.workers.values():
             if len(w.in_flight) > w.capacity:
                 raise AssertionError(f"worker {w.label} over capacity")

@@ -286,6 +286,37 @@ def _classify(sender: bytes, conn_id: int, path: bytes, headers: Headers, body: 
     return HttpRequest(*fields)
 
 
+_TNET_CREDITS = b"16:DOWNLOAD_CREDITS,"
+_JSON_CREDITS = b'"DOWNLOAD_CREDITS":"'
+
+
+def credits_of(data: bytes) -> int | None:
+    """The DOWNLOAD_CREDITS of a credits message without parsing all of it.
+
+    For the hot path only (one credits message per reply message): None when
+    the header is not found where Mongrel2 writes it, and then the caller
+    parses the message with `parse_message`, which decides.
+    """
+    i = data.find(_TNET_CREDITS)
+    if i >= 0:  # tnetstring: 16:DOWNLOAD_CREDITS,N:DIGITS,
+        j = i + len(_TNET_CREDITS)
+        colon = data.find(b":", j, j + 3)
+        size = data[j:colon]
+        if colon < 0 or not size.isdigit():
+            return None
+        end = colon + 1 + int(size)
+        digits = data[colon + 1:end]
+        ok = data[end:end + 1] == b"," and _decimal(digits, _MAX_ID_DIGITS)
+        return int(digits) if ok else None
+    i = data.find(_JSON_CREDITS)
+    if i >= 0:  # JSON: "DOWNLOAD_CREDITS":"DIGITS"
+        j = i + len(_JSON_CREDITS)
+        k = data.find(b'"', j, j + _MAX_ID_DIGITS + 1)
+        digits = data[j:k] if k > j else b""
+        return int(digits) if _decimal(digits, _MAX_ID_DIGITS) else None
+    return None
+
+
 def _ws_flags(raw: bytes) -> int:
     # Mongrel2 sends bformat("0x%X", flags | 0x80): one frame byte (connection.c).
     digits = raw[2:] if raw[:2] in (b"0x", b"0X") else raw

@@ -4,13 +4,20 @@ One thread (the loop) owns every ZeroMQ socket: a DEALER per broker and an
 inproc PULL that request threads send their replies into. Requests run on a
 thread pool of `capacity` threads, so heartbeats go on while the app works.
 
-Flow control (MONGREL2.md, download.flow_control): a request that carries
-DOWNLOAD_CREDITS may have at most that many reply bytes unwritten in Mongrel2;
-Mongrel2 grants them back (via the broker's CREDIT) as it writes. A request
-thread blocks in `_Flow.acquire` until it may send, so a slow client slows the
-app instead of growing Mongrel2's queue past its 16-message limit. Without
-credits (flow control off in Mongrel2) pieces are only capped in size: a
-streamed response of many small blocks can then overrun that limit.
+Flow control (docs/protocol.md 3.9, Mongrel2's download.flow_control): the
+rule is "the reply bytes of a connection that Mongrel2 has not yet credited
+back never exceed its window". The window is the connection's, not the
+request's: Mongrel2 sets DOWNLOAD_CREDITS (102400) only on the first request of
+a connection, so a request's starting window is the REQUEST's window frame
+(what the broker, which sees every reply and credit of the connection, says is
+left of it), else its DOWNLOAD_CREDITS header, else there is none. Each message
+body takes from the window; CREDIT n gives n back. Mongrel2 closes the
+connection as soon as one message would overrun it (the whole 150 KB reply of
+a second keep-alive request sent as one message did). A request thread blocks
+in `_Flow.acquire` until it may send, so a slow client slows the app. Without
+a window (flow control off in Mongrel2) pieces are only capped in size and
+Mongrel2's limit is 16 queued messages per connection: a streamed response of
+many small blocks can then overrun it.
 
 Under a Pool (supervise.py) the loop also reports to the arbiter through a
 `ChildState` (childstate.py), at most every REPORT_EVERY_S and never per
@@ -375,8 +382,9 @@ class Worker:
                 log.warning("malformed message from broker %s", b.endpoint)
                 continue
             command = frames[1][0]
-            if command == p.Command.REQUEST and len(frames) == 6:
-                self._start_request(b, frames[2], frames[4], frames[5], pool, now)
+            if command == p.Command.REQUEST and len(frames) in (6, 7):
+                window = frames[6] if len(frames) == 7 else None
+                self._start_request(b, frames[2], frames[4], frames[5], window, pool, now)
             elif command == p.Command.CREDIT and len(frames) == 4:
                 flow = self._flows.get((b.index, frames[2]))
                 if flow is not None and frames[3].isdigit():
@@ -417,7 +425,7 @@ class Worker:
                 log.warning("unexpected command %#x from broker %s", command, b.endpoint)
 
     def _start_request(self, b: _BrokerConn, rid: bytes, script_name: bytes, raw: bytes,
-                       pool: ThreadPoolExecutor, now: float) -> None:
+                       window: bytes | None, pool: ThreadPoolExecutor, now: float) -> None:
         self.requests_started += 1
         if self._max_requests and self.requests_started >= self._max_requests:
             assert self.state is not None
@@ -430,7 +438,9 @@ class Worker:
         if not isinstance(event, (m2.HttpRequest, m2.UploadDone)):
             self._send(b, [p.CMD[p.Command.REPLY], rid, p.FLAG_LAST])
             return
-        credits = event.header(b"DOWNLOAD_CREDITS")
+        # The broker's window frame wins: Mongrel2 puts DOWNLOAD_CREDITS only on
+        # a connection's first request, and its window is the connection's.
+        credits = window if window is not None else event.header(b"DOWNLOAD_CREDITS")
         flow = _Flow(int(credits) if credits is not None and credits.isdigit() else None, now)
         self._flows[(b.index, rid)] = flow
         pool.submit(self._run_request, b.index_frame, rid, event,

@@ -95,6 +95,7 @@ class Sent:
     service: bytes
     script_name: bytes
     raw: bytes
+    window: bytes | None = None  # download credits left on the connection, if flow-controlled
 
     @property
     def rid(self) -> int:
@@ -209,7 +210,7 @@ class Harness:
         out = self.take_workers()
         assert all(m.command == Cmd.REQUEST for m in out), out
         for m in out:
-            assert len(m.args) == 4
+            assert len(m.args) in (4, 5)
         return [Sent(m.ident, *m.args) for m in out]
 
     def take_one_request(self) -> Sent:
@@ -875,6 +876,107 @@ def test_credits_for_queued_or_unknown_connections_are_dropped() -> None:
     h.quiet()
 
 
+FC = {b"DOWNLOAD_CREDITS": b"102400"}  # what Mongrel2 adds to a connection's first request
+
+
+def body_reply(conn_id: int, n: int) -> bytes:
+    """A reply message whose body (what Mongrel2 counts against credits) is n bytes."""
+    return m2.reply(SENDER, conn_id, b"x" * n)
+
+
+def test_without_flow_control_a_request_carries_no_window() -> None:
+    h = Harness()
+    h.hello(b"w1")
+    h.request(1)
+    sent = h.take_one_request()
+    assert sent.window is None
+    h.reply(sent, body_reply(1, 200_000))
+    h.take_mongrel2()
+    assert h.d.unacked == {} and h.d.link_credits == {}
+
+
+def test_the_window_is_the_connections_and_outlives_its_requests() -> None:
+    # Mongrel2 1.12 puts DOWNLOAD_CREDITS on a connection's first request only,
+    # and refuses a message that would leave more than that many bytes
+    # uncredited on the connection, whichever request they belong to.
+    h = Harness()
+    h.hello(b"w1")
+    h.hello(b"w2")
+    h.request(1, extra=FC)
+    first = h.take_one_request()
+    assert first.window == b"102400"
+    h.reply(first, body_reply(1, 60_000), last=False)
+    h.m2(m2_credits(1, 60_000))
+    h.take_workers()  # the CREDIT for `first`
+    h.reply(first, body_reply(1, 40_000))  # LAST: 40 000 bytes not yet written
+    h.take_mongrel2()
+    assert h.d.unacked == {(0, 1): 40_000}
+    h.request(1, b"/app/again")  # no DOWNLOAD_CREDITS: not the first on its connection
+    second = h.take_one_request()
+    assert second.ident == b"w2" and second.window == b"62400"
+    h.m2(m2_credits(1, 40_000))  # for the first reply's bytes: now the second's to use
+    (credit,) = h.take_workers()
+    assert (credit.ident, credit.command, credit.args) == (
+        b"w2", Cmd.CREDIT, (second.rid_frame, b"40000"))
+    assert h.d.unacked == {}
+    h.reply(second, body_reply(1, 100))
+    h.take_mongrel2()
+    h.request(1, b"/app/third")
+    third = h.take_one_request()
+    assert third.window == b"102300"  # the second's 100 bytes are not credited yet
+    h.m2(m2_credits(1, 100))
+    h.take_workers()
+    h.request(2)  # another connection of the same Mongrel2: its own window
+    assert h.take_one_request().window == b"102400"
+
+
+def test_credits_after_the_last_request_of_a_connection_settle_its_window() -> None:
+    h = Harness()
+    h.hello(b"w1")
+    h.request(1, extra=FC)
+    h.reply(h.take_one_request(), body_reply(1, 5000))
+    h.take_mongrel2()
+    assert h.d.connections == {} and h.d.unacked == {(0, 1): 5000}
+    h.m2(m2_credits(1, 3000))
+    h.quiet()  # no request to pass them to
+    assert h.d.unacked == {(0, 1): 2000}
+    h.m2(m2_credits(1, 2000))
+    assert h.d.unacked == {}
+
+
+def test_the_brokers_own_answers_count_against_the_window() -> None:
+    h = Harness()
+    h.hello(b"w1")
+    h.request(1, b"/nowhere", extra=FC)  # 404, from the broker
+    answer = h.take_error(404, 1)
+    assert h.d.unacked == {(0, 1): len(answer.body)}
+    h.request(1)
+    assert h.take_one_request().window == b"%d" % (102400 - len(answer.body))
+
+
+def test_a_disconnect_forgets_the_connections_window() -> None:
+    h = Harness()
+    h.hello(b"w1")
+    h.request(1, extra=FC)
+    h.reply(h.take_one_request(), body_reply(1, 5000))
+    h.take_mongrel2()
+    h.m2(m2_disconnect(1))
+    assert h.d.unacked == {}
+
+
+def test_windows_of_connections_whose_credits_never_come_are_bounded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import scale0.dispatch
+    monkeypatch.setattr(scale0.dispatch, "MAX_UNACKED_CONNECTIONS", 2)
+    h = Harness()
+    h.hello(b"w1")
+    for conn_id in (1, 2, 3):
+        h.request(conn_id, extra=FC)
+        h.reply(h.take_one_request(), body_reply(conn_id, 10))
+    h.take_mongrel2()
+    assert list(h.d.unacked) == [(0, 2), (0, 3)]  # the oldest is forgotten
+
+
 def test_a_request_whose_body_looks_like_credits_is_still_served() -> None:
     h = Harness()
     h.hello(b"w1")
@@ -1428,6 +1530,7 @@ class DispatchMachine(RuleBasedStateMachine):
     def request(self, new: bool, link: int, pick: int, path: bytes, method: bytes,
                 http10: bool, big: bool) -> None:
         key = None if new else self._open(pick)
+        first = key is None
         if key is None:
             key = (link, sum(1 for k in self.conns if k[0] == link) + 1)
             self.conns[key] = Conn()
@@ -1435,6 +1538,8 @@ class DispatchMachine(RuleBasedStateMachine):
         token = b"t%d" % self.next_token
         self.conns[key].tokens.append(token)
         extra = {b"x-token": token}
+        if first and key[0] == 1:  # link 1 is flow-controlled: Mongrel2 says so once
+            extra[b"DOWNLOAD_CREDITS"] = b"102400"
         if not http10 or pick % 2:
             extra[b"connection"] = b"keep-alive"
         if big and pick % 8 == 0:

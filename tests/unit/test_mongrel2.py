@@ -27,6 +27,7 @@ from scale0.mongrel2 import (
     WebSocketHandshake,
     cancel_reply,
     close_reply,
+    credits_of,
     ctl_reply,
     error_response,
     http_response,
@@ -222,6 +223,31 @@ def test_credits() -> None:
     for bad in (b"", b"-1", b"0x10", b" 1", b"1e3"):
         rejects(msg({b"METHOD": b"JSON", b"DOWNLOAD_CREDITS": bad}, b'{"type":"credits"}'))
     rejects(msg({b"METHOD": b"JSON"}, b'{"type":"credits"}'))
+
+
+REAL_CREDITS = (b'5ca1e000-0000-4000-8000-0000000e2e01 2 @* 44:16:DOWNLOAD_CREDITS,5:47643,'
+                b'6:METHOD,4:JSON,}18:{"type":"credits"},')  # from Mongrel2 1.12.2
+
+
+@pytest.mark.parametrize("tnet", [True, False])
+def test_credits_of_agrees_with_parse_message(tnet: bool) -> None:
+    assert credits_of(REAL_CREDITS) == 47643
+    for value in (b"0", b"1", b"102400", b"99999999"):
+        data = msg({b"METHOD": b"JSON", b"DOWNLOAD_CREDITS": value}, b'{"type":"credits"}',
+                   tnet=tnet)
+        event = parse_message(data)
+        assert isinstance(event, Credits)
+        # None only sends the caller to parse_message; a number must be the same.
+        assert credits_of(data) == (event.credits if tnet else None)  # json.dumps adds spaces
+        head = b'{"METHOD":"JSON","DOWNLOAD_CREDITS":"%s"}' % value  # as Mongrel2 writes JSON
+        compact = b'S 7 @* %d:%s,18:{"type":"credits"},' % (len(head), head)
+        parsed = parse_message(compact)
+        assert isinstance(parsed, Credits) and credits_of(compact) == parsed.credits
+    for bad in (b"", b"-1", b"0x10", b" 1", b"1e3"):  # parse_message rejects these
+        data = msg({b"METHOD": b"JSON", b"DOWNLOAD_CREDITS": bad}, b'{"type":"credits"}',
+                   tnet=tnet)
+        assert credits_of(data) is None
+    assert credits_of(msg({b"METHOD": b"JSON"}, b'{"type":"credits"}', tnet=tnet)) is None
 
 
 @pytest.mark.parametrize("tnet", [True, False])
