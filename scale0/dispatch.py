@@ -286,7 +286,8 @@ class Dispatcher:
             event = m2.parse_message(raw)
         except m2.Mongrel2ProtocolError as exc:
             self.counters.bad_mongrel2 += 1
-            log.warning("malformed Mongrel2 message on link %d: %s", link, exc)
+            self.warnings.warning("malformed Mongrel2", now,
+                                  "malformed Mongrel2 message on link %d: %s", link, exc)
             self._answer_malformed(link, raw, exc.status_hint)
             return
         if isinstance(event, (m2.HttpRequest, m2.UploadDone)):
@@ -313,7 +314,8 @@ class Dispatcher:
             # parse_message takes any SENDER without a space, but a reply's must
             # be [A-Za-z0-9-]+ (MONGREL2.md): nobody could ever be answered.
             self.counters.bad_mongrel2 += 1
-            log.warning("unanswerable sender %r on link %d", sender, link)
+            self.warnings.warning("unanswerable sender", now, "unanswerable sender %r on link %d",
+                                  sender, link)
             return
         close = _wants_close(req)
         key = (link, conn_id)
@@ -339,11 +341,12 @@ class Dispatcher:
             # over limits.content_length, or is chunked (always spooled); a
             # client-forged header on a small request has neither.
             self.counters.forged_uploads += 1
-            log.warning("forged upload-start on conn %d", conn_id)
+            self.warnings.warning("forged upload", now, "forged upload-start on conn %d", conn_id)
             refused, close = 400, True
         elif isinstance(req, m2.UploadDone) and not spooled:
             self.counters.forged_uploads += 1
-            log.warning("upload-done without matching upload-start on conn %d", conn_id)
+            self.warnings.warning("forged upload", now,
+                                  "upload-done without matching upload-start on conn %d", conn_id)
             refused, close = 400, True
         elif declared is not None and declared > self.settings.max_body_bytes:
             self.counters.too_large += 1
@@ -513,7 +516,9 @@ class Dispatcher:
             self.counters.bad_worker += 1
             if frames and frames[0] != p.VERSION:
                 self.to_workers.append([ident, *p.error(p.ERR_BAD_VERSION, "expected S0W1")])
-            log.warning("malformed worker message from %r (%d frames)", ident, len(frames))
+            self.warnings.warning("malformed worker", now,
+                                  "malformed worker message from %r (%d frames)", ident,
+                                  len(frames))
             return
         command = frames[1][0]
         w = self.workers.get(ident)
@@ -541,7 +546,7 @@ class Dispatcher:
                 raise p.WireError(f"unknown command {command:#x}")
         except p.WireError as exc:
             self.counters.bad_worker += 1
-            log.warning("bad message from worker %r: %s", ident, exc)
+            self.warnings.warning("bad worker", now, "bad message from worker %r: %s", ident, exc)
             self.to_workers.append([ident, *p.error(exc.code, str(exc))])
 
     def _on_hello(self, ident: bytes, frames: list[bytes], now: float) -> None:
@@ -656,7 +661,9 @@ class Dispatcher:
                     r.reply_started = True
                 elif last and not r.reply_started:
                     self.counters.worker_failures += 1
-                    log.warning("worker %s ended a request without a response", w.label)
+                    self.warnings.warning("no response", now,
+                                          "worker %s ended a request without a response",
+                                          w.label)
                     self._reply_error(link, r.sender, r.conn_id, 502, "no response from worker",
                                       close=r.close_after)
                     r.status = 502
@@ -664,7 +671,8 @@ class Dispatcher:
                     self._record(r, r.status)
             else:
                 self.counters.bad_worker += 1
-                log.warning("worker %s replied to the wrong connection", w.label)
+                self.warnings.warning("wrong connection", now,
+                                      "worker %s replied to the wrong connection", w.label)
                 # Cancelled: the rest is dropped; the slot frees on the LAST reply.
                 self._fail(r, 502, "bad reply from worker", close=True)
         if last:
@@ -979,7 +987,8 @@ class Dispatcher:
             if link in self.link_credits:  # Mongrel2 credits these bytes back too
                 self._unacked_add((link, conn_id), len(body))
         except ValueError:
-            log.warning("cannot answer sender %r conn %d", sender, conn_id)
+            self.warnings.warning("unanswerable sender", self._now,
+                                  "cannot answer sender %r conn %d", sender, conn_id)
 
     def _answer_malformed(self, link: int, raw: bytes, status: int) -> None:
         """Answer a malformed message if its sender and conn id are readable."""
