@@ -349,3 +349,40 @@ def test_a_killed_broker_behind_a_relay_does_not_leave_its_clients_hanging(
     for _ in range(10):
         assert requests.get(s.url("/"), timeout=10).status_code == 200
     assert status(other)["counters"]["replies"] >= 10
+
+
+# ---- maximum message size -------------------------------------------------------
+
+
+def test_a_worker_sending_a_huge_frame_is_cut_off_while_big_replies_pass(
+        fresh_stack: Stack, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    s = fresh_stack
+    s.start_mongrel2()
+    broker = s.start_broker()
+    s.start_pool("e2e_apps:app", service="app", routes=("/",))
+    s.wait_ok("/")
+    # A reply of several 1 MiB pieces (worker.py's largest) goes through.
+    big = requests.get(s.url("/blob"), params="3000000", timeout=30)
+    assert big.status_code == 200 and len(big.content) == 3_000_000
+    raw = RawWorker(ctx, s.broker_endpoints[0])
+    try:
+        raw.hello({"app": ("/",)})
+        assert raw.answer()[1] == p.CMD[p.Command.WELCOME]
+        raw.sock.send_multipart([p.VERSION, p.CMD[p.Command.REPLY], b"\0" * 8, p.FLAG_LAST,
+                                 b"x" * (3 << 20)])
+        # libzmq dropped that connection unread; the DEALER reconnects as a
+        # stranger, so its heartbeats are answered BYE ("say HELLO again").
+        # (Heartbeats sent before the drop are lost with it: keep sending.)
+        def bye() -> bool:
+            raw.sock.send_multipart([p.VERSION, p.CMD[p.Command.HEARTBEAT]])
+            while raw.sock.poll(200):
+                if raw.sock.recv_multipart()[1] == p.CMD[p.Command.BYE]:
+                    return True
+            return False
+
+        wait_for(bye, what="BYE to the reconnected stranger")
+    finally:
+        raw.close()
+    st = status(broker)
+    assert st["counters"]["late_replies"] == 0 and st["counters"]["bad_worker"] == 0
+    assert requests.get(s.url("/"), timeout=10).status_code == 200
