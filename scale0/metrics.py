@@ -108,6 +108,13 @@ class _Service:
     bytes_out: int = 0
 
 
+# Services come and go (the broker forgets those whose workers left), but a
+# counter's series stays: past this many, the rest are counted as OTHER_SERVICE,
+# so /metrics stays bounded however many services a broker has ever seen.
+MAX_SERVICES_TRACKED = 1024
+OTHER_SERVICE = "_other"
+
+
 class RequestStats:
     """A done sink aggregating finished requests by service (see the module doc).
 
@@ -115,7 +122,9 @@ class RequestStats:
     label with an empty value as absent).
     """
 
-    def __init__(self, bounds_s: Iterable[float] = LATENCY_BUCKETS_S) -> None:
+    def __init__(self, bounds_s: Iterable[float] = LATENCY_BUCKETS_S,
+                 max_services: int = MAX_SERVICES_TRACKED) -> None:
+        self.max_services = max_services
         self.bounds_s = tuple(sorted(bounds_s))
         self._lock = threading.Lock()
         self._services: dict[str, _Service] = {}
@@ -127,7 +136,12 @@ class RequestStats:
             for done in batch:
                 sv = services.get(done.service)
                 if sv is None:
-                    sv = services[done.service] = _Service([0] * (len(bounds) + 1))
+                    # max_services - 1: OTHER_SERVICE is one of them
+                    name = (done.service if len(services) < self.max_services - 1
+                            else OTHER_SERVICE)
+                    sv = services.get(name)
+                    if sv is None:
+                        sv = services[name] = _Service([0] * (len(bounds) + 1))
                 sv.statuses[done.status] = sv.statuses.get(done.status, 0) + 1
                 elapsed_s = done.ended_at - done.received_at
                 # bisect_left: the first bound >= elapsed, as `le` means.

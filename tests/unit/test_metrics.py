@@ -296,3 +296,13 @@ def test_refused_hellos_ejections_and_limits_from_a_real_dispatcher() -> None:
     assert value(s, "scale0_state_limit", kind="workers", bound="used") == 2
     assert value(s, "scale0_state_limit", kind="workers", bound="max") == 2
     assert value(s, "scale0_state_limit", kind="routes", bound="used") == 2
+
+
+def test_request_stats_keep_a_bounded_number_of_services() -> None:
+    stats = RequestStats(max_services=3)
+    stats([done(f"s{i}", 200) for i in range(6)] + [done("s0", 200)])
+    s = scrape(stats)
+    assert value(s, "scale0_requests_total", service="s0", status="200") == 2
+    assert value(s, "scale0_requests_total", service="s1", status="200") == 1
+    assert value(s, "scale0_requests_total", service="_other", status="200") == 4
+    assert sorted(stats.totals()) == ["_other", "s0", "s1"]
