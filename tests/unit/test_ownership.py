@@ -331,3 +331,22 @@ def test_a_huge_announced_heartbeat_is_clamped() -> None:
     d.on_tick(90.0)
     assert b"w" not in d.workers
 
+
+
+def test_workers_of_one_pace_share_heartbeat_ticks() -> None:
+    # 100 workers announcing 10 ms apart, with 0.5 s heartbeats, to a 1 s broker.
+    h = Harness(heartbeat_s=1.0, liveness=100)
+    for i in range(100):
+        h.tick(i * 0.01)
+        hello_raw(h, b"w%d" % i, {"app": ()}, heartbeat_ms=500)
+    h.take_workers()
+    ticks, beats = 0, 0
+    now = h.now
+    while now < 11.0:
+        now = h.d.next_deadline()
+        h.tick(now)
+        ticks += 1
+        beats += sum(1 for m in h.take_workers() if m.command == Cmd.HEARTBEAT)
+    # 10 s at a 0.5 s pace: about 20 ticks, each beating all 100, not a tick per worker.
+    assert ticks <= 25 and beats >= 100 * 19
+    assert all(w.next_beat - now <= 0.5 for w in h.d.workers.values())
