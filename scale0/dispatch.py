@@ -334,7 +334,8 @@ class Dispatcher:
         declared = int(length) if length is not None and length.isdigit() else None
         if problem:  # duplicate Host, conflicting lengths (screen.py)
             self.counters.bad_requests += 1
-            log.warning("bad request on conn %d: %s", conn_id, problem)
+            self.warnings.warning("bad request", now, "bad request on conn %d: %s", conn_id,
+                                  problem)
             refused, close = 400, True
         elif isinstance(req, m2.UploadStart) and (req.body or not (declared or _chunked(req))):
             # Mongrel2's own upload-start has an empty body and a Content-Length
