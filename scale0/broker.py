@@ -49,6 +49,11 @@ MAX_HELD_REPLIES = 100_000
 SNAPSHOT_EVERY_S = 0.5  # how stale `Broker.snapshot` may be, when other threads read it
 HELD_RETRY_S = 0.02  # how often replies held for a Mongrel2 are offered again
 RELAY_WINDOW = 512  # messages a relay may send us ahead of our reading them
+# ZMQ_MAXMSGSIZE of the workers' ROUTER, per frame: a worker that sends a larger
+# one is disconnected by libzmq before it is read. worker.py sends a reply in
+# pieces of at most 1 MiB (MAX_MESSAGE_BYTES) plus the Mongrel2 reply prefix;
+# a HELLO is at most some 300 KB (protocol.md 3.1). 2 MiB leaves room for both.
+MAX_WORKER_FRAME_BYTES = 2 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +169,7 @@ class Broker:
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished worker raises, never drops
         router.setsockopt(zmq.SNDHWM, 0)
         router.setsockopt(zmq.RCVHWM, 0)
+        router.setsockopt(zmq.MAXMSGSIZE, MAX_WORKER_FRAME_BYTES)
         router.bind(self.bind)
         self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._router = router
@@ -475,7 +481,8 @@ class Broker:
                 if not self._stopping:
                     self._beat_relays(True)
             elif frames != [b"", b"HEARTBEAT"]:
-                log.warning("unexpected message from the relay at %s", link.spec.send_spec)
+                d.warnings.warning("relay message", now, "unexpected message from the relay at %s",
+                                   link.spec.send_spec)
         if link.unacked >= RELAY_WINDOW // 4 and not link.closed:
             self._relay_send(link, b"CREDIT %d" % link.unacked)
             link.unacked = 0

@@ -107,7 +107,11 @@ def cmd_broker(cfg: config.BrokerConfig, _: argparse.Namespace) -> int:
         retry_after_s=cfg.retry_after, max_body_bytes=cfg.max_body,
         keepalive_s=cfg.keepalive, routes=cfg.route, service_timeouts=cfg.service_timeout,
         maintenance_pages=cfg.maintenance_page, upload_dir=upload_dir,
-        inline_body_max=cfg.inline_body_max if upload_dir else 0)
+        inline_body_max=cfg.inline_body_max if upload_dir else 0,
+        route_grace_s=cfg.route_grace, max_workers=cfg.max_workers,
+        max_services=cfg.max_services, max_routes=cfg.max_routes,
+        eject_after=cfg.eject_after, eject_s=cfg.eject_time,
+        max_peer_heartbeat_s=cfg.max_peer_heartbeat)
     broker = Broker(links, cfg.bind, settings, graceful_timeout_s=cfg.graceful_timeout,
                     control="" if cfg.control == "off" else cfg.control,
                     metrics=cfg.metrics)
@@ -131,8 +135,10 @@ def cmd_broker(cfg: config.BrokerConfig, _: argparse.Namespace) -> int:
 def cmd_relay(cfg: config.RelayConfig, _: argparse.Namespace) -> int:
     from .relay import Relay
 
+    recv_spec, recv_ident = cfg.mongrel2_recv or ("", b"")
     return _serve(Relay(cfg.mongrel2, cfg.bind, heartbeat_s=cfg.heartbeat,
-                        liveness=cfg.liveness), "relay")
+                        liveness=cfg.liveness, recv_spec=recv_spec, recv_ident=recv_ident,
+                        max_peer_heartbeat_s=cfg.max_peer_heartbeat), "relay")
 
 
 class _Service(Protocol):

@@ -198,6 +198,16 @@ def _heartbeat_s(value: int | float) -> float:
 
 
 HEARTBEAT_S = Kind("a number of seconds from 0.01 to 600", (int, float), float, _heartbeat_s)
+
+
+def _recv_spec(text: str) -> tuple[str, bytes]:
+    spec, _, ident = text.partition(",")
+    if not spec.strip() or "," in ident:
+        raise ValueError(text)
+    return spec.strip(), ident.strip().encode()
+
+
+RECV_SPEC = Kind("RECV_SPEC[,RECV_IDENT]", (), _recv_spec)
 TEXT = Kind("a non-empty string", (str,), _text, _text)
 BOOL = Kind("true or false", (bool,), _bool)
 LINK = Kind("SEND_SPEC,RECV_SPEC[,RECV_IDENT]", (), LinkSpec.parse)
@@ -234,6 +244,16 @@ def setting(default: Any, help: str, kind: Kind = TEXT, **spec: Any) -> Any:
 
 # Settings: one frozen dataclass per command; shared ones by inheritance.
 # Field order is help order (a command's own settings first).
+
+# Shared by the broker and the relay: each expires its peers by their own
+# announced heartbeat x liveness, that heartbeat clamped to this.
+def _max_peer_heartbeat() -> Any:
+    """One declaration for the broker and the relay (a fresh field for each)."""
+    return setting(
+        30.0, "honour a peer's announced heartbeat (HELLO) up to this when expiring it "
+        "(or our own heartbeat, if longer), so a peer announcing a huge one still expires",
+        HEARTBEAT_S, metavar="SECONDS")
+
 
 @dataclass(frozen=True, slots=True)
 class CommonConfig:
@@ -308,6 +328,25 @@ class BrokerConfig(PeerConfig):
     keepalive: float = setting(
         30.0, "send Mongrel2 a ctl keep-alive for requests waiting this long, and again as "
         "often, so its idle killer (min_ping) spares them", POSITIVE_FLOAT, metavar="SECONDS")
+    route_grace: float = setting(
+        30.0, "keep a route whose last worker crashed or expired this long (503 with "
+        "Retry-After meanwhile), then forget it; a route whose last worker left with BYE "
+        "goes at once (0: always at once)", NON_NEGATIVE_FLOAT, metavar="SECONDS")
+    max_workers: int = setting(4096, "workers registered at once; a HELLO past it gets "
+                               "ERROR 429", POSITIVE_INT, metavar="N")
+    max_services: int = setting(256, "services known at once (configured and announced); "
+                                "a HELLO past it gets ERROR 429", POSITIVE_INT, metavar="N")
+    max_routes: int = setting(4096, "routes announced by workers (configured ones not "
+                              "counted); a HELLO past it gets ERROR 429", POSITIVE_INT,
+                              metavar="N")
+    eject_after: int = setting(
+        3, "eject a worker after this many request timeouts (504) in a row: no new "
+        "requests, its slots not counted, until the ejection ends (0: never)",
+        NON_NEGATIVE_INT, metavar="N")
+    eject_time: float = setting(
+        30.0, "how long an ejection lasts, times the worker's ejections since its last "
+        "reply in time (at most 10x)", POSITIVE_FLOAT, metavar="SECONDS")
+    max_peer_heartbeat: float = _max_peer_heartbeat()
 
     def check(self) -> None:
         if not self.mongrel2 and self.mongrel2_db is None:
@@ -369,6 +408,12 @@ class RelayConfig(PeerConfig):
                             metavar="SEND_SPEC")
     bind: str = setting("tcp://127.0.0.1:6781", "ROUTER endpoint brokers connect to, as "
                         "--mongrel2 relay+ENDPOINT,RECV_SPEC", metavar="ENDPOINT")
+    mongrel2_recv: tuple[str, bytes] | None = setting(
+        None, "the handler's recv_spec (and recv_ident, if it has one): the relay PUBlishes "
+        "there only to close the client connections of a broker that died, so their "
+        "clients do not wait for a reply that cannot come", RECV_SPEC,
+        metavar="RECV_SPEC[,RECV_IDENT]")
+    max_peer_heartbeat: float = _max_peer_heartbeat()
 
 
 @dataclass(frozen=True, slots=True)

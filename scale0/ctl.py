@@ -175,12 +175,33 @@ def render_status(st: dict[str, Any]) -> str:
                      f"{s['timeout_s']:g}s"] for s in st["services"]]), "",
              table(["WORKER", "ID", "SERVICES", "LOAD", "STATE", "AGE", "SERVED"],
                    [[w["label"], w["id"], ",".join(w["services"]),
-                     f"{w['in_flight']}/{w['capacity']}",
-                     "draining" if w["draining"] else "ready", duration(w["age_s"]),
-                     w["served"]] for w in st["workers"]]), ""]
+                     f"{w['in_flight']}/{w['capacity']}", _worker_state(w),
+                     duration(w["age_s"]), w["served"]] for w in st["workers"]]), ""]
+    limits = st.get("limits")
+    if limits:
+        parts.append("limits: " + " ".join(f"{name} {used}/{most}"
+                                            for name, (used, most) in limits.items()))
+    if st.get("orphaned_routes"):
+        parts += ["", table(["ROUTE WITHOUT WORKERS", "SERVICE", "FORGOTTEN IN"],
+                            [[o["route"], o["service"], duration(o["forget_in_s"])]
+                             for o in st["orphaned_routes"]])]
+    if st.get("refused_hellos"):
+        parts += ["", table(["REFUSED HELLO", "AGO", "CODE", "REASON"],
+                            [[r["worker"], duration(r["age_s"]), r["code"], r["reason"]]
+                             for r in st["refused_hellos"]])]
+    if limits or st.get("orphaned_routes") or st.get("refused_hellos"):
+        parts.append("")
     counters = st["counters"]
     parts.append("counters: " + " ".join(f"{k}={v}" for k, v in counters.items()))
     return "\n".join(parts)
+
+
+def _worker_state(w: dict[str, Any]) -> str:
+    if w["draining"]:
+        return "draining"
+    if w.get("ejected_s"):
+        return f"ejected {duration(w['ejected_s'])}"
+    return "ready"
 
 
 def _yes(flag: bool) -> str:

@@ -44,6 +44,8 @@ from typing import Any
 from . import mongrel2 as m2
 from . import protocol as p
 from . import spool
+from .ratelog import RateLimitedLog
+from .routebook import RouteBook
 from .routing import Route, RouteTable, parse_route
 from .screen import screen
 
@@ -56,6 +58,9 @@ _CREDITS_TAIL = b'{"type":"credits"},'
 # Connections with reply bytes not yet credited by Mongrel2, at most; the oldest
 # is forgotten past this (only one whose credits never came: its client left).
 MAX_UNACKED_CONNECTIONS = 65536
+MAX_REFUSALS_KEPT = 16
+MAX_EJECTION_FACTOR = 10  # an ejection lasts eject_s x min(ejections, this)
+MIN_PEER_HEARTBEAT_S = 0.01  # protocol.md 3.1: heartbeat_ms is at least 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +87,19 @@ class DispatchSettings:
     # at most inline_budget_bytes of them held at once; 0: never.
     inline_body_max: int = 0
     inline_budget_bytes: int = 128 << 20
+    # A route whose last worker crashed or expired is kept (503) this long.
+    route_grace_s: float = 30.0
+    # Bounded state: HELLOs past these are refused (ERROR 429).
+    max_workers: int = 4096
+    max_services: int = 256
+    max_routes: int = 4096  # announced by workers; configured ones are not counted
+    # Outlier ejection: this many request timeouts in a row (0: never) take a
+    # worker out of dispatch for eject_s x its ejections so far (at most 10).
+    eject_after: int = 3
+    eject_s: float = 30.0
+    # A worker is expired after its own HELLO heartbeat_ms x liveness, that
+    # interval clamped to at most this (or our own heartbeat, if longer).
+    max_peer_heartbeat_s: float = 30.0
 
 
 @dataclass(slots=True, eq=False)
@@ -123,6 +141,13 @@ class Worker:
     draining: bool = False
     served: int = 0
     reads_uploads: bool = False  # HELLO meta uploads=file: it opens spooled files itself
+    routes: tuple[Route, ...] = ()  # as announced in its HELLO
+    expiry_s: float = 3.0  # its heartbeat interval (clamped) x liveness
+    beat_s: float = 1.0  # how often we heartbeat it: min(ours, its own)
+    next_beat: float = 0.0
+    timeouts_in_row: int = 0  # request timeouts since its last good reply
+    ejections: int = 0  # since its last good reply
+    ejected_until: float = 0.0  # ejected (no new requests) until then; 0.0: not ejected
 
 
 @dataclass(slots=True, eq=False)
@@ -179,6 +204,10 @@ class Counters:
     too_large: int = 0
     forged_uploads: int = 0
     bad_requests: int = 0
+    hello_conflicts: int = 0  # HELLOs refused: a route owned by another service
+    hello_limits: int = 0  # HELLOs refused: max_workers, max_services or max_routes
+    ejections: int = 0  # workers ejected after eject_after timeouts in a row
+    routes_forgotten: int = 0  # announced routes dropped after their workers left
 
 
 class Dispatcher:
@@ -186,7 +215,7 @@ class Dispatcher:
         self.settings = s = settings or DispatchSettings()
         self.expiry_s = s.heartbeat_s * s.liveness
         self.routes = RouteTable()
-        self.configured: set[Route] = set()
+        self.book = RouteBook(self.routes, grace_s=s.route_grace_s)
         self.services: dict[str, Service] = {}
         self.workers: dict[bytes, Worker] = {}
         self.requests: dict[int, Request] = {}
@@ -216,6 +245,9 @@ class Dispatcher:
         self.to_workers: list[list[bytes]] = []
         self.to_mongrel2: list[tuple[int, bytes]] = []
         self.counters = Counters()
+        self.warnings = RateLimitedLog(log)
+        # The latest HELLO refusals, newest last, for `ctl status`.
+        self.refusals: deque[dict[str, Any]] = deque(maxlen=MAX_REFUSALS_KEPT)
         # Set `record` to get a Done in `done` for every request that ends;
         # the loop drains `done` like the outboxes. Off, nothing is kept.
         self.record = False
@@ -229,9 +261,7 @@ class Dispatcher:
         self._timeouts = dict(s.service_timeouts)
         self._maintenance = dict(s.maintenance_pages)
         for spec, service in s.routes:
-            route = parse_route(spec)
-            self.routes.add(route, service)
-            self.configured.add(route)
+            self.book.configure(parse_route(spec), service)
             self._service(service)
 
     # ---- Mongrel2 side -------------------------------------------------
@@ -256,7 +286,8 @@ class Dispatcher:
             event = m2.parse_message(raw)
         except m2.Mongrel2ProtocolError as exc:
             self.counters.bad_mongrel2 += 1
-            log.warning("malformed Mongrel2 message on link %d: %s", link, exc)
+            self.warnings.warning("malformed Mongrel2", now,
+                                  "malformed Mongrel2 message on link %d: %s", link, exc)
             self._answer_malformed(link, raw, exc.status_hint)
             return
         if isinstance(event, (m2.HttpRequest, m2.UploadDone)):
@@ -283,7 +314,8 @@ class Dispatcher:
             # parse_message takes any SENDER without a space, but a reply's must
             # be [A-Za-z0-9-]+ (MONGREL2.md): nobody could ever be answered.
             self.counters.bad_mongrel2 += 1
-            log.warning("unanswerable sender %r on link %d", sender, link)
+            self.warnings.warning("unanswerable sender", now, "unanswerable sender %r on link %d",
+                                  sender, link)
             return
         close = _wants_close(req)
         key = (link, conn_id)
@@ -302,18 +334,20 @@ class Dispatcher:
         declared = int(length) if length is not None and length.isdigit() else None
         if problem:  # duplicate Host, conflicting lengths (screen.py)
             self.counters.bad_requests += 1
-            log.warning("bad request on conn %d: %s", conn_id, problem)
+            self.warnings.warning("bad request", now, "bad request on conn %d: %s", conn_id,
+                                  problem)
             refused, close = 400, True
         elif isinstance(req, m2.UploadStart) and (req.body or not (declared or _chunked(req))):
             # Mongrel2's own upload-start has an empty body and a Content-Length
             # over limits.content_length, or is chunked (always spooled); a
             # client-forged header on a small request has neither.
             self.counters.forged_uploads += 1
-            log.warning("forged upload-start on conn %d", conn_id)
+            self.warnings.warning("forged upload", now, "forged upload-start on conn %d", conn_id)
             refused, close = 400, True
         elif isinstance(req, m2.UploadDone) and not spooled:
             self.counters.forged_uploads += 1
-            log.warning("upload-done without matching upload-start on conn %d", conn_id)
+            self.warnings.warning("forged upload", now,
+                                  "upload-done without matching upload-start on conn %d", conn_id)
             refused, close = 400, True
         elif declared is not None and declared > self.settings.max_body_bytes:
             self.counters.too_large += 1
@@ -483,12 +517,14 @@ class Dispatcher:
             self.counters.bad_worker += 1
             if frames and frames[0] != p.VERSION:
                 self.to_workers.append([ident, *p.error(p.ERR_BAD_VERSION, "expected S0W1")])
-            log.warning("malformed worker message from %r (%d frames)", ident, len(frames))
+            self.warnings.warning("malformed worker", now,
+                                  "malformed worker message from %r (%d frames)", ident,
+                                  len(frames))
             return
         command = frames[1][0]
         w = self.workers.get(ident)
         if w is not None:
-            w.expires_at = now + self.expiry_s
+            w.expires_at = now + w.expiry_s
         try:
             if command == p.Command.REPLY and w is not None:
                 self._on_reply(w, frames, now)
@@ -498,7 +534,7 @@ class Dispatcher:
                 self._on_hello(ident, frames, now)
             elif command == p.Command.BYE:
                 if w is not None:
-                    self.remove_worker(w, now)
+                    self.remove_worker(w, now, deliberate=True)
             elif command == p.Command.DRAIN and w is not None:
                 w.draining = True
                 self._update_ready(w)
@@ -511,15 +547,15 @@ class Dispatcher:
                 raise p.WireError(f"unknown command {command:#x}")
         except p.WireError as exc:
             self.counters.bad_worker += 1
-            log.warning("bad message from worker %r: %s", ident, exc)
+            self.warnings.warning("bad worker", now, "bad message from worker %r: %s", ident, exc)
             self.to_workers.append([ident, *p.error(exc.code, str(exc))])
 
     def _on_hello(self, ident: bytes, frames: list[bytes], now: float) -> None:
         if len(frames) != 3:
             raise p.WireError("HELLO takes one frame")
         hello = p.Hello.decode(frames[2])
-        # Parse every route before changing anything: a refused HELLO leaves
-        # no half-announced routes behind.
+        # Parse and check every route before changing anything: a refused
+        # HELLO leaves no half-announced routes behind.
         routes: list[tuple[Route, str]] = []
         for spec in hello.services:
             for route_spec in spec.routes:
@@ -527,23 +563,71 @@ class Dispatcher:
                     routes.append((parse_route(route_spec), spec.name))
                 except ValueError as exc:
                     raise p.WireError(str(exc)) from exc
+        label = hello.worker or ident.hex()
+        refusal = self._refuse_hello(ident, hello, routes)
+        if refusal is not None:
+            code, text = refusal
+            self.refusals.append({"at": now, "worker": label, "id": ident.hex(),
+                                  "code": code, "reason": text})
+            self.warnings.warning("refused HELLO", now, "refused HELLO from worker %s: %s",
+                                  label, text)
+            self.to_workers.append([ident, *p.error(code, text)])
+            return
         old = self.workers.get(ident)
         if old is not None:
-            self.remove_worker(old, now)
+            self.remove_worker(old, now, deliberate=True)
         services = tuple(self._service(s.name) for s in hello.services)
-        for route, name in routes:
-            if route not in self.configured:  # the broker's own route table wins
-                self.routes.add(route, name)
-        w = Worker(ident, hello.worker or ident.hex(), services, hello.capacity, now,
-                   now + self.expiry_s, reads_uploads=hello.meta.get("uploads") == "file")
+        self.book.claim(ident, routes)
+        beat_s, expiry_s = self._peer_timing(hello.heartbeat_ms)
+        w = Worker(ident, label, services, hello.capacity, now, now + expiry_s,
+                   routes=tuple(route for route, _ in routes), expiry_s=expiry_s,
+                   beat_s=beat_s, next_beat=now + beat_s,
+                   reads_uploads=hello.meta.get("uploads") == "file")
         self.workers[ident] = w
         for service in services:
             service.workers[ident] = w
         self.to_workers.append([ident, *p.welcome("scale0", int(self.settings.heartbeat_s * 1000))])
-        log.info("worker %s ready: services=%s capacity=%d", w.label,
-                 ",".join(s.name for s in services), w.capacity)
+        log.info("worker %s ready: services=%s capacity=%d heartbeat=%gs", w.label,
+                 ",".join(s.name for s in services), w.capacity, expiry_s / self.settings.liveness)
+        if beat_s < self.settings.heartbeat_s:  # else the next regular tick is soon enough
+            self._next_heartbeat = min(self._next_heartbeat, w.next_beat)
         self._update_ready(w)
         self._pull_queued(w, now)
+
+    def _refuse_hello(self, ident: bytes, hello: p.Hello,
+                      routes: list[tuple[Route, str]]) -> tuple[int, str] | None:
+        """(ERROR code, text) if this HELLO may not register, else None.
+        Ownership first (protocol.md 3.10): the text names the route and its owner."""
+        conflict = self.book.conflict(ident, routes)
+        if conflict is not None:
+            self.counters.hello_conflicts += 1
+            return p.ERR_ROUTE_OWNED, conflict.text()
+        s = self.settings
+        if ident not in self.workers and len(self.workers) >= s.max_workers:
+            self.counters.hello_limits += 1
+            return p.ERR_LIMIT, f"broker full: {len(self.workers)} workers (max_workers)"
+        new_services = {spec.name for spec in hello.services} - self.services.keys()
+        if len(self.services) + len(new_services) > s.max_services:
+            self.counters.hello_limits += 1
+            return p.ERR_LIMIT, (f"broker full: {len(self.services)} services known, "
+                                 f"{len(new_services)} new (max_services {s.max_services})")
+        new_routes = self.book.new_routes(route for route, _ in routes)
+        if len(self.book.claims) + new_routes > s.max_routes:
+            self.counters.hello_limits += 1
+            return p.ERR_LIMIT, (f"broker full: {len(self.book.claims)} announced routes, "
+                                 f"{new_routes} new (max_routes {s.max_routes})")
+        return None
+
+    def _peer_timing(self, heartbeat_ms: int) -> tuple[float, float]:
+        """(how often we heartbeat it, when it expires) for a worker announcing
+        `heartbeat_ms`: expired after its own interval x liveness, that
+        interval clamped to sane bounds; heartbeated at least as often as it
+        heartbeats us, so a worker that expires a broker by its own interval
+        (an older worker) never sees us as silent."""
+        s = self.settings
+        high = max(s.max_peer_heartbeat_s, s.heartbeat_s)
+        interval_s = min(max(heartbeat_ms / 1000, MIN_PEER_HEARTBEAT_S), high)
+        return min(s.heartbeat_s, interval_s), interval_s * s.liveness
 
     def _on_reply(self, w: Worker, frames: list[bytes], now: float) -> None:
         if len(frames) < 4 or frames[3] not in (p.FLAG_MORE, p.FLAG_LAST):
@@ -579,7 +663,9 @@ class Dispatcher:
                     r.reply_started = True
                 elif last and not r.reply_started:
                     self.counters.worker_failures += 1
-                    log.warning("worker %s ended a request without a response", w.label)
+                    self.warnings.warning("no response", now,
+                                          "worker %s ended a request without a response",
+                                          w.label)
                     self._reply_error(link, r.sender, r.conn_id, 502, "no response from worker",
                                       close=r.close_after)
                     r.status = 502
@@ -587,7 +673,8 @@ class Dispatcher:
                     self._record(r, r.status)
             else:
                 self.counters.bad_worker += 1
-                log.warning("worker %s replied to the wrong connection", w.label)
+                self.warnings.warning("wrong connection", now,
+                                      "worker %s replied to the wrong connection", w.label)
                 # Cancelled: the rest is dropped; the slot frees on the LAST reply.
                 self._fail(r, 502, "bad reply from worker", close=True)
         if last:
@@ -599,15 +686,23 @@ class Dispatcher:
         """`r` is over at `w`: free the slot, start the next on its connection."""
         w.in_flight.pop(r.rid, None)
         r.worker = None
+        if not r.cancelled:  # a reply in time: the streak of timeouts is over
+            w.timeouts_in_row = w.ejections = 0
         self._forget(r, cancel=False)
         self._update_ready(w)
         self._pull_queued(w, now)
 
-    def remove_worker(self, w: Worker, now: float) -> None:
-        """Idempotent. In-flight requests are retried once if safe, else 502."""
+    def remove_worker(self, w: Worker, now: float, *, deliberate: bool = False) -> None:
+        """Idempotent. In-flight requests are retried once if safe, else 502.
+
+        Its routes go with it when it was their last worker: at once if it
+        left `deliberate`ly (BYE, a new HELLO), else after the route grace
+        (routebook.py). A service left with no worker and no route is forgotten.
+        """
         if self.workers.get(w.ident) is not w:  # gone, or replaced by a new HELLO
             return
         del self.workers[w.ident]
+        self.book.release(w.ident, w.routes, now, deliberate=deliberate)
         self._now = now
         for service in w.services:
             service.ready.pop(w.ident, None)
@@ -634,7 +729,18 @@ class Dispatcher:
                 self.counters.no_worker += 1
                 self._fail(service.queue.popitem(last=False)[1], 503,
                            "no worker serves this service")
+            self._maybe_forget_service(service)
         log.info("worker %s gone (%d in flight)", w.label, len(orphans))
+
+    def _maybe_forget_service(self, service: Service) -> None:
+        """Forget a service that nothing refers to any more: no worker, no
+        route (configured, or claimed and in its grace), nothing pending.
+        A request still holding the object (one pipelined behind another)
+        gets 503 from it, as from any service without workers."""
+        if (not service.workers and not service.queue and not service.active
+                and not self.book.owns(service.name)
+                and self.services.get(service.name) is service):
+            del self.services[service.name]
 
     # ---- time ----------------------------------------------------------
 
@@ -648,18 +754,73 @@ class Dispatcher:
             while active and _head(active).deadline <= now:
                 r = active.popitem(last=False)[1]
                 self.counters.request_timeouts += 1
+                timed_out = r.worker
                 self._fail(r, 504, "worker did not answer in time", close=r.reply_started)
+                if timed_out is not None:
+                    self._on_worker_timeout(timed_out, now)
         if now >= self._next_keepalive:
             self._next_keepalive = now + self.settings.keepalive_s
             self._keep_alive(now)
         if now >= self._next_heartbeat:
-            self._next_heartbeat = now + self.settings.heartbeat_s
-            for w in list(self.workers.values()):
-                if w.expires_at <= now:
-                    log.warning("worker %s expired (no heartbeat)", w.label)
-                    self.remove_worker(w, now)
-                else:
-                    self.to_workers.append([w.ident, p.VERSION, p.CMD[p.Command.HEARTBEAT]])
+            self._heartbeat(now)
+        if now >= self.book.next_deadline():
+            self._forget_routes(now)
+        self.warnings.flush(now)
+
+    def _heartbeat(self, now: float) -> None:
+        """Expire silent workers, heartbeat each at its own pace, end ejections.
+        O(workers), every min(heartbeat_s, the shortest worker interval).
+
+        A worker due within half its interval gets its HEARTBEAT now (early is
+        harmless): so workers of one pace share ticks instead of each
+        registration adding a tick of its own (O(workers) ticks of O(workers))."""
+        next_beat = now + self.settings.heartbeat_s
+        for w in list(self.workers.values()):
+            if w.expires_at <= now:
+                log.warning("worker %s expired (silent for %.1f s)", w.label,
+                            now - w.expires_at + w.expiry_s)
+                self.remove_worker(w, now)
+                continue
+            if w.ejected_until and w.ejected_until <= now:
+                w.ejected_until = 0.0
+                w.timeouts_in_row = 0
+                log.info("worker %s back after its ejection", w.label)
+                self._update_ready(w)
+                self._pull_queued(w, now)
+            if w.next_beat <= now + w.beat_s / 2:
+                w.next_beat = now + w.beat_s
+                self.to_workers.append([w.ident, p.VERSION, p.CMD[p.Command.HEARTBEAT]])
+            next_beat = min(next_beat, w.next_beat, w.ejected_until or next_beat)
+        self._next_heartbeat = next_beat
+
+    def _on_worker_timeout(self, w: Worker, now: float) -> None:
+        """Outlier detection: eject_after timeouts in a row take `w` out of
+        dispatch (its slots no longer count) until the ejection ends; it stays
+        registered and heartbeated, and comes back by itself (docs/reliability.md)."""
+        w.timeouts_in_row += 1
+        s = self.settings
+        if (not s.eject_after or w.timeouts_in_row < s.eject_after or w.ejected_until
+                or self.workers.get(w.ident) is not w):
+            return
+        w.ejections += 1
+        duration_s = s.eject_s * min(w.ejections, MAX_EJECTION_FACTOR)
+        w.ejected_until = now + duration_s
+        self.counters.ejections += 1
+        self.warnings.warning("worker ejected", now,
+                              "worker %s ejected for %.0f s: %d request timeouts in a row",
+                              w.label, duration_s, w.timeouts_in_row)
+        self._update_ready(w)
+        self._next_heartbeat = min(self._next_heartbeat, w.ejected_until)
+
+    def _forget_routes(self, now: float) -> None:
+        """Routes whose grace ended are forgotten (then 404 or the next route)."""
+        for route, name in self.book.expire(now):
+            self.counters.routes_forgotten += 1
+            log.info("route %s of service %s forgotten: no worker came back in %g s",
+                     route, name, self.settings.route_grace_s)
+            service = self.services.get(name)
+            if service is not None:
+                self._maybe_forget_service(service)
 
     def _keep_alive(self, now: float) -> None:
         """ctl keep-alive for every request waiting longer than keepalive_s.
@@ -683,7 +844,7 @@ class Dispatcher:
 
     def next_deadline(self) -> float:
         """When on_tick next has work. O(services); the loop calls it once per wake-up."""
-        deadline = min(self._next_heartbeat, self._next_keepalive)
+        deadline = min(self._next_heartbeat, self._next_keepalive, self.book.next_deadline())
         for service in self.services.values():
             for pending in (service.queue, service.active):
                 if pending:
@@ -701,7 +862,8 @@ class Dispatcher:
         return service
 
     def _update_ready(self, w: Worker) -> None:
-        free = not w.draining and len(w.in_flight) < w.capacity and w.ident in self.workers
+        free = (not w.draining and not w.ejected_until and len(w.in_flight) < w.capacity
+                and w.ident in self.workers)
         for service in w.services:
             if free:
                 if w.ident not in service.ready:
@@ -711,7 +873,8 @@ class Dispatcher:
 
     def _pull_queued(self, w: Worker, now: float) -> None:
         """Give a free worker the oldest queued requests of its services."""
-        while w.ident in self.workers and not w.draining and len(w.in_flight) < w.capacity:
+        while (w.ident in self.workers and not w.draining and not w.ejected_until
+               and len(w.in_flight) < w.capacity):
             oldest: Service | None = None
             for service in w.services:
                 if service.queue and (oldest is None or _head(service.queue).received_at
@@ -830,7 +993,8 @@ class Dispatcher:
             if link in self.link_credits:  # Mongrel2 credits these bytes back too
                 self._unacked_add((link, conn_id), len(body))
         except ValueError:
-            log.warning("cannot answer sender %r conn %d", sender, conn_id)
+            self.warnings.warning("unanswerable sender", self._now,
+                                  "cannot answer sender %r conn %d", sender, conn_id)
 
     def _answer_malformed(self, link: int, raw: bytes, status: int) -> None:
         """Answer a malformed message if its sender and conn id are readable."""
@@ -858,19 +1022,28 @@ class Dispatcher:
         if not service or any(c.isspace() for c in service):
             raise ValueError(f"bad service name {service!r}")
         route = parse_route(spec)
-        self.routes.add(route, service)
-        self.configured.add(route)
+        self.book.configure(route, service)
         self._service(service)
         return route
 
     def remove_route(self, spec: str) -> str | None:
-        """Remove the route `spec` (configured or announced); the service it
-        mapped to, or None. A worker re-announces its routes on its next HELLO."""
+        """Remove the route `spec`: its configuration if it is configured (a
+        worker's claim on it, if any, then maps it again), else the workers'
+        claim (they announce it again on their next HELLO). The service it
+        mapped to, or None."""
         route = parse_route(spec)
-        service = next((name for r, name in self.routes.routes() if r == route), None)
-        self.routes.remove(route)
-        self.configured.discard(route)
+        service = self.book.unconfigure(route)
+        if service is None:
+            service = self.book.drop(route)
+        old = self.services.get(service or "")
+        if old is not None:
+            self._maybe_forget_service(old)
         return service
+
+    @property
+    def configured(self) -> dict[Route, str]:
+        """The broker's own routes (route -> service)."""
+        return self.book.configured
 
     def snapshot(self, now: float) -> dict[str, Any]:
         """The state an operator looks at (control `status`, metrics, status
@@ -881,17 +1054,29 @@ class Dispatcher:
         services = [{
             "name": sv.name, "routes": routes.get(sv.name, []), "queued": len(sv.queue),
             "in_flight": len(sv.active), "workers": len(sv.workers), "ready": len(sv.ready),
-            "capacity": sum(w.capacity for w in sv.workers.values()),
+            # An ejected worker's slots do not count (outlier ejection).
+            "capacity": sum(w.capacity for w in sv.workers.values() if not w.ejected_until),
+            "ejected": sum(1 for w in sv.workers.values() if w.ejected_until),
             "timeout_s": sv.timeout_s,
         } for sv in sorted(self.services.values(), key=lambda sv: sv.name)]
         workers = [{
             "id": w.ident.hex(), "label": w.label, "services": [sv.name for sv in w.services],
             "capacity": w.capacity, "in_flight": len(w.in_flight), "draining": w.draining,
             "served": w.served, "age_s": round(now - w.connected_at, 3),
+            "ejected_s": round(max(0.0, w.ejected_until - now), 3) if w.ejected_until else 0,
+            "heartbeat_s": w.expiry_s / self.settings.liveness,
         } for w in self.workers.values()]
         return {"services": services, "workers": workers,
                 "counters": {f: getattr(self.counters, f) for f in Counters.__slots__},
-                "requests": len(self.requests), "connections": len(self.connections)}
+                "requests": len(self.requests), "connections": len(self.connections),
+                "refused_hellos": [{**r, "age_s": round(now - r["at"], 3)}
+                                   for r in self.refusals],
+                "orphaned_routes": [{"route": str(route), "service": name,
+                                     "forget_in_s": round(max(0.0, at - now), 3)}
+                                    for route, name, at in self.book.orphaned()],
+                "limits": {"workers": [len(self.workers), self.settings.max_workers],
+                           "services": [len(self.services), self.settings.max_services],
+                           "routes": [len(self.book.claims), self.settings.max_routes]}}
 
     def check_invariants(self) -> None:
         """For tests: raise AssertionError if the state is inconsistent."""
@@ -913,9 +1098,12 @@ class Dispatcher:
             for ident, w in service.workers.items():
                 if self.workers.get(ident) is not w or service not in w.services:
                     raise AssertionError(f"{service.name}: stale worker {w.label}")
+            if self.services.get(service.name) is not service:
+                raise AssertionError(f"service {service.name} listed under another name")
             for ident, w in service.ready.items():
-                if self.workers.get(ident) is not w or w.draining:
-                    raise AssertionError(f"{service.name}: dead or draining worker ready")
+                if self.workers.get(ident) is not w or w.draining or w.ejected_until:
+                    raise AssertionError(f"{service.name}: dead, draining or ejected worker "
+                                         "ready")
                 if len(w.in_flight) >= w.capacity:
                     raise AssertionError(f"{service.name}: full worker ready")
             if service.ready and service.queue:
@@ -939,8 +1127,10 @@ class Dispatcher:
         for w in self.workers.values():
             if len(w.in_flight) > w.capacity:
                 raise AssertionError(f"worker {w.label} over capacity")
-            free = not w.draining and len(w.in_flight) < w.capacity
+            free = not w.draining and not w.ejected_until and len(w.in_flight) < w.capacity
             for service in w.services:
+                if self.services.get(service.name) is not service:
+                    raise AssertionError(f"worker {w.label}: service {service.name} forgotten")
                 if service.workers.get(w.ident) is not w:
                     raise AssertionError(f"worker {w.label} missing from {service.name}")
                 if (w.ident in service.ready) != free:
@@ -971,6 +1161,16 @@ class Dispatcher:
         inlined = sum(r.inline for r in self.requests.values())
         if inlined != self.inline_bytes:
             raise AssertionError(f"inline_bytes {self.inline_bytes} != {inlined} held")
+        self.book.check()
+        for w in self.workers.values():
+            for route in w.routes:
+                claim = self.book.claims.get(route)
+                if claim is not None and w.ident not in claim.workers:
+                    raise AssertionError(f"worker {w.label}: not in the claim of {route}")
+        for service in self.services.values():
+            if not service.workers and not self.book.owns(service.name) \
+                    and not service.queue and not service.active:
+                raise AssertionError(f"service {service.name} kept with nothing to keep it")
 
 
 def _chunked(req: m2.Message) -> bool:

@@ -59,6 +59,12 @@ _SIMPLE_COUNTERS = (
      "late_replies"),
     ("scale0_client_gone", "Client disconnects with a request still in progress.",
      "client_gone"),
+    ("scale0_worker_ejections",
+     "Workers ejected (no new requests for a while) after request timeouts in a row.",
+     "ejections"),
+    ("scale0_routes_forgotten",
+     "Announced routes forgotten after their last worker crashed and the grace passed.",
+     "routes_forgotten"),
 )
 # Counters with one label: (metric, help, label, ((label value, counter field), ...)).
 _LABELLED_COUNTERS = (
@@ -70,6 +76,9 @@ _LABELLED_COUNTERS = (
      (("no_route", "no_route"), ("no_worker", "no_worker"), ("queue_full", "queue_full"),
       ("too_large", "too_large"), ("forged_upload", "forged_uploads"),
       ("bad_request", "bad_requests"))),
+    ("scale0_hellos_refused", "Worker HELLOs refused (ERROR): a route owned by another "
+     "service (409), or the broker at a limit (429).", "reason",
+     (("route_owned", "hello_conflicts"), ("limit", "hello_limits"))),
 )
 
 
@@ -99,6 +108,13 @@ class _Service:
     bytes_out: int = 0
 
 
+# Services come and go (the broker forgets those whose workers left), but a
+# counter's series stays: past this many, the rest are counted as OTHER_SERVICE,
+# so /metrics stays bounded however many services a broker has ever seen.
+MAX_SERVICES_TRACKED = 1024
+OTHER_SERVICE = "_other"
+
+
 class RequestStats:
     """A done sink aggregating finished requests by service (see the module doc).
 
@@ -106,7 +122,9 @@ class RequestStats:
     label with an empty value as absent).
     """
 
-    def __init__(self, bounds_s: Iterable[float] = LATENCY_BUCKETS_S) -> None:
+    def __init__(self, bounds_s: Iterable[float] = LATENCY_BUCKETS_S,
+                 max_services: int = MAX_SERVICES_TRACKED) -> None:
+        self.max_services = max_services
         self.bounds_s = tuple(sorted(bounds_s))
         self._lock = threading.Lock()
         self._services: dict[str, _Service] = {}
@@ -118,7 +136,12 @@ class RequestStats:
             for done in batch:
                 sv = services.get(done.service)
                 if sv is None:
-                    sv = services[done.service] = _Service([0] * (len(bounds) + 1))
+                    # max_services - 1: OTHER_SERVICE is one of them
+                    name = (done.service if len(services) < self.max_services - 1
+                            else OTHER_SERVICE)
+                    sv = services.get(name)
+                    if sv is None:
+                        sv = services[name] = _Service([0] * (len(bounds) + 1))
                 sv.statuses[done.status] = sv.statuses.get(done.status, 0) + 1
                 elapsed_s = done.ended_at - done.received_at
                 # bisect_left: the first bound >= elapsed, as `le` means.
@@ -180,28 +203,43 @@ class BrokerCollector(Collector):
                                       labels=["service"])
         workers = GaugeMetricFamily(
             "scale0_workers", "Workers of a service: ready (a free slot), busy (every slot "
-            "taken) or draining (finishing, takes no more).", labels=["service", "state"])
+            "taken), draining (finishing, takes no more) or ejected (timed out requests in "
+            "a row: no new ones for a while).", labels=["service", "state"])
         slots = GaugeMetricFamily("scale0_worker_slots",
                                   "Requests the workers of a service take at once.",
                                   labels=["service"])
         draining: dict[str, int] = {}
+        ejected: dict[str, int] = {}
         for w in snap.get("workers", ()):
-            if w["draining"]:
+            state = draining if w["draining"] else ejected if w.get("ejected_s") else None
+            if state is not None:
                 for name in w["services"]:
-                    draining[name] = draining.get(name, 0) + 1
+                    state[name] = state.get(name, 0) + 1
         for sv in snap.get("services", ()):
             name = sv["name"]
             queued.add_metric([name], sv["queued"])
             in_flight.add_metric([name], sv["in_flight"])
-            drain = draining.get(name, 0)
-            # A draining worker is never ready, so the three states partition them.
+            drain, out = draining.get(name, 0), ejected.get(name, 0)
+            # A draining or ejected worker is never ready (one both counts as
+            # draining), so the four states partition them.
             workers.add_metric([name, "ready"], sv["ready"])
-            workers.add_metric([name, "busy"], sv["workers"] - sv["ready"] - drain)
+            workers.add_metric([name, "busy"], sv["workers"] - sv["ready"] - drain - out)
             workers.add_metric([name, "draining"], drain)
+            workers.add_metric([name, "ejected"], out)
             slots.add_metric([name], sv["capacity"])
         yield from (queued, in_flight, workers, slots)
         yield GaugeMetricFamily("scale0_workers_connected", "Workers connected to the broker.",
                                 value=len(snap.get("workers", ())))
+        yield GaugeMetricFamily(
+            "scale0_workers_ejected", "Workers ejected right now (their slots do not count).",
+            value=sum(1 for w in snap.get("workers", ()) if w.get("ejected_s")))
+        limits = GaugeMetricFamily(
+            "scale0_state_limit", "Workers, services and announced routes the broker holds "
+            "(used) and at most takes (max).", labels=["kind", "bound"])
+        for kind, (used, most) in snap.get("limits", {}).items():
+            limits.add_metric([kind, "used"], used)
+            limits.add_metric([kind, "max"], most)
+        yield limits
         yield GaugeMetricFamily(
             "scale0_requests_in_progress",
             "Requests the broker holds: queued, at a worker, or behind another on "

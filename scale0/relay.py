@@ -26,6 +26,13 @@ and go without Mongrel2 noticing. Three rules:
   sent before BYE arrives before BYE on the same ordered connection. So a
   broker that reads until BYE has lost nothing.
 
+A broker that dies (silent past its heartbeat x liveness, or unreachable)
+takes its clients' requests with it; nobody else can answer them. Given
+Mongrel2's recv_spec (`--mongrel2-recv`), the relay closes that broker's
+connections at once (an empty reply per connection, MONGREL2.md): a client
+waiting for a reply sees its connection closed instead of hanging until its
+own timeout, and its next request goes to another broker.
+
 Wire (ROUTER on the relay, DEALER on the broker), `docs/protocol.md` section
 "Relay": broker -> relay single frames ``HELLO S0R1 <window>``,
 ``CREDIT <n>``, ``HEARTBEAT``, ``DRAIN``, ``LEAVE``; relay -> broker one
@@ -46,8 +53,10 @@ from dataclasses import dataclass
 
 import zmq
 
-from .frames import recv_frames, recv_one, send_frames
+from . import mongrel2 as m2
+from .frames import recv_frames, recv_one, send_frames, send_one
 from .handover import HANDOVER_TIMEOUT_S, MongrelPull
+from .ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +64,11 @@ VERSION = b"S0R1"
 MAX_CONNECTIONS = 200_000  # sticky entries kept; the least recently used go first
 MAX_PENDING = 10_000  # new connections held while no broker can take one
 BATCH = 256
+# Brokers send the relay only short control frames (HELLO S0R1 <window> <ms>,
+# CREDIT <n>, ...): a peer sending a larger frame is disconnected by libzmq.
+MAX_BROKER_MESSAGE_BYTES = 4096
+MAX_CLOSE_TARGETS = 128  # Mongrel2's limits.handler_targets: ids per reply
+MIN_PEER_HEARTBEAT_S = 0.01  # HELLO's heartbeat_ms as the worker protocol bounds it
 
 HEARTBEAT = b"HEARTBEAT"
 BYE = b"BYE"
@@ -77,10 +91,19 @@ class RelayCore:
     `ready` is in `peers`, not draining and has credit > 0; `ready` is LRU.
     """
 
-    def __init__(self, heartbeat_s: float = 1.0, liveness: int = 3) -> None:
+    def __init__(self, heartbeat_s: float = 1.0, liveness: int = 3, *,
+                 max_peer_heartbeat_s: float = 30.0, close_lost: bool = False) -> None:
         self.heartbeat_s = heartbeat_s
         self.liveness = liveness
         self.expiry_s = heartbeat_s * liveness
+        # A broker's announced heartbeat is honoured up to this (or ours, if
+        # longer): a rogue one declaring an hour is still expired in minutes.
+        self.max_peer_heartbeat_s = max(max_peer_heartbeat_s, heartbeat_s)
+        # Close the connections of a broker that died (`to_mongrel2`), or just forget them.
+        self.close_lost = close_lost
+        self.to_mongrel2: list[bytes] = []  # empty replies (closes) for Mongrel2's recv_spec
+        self.lost_connections = 0  # connections of dead brokers, closed or forgotten
+        self.warnings = RateLimitedLog(log)
         # New connections (and anything a lost broker could not take) while no
         # broker is ready: placed in order as soon as one is.
         self.pending: deque[bytes] = deque()
@@ -91,6 +114,7 @@ class RelayCore:
         self.dropped = 0  # per-connection messages with no broker to take them
         self.malformed = 0
         self._next_heartbeat = 0.0
+        self._now = 0.0  # of the last tick: the rate-limited log's clock on the Mongrel2 path
 
     @property
     def intake(self) -> bool:
@@ -111,7 +135,9 @@ class RelayCore:
         j = raw.find(b" ", i + 1) if i > 0 else -1
         if j < 0:  # no connection to answer: nobody could reply to it
             self.malformed += 1
-            log.warning("malformed message from Mongrel2 (%d bytes): dropped", len(raw))
+            self.warnings.warning("malformed Mongrel2 message", self._now,
+                                  "malformed message from Mongrel2 (%d bytes): dropped",
+                                  len(raw))
             return
         k = raw.find(b" ", j + 1)
         # Anything else goes to a broker, which parses it and answers 400 if
@@ -144,12 +170,12 @@ class RelayCore:
         if command == b"HELLO":
             version, _, rest = arg.partition(b" ")
             window, _, hb_ms = rest.partition(b" ")
-            if version != VERSION or not window.isdigit():
+            if version != VERSION or not window.isdigit() or len(window) > 12:
                 self.malformed += 1
-                log.warning("bad HELLO from broker %s: %r", ident.hex(), frame[:64])
+                self.warnings.warning("bad broker HELLO", now, "bad HELLO from broker %s: %r",
+                                      ident.hex(), frame[:64])
                 return
-            expiry_s = (int(hb_ms) / 1000 * self.liveness if hb_ms.isdigit() and int(hb_ms)
-                        else self.expiry_s)
+            expiry_s = self.peer_expiry_s(hb_ms)
             if peer is not None:  # joined again (after WHO): keep its connections
                 peer.credit, peer.draining, peer.expiry_s = int(window), False, expiry_s
             else:
@@ -173,20 +199,34 @@ class RelayCore:
             return
         else:
             self.malformed += 1
-            log.warning("unknown command from broker %s: %r", ident.hex(), frame[:64])
+            self.warnings.warning("unknown broker command", now,
+                                  "unknown command from broker %s: %r", ident.hex(), frame[:64])
             return
         peer.expires_at = now + peer.expiry_s
         self._update(peer)
         self._place_pending()
 
+    def peer_expiry_s(self, hb_ms: bytes) -> float:
+        """A broker's expiry: its announced interval (HELLO, in ms), clamped to
+        [MIN_PEER_HEARTBEAT_S, max_peer_heartbeat_s], x our liveness; our
+        own interval if it announced none."""
+        if len(hb_ms) > 12 or not hb_ms.isdigit() or not int(hb_ms):
+            return self.expiry_s
+        interval_s = min(max(int(hb_ms) / 1000, MIN_PEER_HEARTBEAT_S), self.max_peer_heartbeat_s)
+        return interval_s * self.liveness
+
     def on_tick(self, now: float) -> None:
+        self._now = now
         if now < self._next_heartbeat:
             return
         self._next_heartbeat = now + self.heartbeat_s
+        self.warnings.flush(now)
         for peer in list(self.peers.values()):
             if peer.expires_at <= now:
-                log.warning("broker %s silent: dropped", peer.ident.hex())
+                log.warning("broker %s silent for %.1f s: dropped", peer.ident.hex(),
+                            now - peer.expires_at + peer.expiry_s)
                 self._remove(peer)
+                self._lost(peer)
             else:
                 self.to_brokers.append([peer.ident, b"", HEARTBEAT])
 
@@ -198,6 +238,7 @@ class RelayCore:
         if peer is not None:
             log.warning("broker %s unreachable: dropped", ident.hex())
             self._remove(peer)
+            self._lost(peer)
 
     def _send(self, peer: BrokerPeer, raw: bytes) -> None:
         peer.credit -= 1
@@ -221,15 +262,47 @@ class RelayCore:
         self.peers.pop(peer.ident, None)
         self.ready.pop(peer.ident, None)
 
+    def _lost(self, peer: BrokerPeer) -> None:
+        """`peer` died (expired or unreachable, not LEAVE): its connections
+        are forgotten now and, with `close_lost`, closed with one empty reply
+        per sender and up to MAX_CLOSE_TARGETS ids. O(connections), once per
+        lost broker. What it held is lost with it; the close tells the client
+        so at once (docs/reliability.md)."""
+        keys = [key for key, owner in self.owners.items() if owner is peer]
+        by_sender: dict[bytes, list[int]] = {}
+        for key in keys:
+            del self.owners[key]
+            sender, _, conn_id = key.partition(b" ")
+            if conn_id.isdigit() and len(conn_id) <= 20:
+                by_sender.setdefault(sender, []).append(int(conn_id))
+        self.lost_connections += len(keys)
+        if keys:
+            log.warning("broker %s lost with %d connections: %s", peer.ident.hex(), len(keys),
+                        "closing them" if self.close_lost else "forgotten (no --mongrel2-recv)")
+        if not self.close_lost:
+            return
+        for sender, ids in by_sender.items():
+            for i in range(0, len(ids), MAX_CLOSE_TARGETS):
+                try:
+                    self.to_mongrel2.append(m2.close_reply(sender, ids[i:i + MAX_CLOSE_TARGETS]))
+                except ValueError:  # a sender no reply can name (MONGREL2.md)
+                    break
+
 
 class Relay:
     """The I/O loop around RelayCore. Constructors do no I/O."""
 
     def __init__(self, send_spec: str, bind: str, *, heartbeat_s: float = 1.0,
-                 liveness: int = 3) -> None:
+                 liveness: int = 3, recv_spec: str = "", recv_ident: bytes = b"",
+                 max_peer_heartbeat_s: float = 30.0) -> None:
         self.send_spec = send_spec
         self.bind = bind
-        self.core = RelayCore(heartbeat_s, liveness)
+        # Mongrel2's recv_spec (and recv_ident), to close a lost broker's connections.
+        self.recv_spec = recv_spec
+        self.recv_ident = recv_ident
+        self.core = RelayCore(heartbeat_s, liveness, max_peer_heartbeat_s=max_peer_heartbeat_s,
+                              close_lost=bool(recv_spec))
+        self._pub: zmq.Socket[bytes] | None = None
         self.endpoint = ""
         self._stopping = False
         self._wake_r, self._wake_w = socket.socketpair()
@@ -247,9 +320,16 @@ class Relay:
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.SNDHWM, 0)  # bounded by the brokers' credit
         router.setsockopt(zmq.RCVHWM, 0)
+        router.setsockopt(zmq.MAXMSGSIZE, MAX_BROKER_MESSAGE_BYTES)
         router.bind(self.bind)
         self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._router, self._mongrel2 = router, MongrelPull(ctx, self.send_spec)
+        if self.recv_spec:
+            # Only closes go here; connected at start, long before a broker can
+            # die, so the slow-joiner gap (MONGREL2.md) is long past.
+            pub = self._pub = ctx.socket(zmq.PUB)
+            pub.setsockopt(zmq.LINGER, 1000)
+            pub.connect(self.recv_spec)
 
     def stop(self) -> None:
         """Signal-safe. Graceful: leave Mongrel2 as handover.py describes (half-
@@ -351,6 +431,8 @@ class Relay:
 
     def _flush(self, router: zmq.Socket[bytes]) -> None:
         core = self.core
+        if core.to_mongrel2:
+            self._send_closes()
         while core.to_brokers:
             out, core.to_brokers = core.to_brokers, []
             for frames in out:
@@ -361,7 +443,21 @@ class Relay:
                     if len(frames) == 2:  # a Mongrel2 message: give it to another
                         core.on_mongrel2(frames[1])
 
+    def _send_closes(self) -> None:
+        out, self.core.to_mongrel2 = self.core.to_mongrel2, []
+        if self._pub is None:
+            return
+        for message in out:
+            if self.recv_ident:  # Mongrel2 drops replies not starting with it
+                message = self.recv_ident + message[message.index(b" "):]
+            try:
+                send_one(self._pub, message)
+            except zmq.ZMQError as exc:
+                log.warning("could not close connections of a lost broker: %s", exc)
+
     def close(self) -> None:
+        if self._pub is not None:
+            self._pub.close()
         if self._mongrel2 is not None:
             self._mongrel2.close()
         if self._router is not None:

@@ -209,6 +209,8 @@ def test_a_broker_route_wins_over_what_a_worker_announces_later(
     ok(server, "routes", "add", "/other", "app")
     hello(d, b"w3", "host:3", service="other", routes=("/other",))
     assert d.routes.lookup(None, b"/other").service == "app"  # type: ignore[union-attr]
+    assert b"w3" not in d.workers  # refused (409): the route is the broker's
+    assert [r["code"] for r in ok(server, "status")["refused_hellos"]] == [409]
 
 
 @pytest.mark.parametrize("argv", [("routes", "add", "no-slash", "app"),
@@ -380,3 +382,32 @@ def test_call_to_a_missing_socket_says_where_it_looked(tmp_path: Path) -> None:
     with pytest.raises(ctl.Unreachable, match="no broker control socket") as exc:
         ctl.call(f"ipc://{tmp_path}/none.ctl", ["status"])
     assert "other.ctl" in str(exc.value)
+
+
+def test_status_shows_refused_hellos_ejected_workers_orphans_and_limits() -> None:
+    broker = FakeBroker(DispatchSettings(request_timeout_s=1.0, eject_after=1, eject_s=30.0,
+                                         max_workers=3, route_grace_s=20.0))
+    d = broker.dispatcher
+    hello(d, b"w1", "host:1", routes=("/app",), capacity=2)
+    hello(d, b"w2", "host:2", service="evil", routes=("/app",))
+    hello(d, b"w3", "host:3", service="gone", routes=("/gone",))
+    d.remove_worker(d.workers[b"w3"], NOW)  # lost: its route waits out the grace
+    route_one(d, 1, b"/app/x")
+    d.on_tick(NOW + 1.0)  # times out: host:1 ejected
+    server = c.ControlServer(broker, "ipc:///tmp/test.ctl")
+    status = json.loads(server.execute(c.encode_request(["status"]), NOW + 1.0))["result"]
+    assert status["refused_hellos"] == [{
+        "at": NOW, "worker": "host:2", "id": b"w2".hex(), "code": 409, "age_s": 1.0,
+        "reason": "route /app belongs to service app (workers of that service); not "
+                  "taken over by service evil"}]
+    assert status["orphaned_routes"] == [{"route": "/gone", "service": "gone",
+                                          "forget_in_s": 19.0}]
+    assert status["limits"]["workers"] == [1, 3]
+    assert status["workers"][0]["ejected_s"] == 30.0
+    lines = ctl.render("status", status).splitlines()
+    row = next(line for line in lines if line.startswith("host:1"))
+    assert "ejected 30s" in row
+    assert "limits: workers 1/3 services 2/256 routes 2/4096" in lines
+    assert any(line.split()[:2] == ["/gone", "gone"] for line in lines)
+    refused = next(line for line in lines if line.startswith("host:2"))
+    assert refused.split()[1:3] == ["1s", "409"] and "not taken over by service evil" in refused

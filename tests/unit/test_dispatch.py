@@ -171,12 +171,15 @@ class Harness:
         self.frames(ident, [p.VERSION, p.CMD[command], *args])
 
     def hello(self, ident: bytes, services: dict[str, tuple[str, ...]] | None = None,
-              capacity: int = 1) -> None:
+              capacity: int = 1, heartbeat_ms: int = 0) -> None:
         """Register a worker (default: service 'app' at '/app') and eat its WELCOME."""
         if services is None:
             services = {"app": ("/app",)}
         specs = tuple(p.ServiceSpec(name, routes) for name, routes in services.items())
-        self.worker(ident, Cmd.HELLO, p.Hello(specs, capacity, worker=ident.decode()).encode())
+        # Configured alike: the worker announces the broker's own interval.
+        heartbeat_ms = heartbeat_ms or min(int(self.d.settings.heartbeat_s * 1000), 600_000)
+        self.worker(ident, Cmd.HELLO, p.Hello(specs, capacity, worker=ident.decode(),
+                                              heartbeat_ms=heartbeat_ms).encode())
         welcome = [f for f in self.d.to_workers if f[2] == p.CMD[Cmd.WELCOME]]
         assert [f[0] for f in welcome] == [ident]
         assert json.loads(welcome[0][3])["heartbeat_ms"] == int(
@@ -291,20 +294,26 @@ def test_no_route_at_all_answers_404() -> None:
 
 
 def test_configured_route_wins_over_announced_one() -> None:
+    # Changed with route ownership: a HELLO for another service on a configured
+    # route is refused whole (it used to register, minus that route).
     h = Harness(routes=(("/x", "svc"),))
-    h.hello(b"intruder", {"other": ("/x", "/y")})
-    # The configured service has no worker yet: 503 rather than the announcing worker.
+    h.worker(b"intruder", Cmd.HELLO, p.Hello((p.ServiceSpec("other", ("/x", "/y")),), 1,
+                                             worker="intruder").encode())
+    (error,) = h.take_workers()
+    assert (error.ident, error.command, error.args[0]) == (b"intruder", Cmd.ERROR, b"409")
+    assert error.args[1] == (b"route /x belongs to service svc (the broker's route table); "
+                             b"not taken over by service other")
+    assert b"intruder" not in h.d.workers and "other" not in h.d.services
+    assert h.d.counters.hello_conflicts == 1
+    # The configured service has no worker yet: 503, and /y was never added.
     h.request(1, b"/x/1")
-    error = h.take_error(503, 1)
-    assert error.headers[b"retry-after"] == b"5"
-    h.quiet()
-    h.hello(b"real", {"svc": ()})
-    h.request(2, b"/x/2")
+    assert h.take_error(503, 1).headers[b"retry-after"] == b"5"
+    h.request(2, b"/y")
+    h.take_error(404, 2)
+    h.hello(b"real", {"svc": ("/x",)})  # its own service may announce it
+    h.request(3, b"/x/2")
     sent = h.take_one_request()
     assert (sent.ident, sent.service, sent.script_name) == (b"real", b"svc", b"/x")
-    # The worker's other, unconfigured route still counts.
-    h.request(3, b"/y")
-    assert h.take_one_request().ident == b"intruder"
 
 
 def test_configured_service_without_worker_is_503_with_retry_after_at_once() -> None:
@@ -1392,7 +1401,8 @@ def test_drain_takes_worker_out_of_ready_queues_and_in_flight_finishes() -> None
     h.take_error(503, 3)
     h.quiet()
     assert b"w1" not in h.d.workers
-    assert list(h.d.services["b"].workers) == []
+    # Left deliberately: its route /b and the service b (nothing else names it) are gone.
+    assert "b" not in h.d.services and h.d.routes.lookup(b"localhost", b"/b") is None
 
 
 def test_hello_again_replaces_the_worker() -> None:

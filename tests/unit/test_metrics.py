@@ -167,6 +167,9 @@ def test_metric_types_and_help() -> None:
         "scale0_retries": "counter", "scale0_worker_failures": "counter",
         "scale0_late_replies": "counter", "scale0_client_gone": "counter",
         "scale0_timeouts": "counter", "scale0_malformed": "counter", "scale0_refused": "counter",
+        "scale0_hellos_refused": "counter", "scale0_worker_ejections": "counter",
+        "scale0_routes_forgotten": "counter", "scale0_workers_ejected": "gauge",
+        "scale0_state_limit": "gauge",
     }
     assert {name: kind for name, (kind, _) in found.items()} == expected
     text = generate_latest(make_registry(stats, lambda: SNAPSHOT, process=False)).decode()
@@ -261,3 +264,45 @@ def test_parse_address(text: str, address: tuple[str, int] | None) -> None:
 def test_parse_address_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="PORT"):
         parse_address(text)
+
+
+def test_refused_hellos_ejections_and_limits_from_a_real_dispatcher() -> None:
+    from scale0 import protocol as p
+    from scale0.dispatch import Dispatcher, DispatchSettings
+
+    from .test_dispatch import m2_request
+
+    d = Dispatcher(DispatchSettings(heartbeat_s=100.0, request_timeout_s=1.0, eject_after=1,
+                                    max_workers=2))
+
+    def hello(ident: bytes, service: str, route: str) -> None:
+        d.on_worker(ident, [p.VERSION, p.CMD[p.Command.HELLO],
+                            p.Hello((p.ServiceSpec(service, (route,)),), 2).encode()], 0.0)
+
+    hello(b"w1", "api", "/api")
+    hello(b"w2", "evil", "/api")  # 409
+    hello(b"w2", "web", "/web")
+    hello(b"w3", "api", "/api")  # 429
+    d.on_mongrel2(0, m2_request(1, b"/api"), 0.0)
+    d.on_tick(1.0)  # the request to w1 times out: w1 ejected
+    s = scrape(RequestStats(), d.snapshot(1.0))
+    assert value(s, "scale0_hellos_refused_total", reason="route_owned") == 1
+    assert value(s, "scale0_hellos_refused_total", reason="limit") == 1
+    assert value(s, "scale0_worker_ejections_total") == 1
+    assert value(s, "scale0_workers_ejected") == 1
+    assert value(s, "scale0_workers", service="api", state="ejected") == 1
+    assert value(s, "scale0_workers", service="api", state="busy") == 0
+    assert value(s, "scale0_worker_slots", service="api") == 0
+    assert value(s, "scale0_state_limit", kind="workers", bound="used") == 2
+    assert value(s, "scale0_state_limit", kind="workers", bound="max") == 2
+    assert value(s, "scale0_state_limit", kind="routes", bound="used") == 2
+
+
+def test_request_stats_keep_a_bounded_number_of_services() -> None:
+    stats = RequestStats(max_services=3)
+    stats([done(f"s{i}", 200) for i in range(6)] + [done("s0", 200)])
+    s = scrape(stats)
+    assert value(s, "scale0_requests_total", service="s0", status="200") == 2
+    assert value(s, "scale0_requests_total", service="s1", status="200") == 1
+    assert value(s, "scale0_requests_total", service="_other", status="200") == 4
+    assert sorted(stats.totals()) == ["_other", "s0", "s1"]
