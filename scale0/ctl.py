@@ -1,7 +1,12 @@
 """`scale0 ctl`: the operator's client of a broker's control socket (control.py).
 
 Talks to one broker over its ipc:// control socket: by default the one of
-the broker bound for workers at tcp://127.0.0.1:6780 (see --broker).
+the broker bound for workers at tcp://127.0.0.1:6780 (see --broker). The
+options work before or after the command (`scale0 ctl status --json`).
+
+drain takes workers out of rotation (they stay connected, listed as
+draining) until undrain (or ready); recycle makes them leave, and their
+pools start new processes.
 
 Exit status: 0 done; 1 the broker refused the command (the reason is
 printed); 2 bad usage; 3 no broker answers (not running, wrong endpoint, no
