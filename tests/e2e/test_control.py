@@ -22,6 +22,7 @@ import requests
 from scale0.control import default_endpoint, ipc_path, tap_endpoint
 
 from .conftest import ROOT, Load, Proc, Stack, wait_for
+from .test_metrics import metrics_url, scrape, value
 
 
 def ctl_argv(control: str, *words: str) -> list[str]:
@@ -191,10 +192,10 @@ def test_options_after_the_command(app_stack: tuple[Stack, str]) -> None:
     assert [s["name"] for s in json.loads(done.stdout)["services"]] == ["app"]
 
 
-def _two_pools(stack: Stack, short_dir: Path) -> str:
+def _two_pools(stack: Stack, short_dir: Path, *broker_args: str) -> str:
     control = f"ipc://{short_dir}/b.ctl"
     stack.start_mongrel2()
-    stack.start_broker("--control", control)
+    stack.start_broker("--control", control, *broker_args)
     for _ in range(2):
         stack.start_pool("e2e_apps:app", service="app", routes=("/app",), threads=2)
     wait_for(lambda: len(status(control)["workers"]) == 2, what="two workers")
@@ -208,7 +209,8 @@ def _worker(control: str, label: str) -> dict[str, Any] | None:
 
 def test_drain_under_load_keeps_the_worker_listed_and_sends_it_nothing_until_undrain(
         fresh_stack: Stack, short_dir: Path) -> None:
-    control = _two_pools(fresh_stack, short_dir)
+    control = _two_pools(fresh_stack, short_dir, "--metrics", "127.0.0.1:0")
+    metrics = metrics_url(fresh_stack.procs[1])
     label = status(control)["workers"][0]["label"]
     with Load(lambda n: fresh_stack.url(f"/app/pid?{n}"), clients=4) as load:
         load.wait_more(40)
@@ -224,6 +226,11 @@ def test_drain_under_load_keeps_the_worker_listed_and_sends_it_nothing_until_und
         after = _worker(control, label)
         assert after is not None and after["served"] == w["served"], (w, after)
         assert after["state"] == "draining"
+        wait_for(lambda: value(scrape(metrics), "scale0_workers", service="app",
+                               state="draining") == 1, 10, "metrics to show it draining")
+        page = requests.get(metrics.removesuffix("metrics") + "status.json", timeout=5).json()
+        assert [(w["draining"], w["state"]) for w in page["workers"]
+                if w["label"] == label] == [(True, "draining")]
         text = ctl(control, "status")
         assert any(line.split()[:1] == [label] and "draining" in line.split()
                    for line in text.stdout.splitlines()), text.stdout
