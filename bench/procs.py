@@ -2,13 +2,13 @@
 
 Every process runs in a session of its own (so a Ctrl-C at the terminal
 reaches only the harness, which then stops them in order) and gets SIGTERM
-if the harness dies (PR_SET_PDEATHSIG). `stop()` signals the process, waits a
-bounded time, then SIGKILLs its whole process group (pre-forked children too).
+if the harness dies (scale0.lifeline: PR_SET_PDEATHSIG). `stop()` signals
+the process, waits a bounded time, then SIGKILLs its whole process group
+(pre-forked children too).
 """
 
 from __future__ import annotations
 
-import ctypes
 import http.client
 import os
 import signal
@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-PR_SET_PDEATHSIG = 1
+from scale0 import lifeline
 
 
 class BenchError(RuntimeError):
@@ -35,13 +35,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-
-
 class Proc:
     """A child process whose stdout and stderr go to `<log_dir>/<name>.log`."""
 
@@ -56,7 +49,7 @@ class Proc:
         with open(self.log_path, "wb") as log:
             self.popen = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True,
-                                          preexec_fn=_die_with_parent,
+                                          preexec_fn=lifeline.preexec(),
                                           env=None if env is None else {**os.environ, **env})
 
     @property

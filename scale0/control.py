@@ -45,7 +45,7 @@ from typing import Any, Protocol
 import zmq
 
 from . import __version__
-from .dispatch import Dispatcher, Done
+from .dispatch import Dispatcher, Done, Worker
 
 log = logging.getLogger(__name__)
 
@@ -196,21 +196,76 @@ def _status(server: ControlServer, args: list[str], now: float) -> Any:
     }
 
 
+def _workers_named(d: Dispatcher, target: str) -> list[Worker]:
+    return [w for w in d.workers.values() if target in (w.ident.hex(), w.label)]
+
+
+def _unknown(d: Dispatcher, target: str) -> ControlError:
+    known = ", ".join(sorted(w.label for w in d.workers.values())) or "none"
+    return ControlError(f"no worker or service {target!r} (workers: {known}; services: "
+                        + (", ".join(sorted(n for n in d.services if n)) or "none") + ")")
+
+
 def _drain(server: ControlServer, args: list[str], now: float) -> Any:
-    """WORKER is an id (hex) or label; else the name of a SERVICE: all its workers."""
+    """HAProxy's drain: WORKER (id or label) or every worker of SERVICE gets
+    no new request, finishes what it holds and stays connected, listed as
+    draining, until `undrain`. Kept by label or service name (dispatch.py)."""
     _usage("drain WORKER|SERVICE", args, 1)
     d, target = server.broker.dispatcher, args[0]
-    workers = [w for w in d.workers.values() if target in (w.ident.hex(), w.label)]
+    named = _workers_named(d, target)
+    if named:
+        kind, workers = "worker", named
+        labels = {w.label for w in named}
+        drained = [w for label in sorted(labels) for w in d.drain(now, label=label)]
+    elif target in d.services:
+        kind, workers = "service", list(d.services[target].workers.values())
+        drained = d.drain(now, service=target)
+    else:
+        raise _unknown(d, target)
+    log.info("control: drain %s %s: %d workers take no new request", kind, target,
+             len(drained))
+    return {"target": target, "kind": kind, "drained": [w.label for w in drained],
+            "already_draining": [w.label for w in workers if w not in drained]}
+
+
+def _undrain(server: ControlServer, args: list[str], now: float) -> Any:
+    """Undo `drain`: the workers take requests again (`ready` is HAProxy's word)."""
+    _usage("undrain WORKER|SERVICE", args, 1)
+    d, target = server.broker.dispatcher, args[0]
+    named = _workers_named(d, target)
+    if named or target in d.drained_labels:
+        kind = "worker"
+        labels = {w.label for w in named} | ({target} & d.drained_labels)
+        workers = [w for w in d.workers.values() if w.label in labels]
+        ready = [w for label in sorted(labels) for w in d.undrain(now, label=label)]
+    elif target in d.services or target in d.drained_services:
+        kind = "service"
+        service = d.services.get(target)
+        workers = list(service.workers.values()) if service else []
+        ready = d.undrain(now, service=target)
+    else:
+        raise _unknown(d, target)
+    log.info("control: undrain %s %s: %d workers take requests again", kind, target,
+             len(ready))
+    return {"target": target, "kind": kind, "ready": [w.label for w in ready],
+            "still_draining": [w.label for w in workers if w.draining]}
+
+
+def _recycle(server: ControlServer, args: list[str], now: float) -> Any:
+    """WORKER (id or label) or every worker of SERVICE finishes its requests
+    and leaves (DRAIN, protocol.md 3.7); a pool starts a new process for it."""
+    _usage("recycle WORKER|SERVICE", args, 1)
+    d, target = server.broker.dispatcher, args[0]
+    workers = _workers_named(d, target)
     kind = "worker"
     if not workers and target in d.services:
         workers, kind = list(d.services[target].workers.values()), "service"
     elif not workers:
-        known = ", ".join(sorted(w.label for w in d.workers.values())) or "none"
-        raise ControlError(f"no worker or service {target!r} (workers: {known})")
-    drained = [w.label for w in workers if d.drain_worker(w)]
-    log.info("control: drain %s %s: %d workers asked to leave", kind, target, len(drained))
-    return {"target": target, "kind": kind, "drained": drained,
-            "already_draining": [w.label for w in workers if w.label not in drained]}
+        raise _unknown(d, target)
+    recycled = [w.label for w in workers if d.drain_worker(w)]
+    log.info("control: recycle %s %s: %d workers asked to leave", kind, target, len(recycled))
+    return {"target": target, "kind": kind, "recycled": recycled,
+            "already_leaving": [w.label for w in workers if w.label not in recycled]}
 
 
 def _routes(server: ControlServer, args: list[str], now: float) -> Any:
@@ -254,8 +309,8 @@ def _shutdown(server: ControlServer, args: list[str], now: float) -> Any:
 
 
 COMMANDS: dict[str, Handler] = {
-    "ping": _ping, "status": _status, "drain": _drain, "routes": _routes, "tap": _tap,
-    "shutdown": _shutdown,
+    "ping": _ping, "status": _status, "drain": _drain, "undrain": _undrain, "ready": _undrain,
+    "recycle": _recycle, "routes": _routes, "tap": _tap, "shutdown": _shutdown,
 }
 
 

@@ -1,7 +1,12 @@
 """`scale0 ctl`: the operator's client of a broker's control socket (control.py).
 
 Talks to one broker over its ipc:// control socket: by default the one of
-the broker bound for workers at tcp://127.0.0.1:6780 (see --broker).
+the broker bound for workers at tcp://127.0.0.1:6780 (see --broker). The
+options work before or after the command (`scale0 ctl status --json`).
+
+drain takes workers out of rotation (they stay connected, listed as
+draining) until undrain (or ready); recycle makes them leave, and their
+pools start new processes.
 
 Exit status: 0 done; 1 the broker refused the command (the reason is
 printed); 2 bad usage; 3 no broker answers (not running, wrong endpoint, no
@@ -12,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
+import stat
 import sys
 import time
 from collections.abc import Sequence
@@ -25,6 +32,7 @@ from .control import HELLO_PREFIX, ControlError, default_endpoint, encode_reques
 
 DEFAULT_BROKER = "tcp://127.0.0.1:6780"
 REFUSED, USAGE, UNREACHABLE = 1, 2, 3
+ROOT_RUNTIME_DIR = Path("/run/scale0")  # control.runtime_dir() of a broker run by root
 TAP_PING_S = 3.0  # a quiet tap checks this often that its broker is still there
 
 
@@ -42,11 +50,7 @@ def call(endpoint: str, argv: list[str], timeout_s: float = 3.0,
          ctx: zmq.Context[zmq.Socket[bytes]] | None = None) -> Any:
     """Run one command on the broker at `endpoint`; its result, or raise
     Unreachable (nothing answered within `timeout_s`) or Refused."""
-    path = ipc_path(endpoint)
-    if not path.exists():
-        raise Unreachable(f"no broker control socket at {path}{_others(path)}")
-    if not os.access(path, os.R_OK | os.W_OK):
-        raise Unreachable(f"permission denied on {path}: run as the broker's user (or root)")
+    check_socket(ipc_path(endpoint))
     own = ctx is None
     ctx = ctx or zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -71,12 +75,42 @@ def call(endpoint: str, argv: list[str], timeout_s: float = 3.0,
     return reply.get("result")
 
 
+def check_socket(path: Path) -> None:
+    """Raise Unreachable, with one line saying what to do, unless a process
+    listens on the unix socket `path` and we may connect to it."""
+    denied = (f"permission denied on {path}: run scale0 ctl as the broker's user "
+              "(or root), or pass --control")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise Unreachable(f"no broker control socket at {path}{_others(path)}") from None
+    except PermissionError:
+        raise Unreachable(denied) from None
+    except OSError as exc:
+        raise Unreachable(f"cannot reach the control socket {path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise Unreachable(f"{path} is not a socket: pass the broker's --control endpoint")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(os.fspath(path))
+        except PermissionError:
+            raise Unreachable(denied) from None
+        except ConnectionRefusedError:
+            raise Unreachable(f"nothing listens on {path}: the broker is not running (the "
+                              "file is left over); start it, or pass --control") from None
+        except OSError as exc:
+            raise Unreachable(f"cannot reach the control socket {path}: {exc.strerror}") from None
+
+
 def _others(path: Path) -> str:
     try:
         found = sorted(str(p) for p in path.parent.glob("*.ctl"))
     except OSError:
         found = []
     hint = " (is the broker running? started with another --bind or --control?)"
+    if os.geteuid() != 0 and ROOT_RUNTIME_DIR.exists() and path.parent != ROOT_RUNTIME_DIR:
+        hint += (f"; a broker run by root has its socket in {ROOT_RUNTIME_DIR}: run ctl as "
+                 "root, or pass --control")
     return hint + ("; control sockets there: " + ", ".join(found) if found else "")
 
 
@@ -197,8 +231,8 @@ def render_status(st: dict[str, Any]) -> str:
 
 
 def _worker_state(w: dict[str, Any]) -> str:
-    if w["draining"]:
-        return "draining"
+    if w["draining"]:  # `state` says why: an operator's drain, or leaving
+        return str(w.get("state", "draining"))
     if w.get("ejected_s"):
         return f"ejected {duration(w['ejected_s'])}"
     return "ready"
@@ -220,9 +254,21 @@ def render(command: str, result: Any) -> str:
         return f"route {result['removed']} (was -> {result['service']}) removed"
     if command == "drain":
         text = (f"{result['kind']} {result['target']}: {len(result['drained'])} worker(s) "
-                "asked to finish and leave")
+                "draining: no new request, the ones in progress finish (undrain to undo)")
         names = result["drained"] + [f"{n} (already draining)"
                                      for n in result["already_draining"]]
+        return text + "".join(f"\n  {n}" for n in names)
+    if command in ("undrain", "ready"):
+        text = (f"{result['kind']} {result['target']}: {len(result['ready'])} worker(s) "
+                "take requests again")
+        names = result["ready"] + [f"{n} (still draining: drained by another name, or "
+                                   "leaving)" for n in result["still_draining"]]
+        return text + "".join(f"\n  {n}" for n in names)
+    if command == "recycle":
+        text = (f"{result['kind']} {result['target']}: {len(result['recycled'])} worker(s) "
+                "asked to finish and leave (their pool starts new ones)")
+        names = result["recycled"] + [f"{n} (already leaving)"
+                                      for n in result["already_leaving"]]
         return text + "".join(f"\n  {n}" for n in names)
     if command == "shutdown":
         how = (f"gracefully (up to {result['graceful_timeout_s']:g} s for requests in progress)"
@@ -233,47 +279,78 @@ def render(command: str, result: Any) -> str:
 
 # ---- the command line -----------------------------------------------------------
 
-def add_parser(sub: Any) -> None:
-    """The `ctl` subcommand, on the subparsers of `scale0`."""
-    c = sub.add_parser("ctl", help="control a running broker (status, drain, routes, tap, "
-                                   "shutdown)",
-                       description=__doc__.partition("\n\n")[2] if __doc__ else None,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    where = c.add_mutually_exclusive_group()
-    where.add_argument("--control", metavar="ENDPOINT",
+def _options(p: argparse.ArgumentParser, *, top: bool) -> None:
+    """The options every command takes, before or after its name (`scale0 ctl
+    status --json`). On the commands' parsers they default to SUPPRESS, so
+    one given before the command name is not reset by the command's parser."""
+    def default(value: Any) -> Any:
+        return value if top else argparse.SUPPRESS
+
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--control", metavar="ENDPOINT", default=default(None),
                        help="the broker's control socket (ipc://PATH)")
-    where.add_argument("--broker", metavar="BIND", default=DEFAULT_BROKER,
+    where.add_argument("--broker", metavar="BIND", default=default(DEFAULT_BROKER),
                        help="find the control socket of the broker bound for workers at BIND "
                             f"(default: {DEFAULT_BROKER})")
-    c.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    c.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS",
+    p.add_argument("--json", action="store_true", default=default(False),
+                   help="print JSON instead of tables")
+    p.add_argument("--timeout", type=float, default=default(3.0), metavar="SECONDS",
                    help="wait this long for the broker (default: 3)")
+    p.add_argument("--log-level", default=default("warning"),
+                   choices=["debug", "info", "warning", "error"],
+                   help="log level on stderr (default: warning)")
+
+
+def add_parser(sub: Any) -> None:
+    """The `ctl` subcommand, on the subparsers of `scale0`."""
+    c = sub.add_parser("ctl", help="control a running broker (status, drain, undrain, "
+                                   "recycle, routes, tap, shutdown)",
+                       description=__doc__.partition("\n\n")[2] if __doc__ else None,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _options(c, top=True)
     cmds = c.add_subparsers(dest="ctl_command", required=True, metavar="COMMAND")
-    cmds.add_parser("status", help="links, services, queues, workers, counters")
-    d = cmds.add_parser("drain", help="a worker (label or id) or every worker of a service "
-                                      "finishes its requests and leaves")
+
+    def command(name: str, help: str, aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = cmds.add_parser(name, help=help, aliases=aliases)
+        _options(parser, top=False)
+        return parser
+
+    command("status", "links, services, queues, workers, counters")
+    d = command("drain", "a worker (label or id) or every worker of a service takes no new "
+                         "request, finishes the ones it has and stays, listed as draining, "
+                         "until undrain")
     d.add_argument("target", metavar="WORKER|SERVICE")
-    r = cmds.add_parser("routes", help="list, add or remove route-table entries")
+    u = command("undrain", "undo drain: the workers take requests again", aliases=("ready",))
+    u.add_argument("target", metavar="WORKER|SERVICE")
+    rc = command("recycle", "a worker (label or id) or every worker of a service finishes "
+                            "its requests and leaves; its pool starts a new process")
+    rc.add_argument("target", metavar="WORKER|SERVICE")
+    r = command("routes", "list, add or remove route-table entries")
     ra = r.add_subparsers(dest="routes_action", metavar="ACTION")
     add = ra.add_parser("add", help="route [HOST]/PATH to SERVICE")
+    _options(add, top=False)
     add.add_argument("route", metavar="[HOST]/PATH")
     add.add_argument("service", metavar="SERVICE")
     rm = ra.add_parser("remove", help="remove the route [HOST]/PATH")
+    _options(rm, top=False)
     rm.add_argument("route", metavar="[HOST]/PATH")
-    t = cmds.add_parser("tap", help="print finished requests live (Ctrl-C stops)")
+    t = command("tap", "print finished requests live (Ctrl-C stops)")
     t.add_argument("service", nargs="?", metavar="SERVICE", help="default: all services")
     t.add_argument("--count", type=int, default=0, metavar="N", help="stop after N requests")
-    s = cmds.add_parser("shutdown", help="stop the broker")
+    s = command("shutdown", "stop the broker")
     s.add_argument("--graceful", action="store_true",
                    help="like SIGTERM: finish requests in progress (default: at once, "
                         "like a second SIGTERM)")
-    c.set_defaults(func=main, log_level="warning")
+    c.set_defaults(func=main)
+
+
+ALIASES = {"ready": "undrain"}
 
 
 def wire_argv(args: argparse.Namespace) -> list[str]:
     """The parsed command line -> the words sent to the broker."""
-    command: str = args.ctl_command
-    if command == "drain":
+    command: str = ALIASES.get(args.ctl_command, args.ctl_command)
+    if command in ("drain", "undrain", "recycle"):
         return [command, args.target]
     if command == "routes" and args.routes_action == "add":
         return [command, "add", args.route, args.service]
@@ -285,8 +362,9 @@ def wire_argv(args: argparse.Namespace) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
+    endpoint = args.control or ""
     try:
-        endpoint = args.control or default_endpoint(args.broker)
+        endpoint = endpoint or default_endpoint(args.broker)
         if args.ctl_command == "tap":
             return tap(endpoint, args.service, sys.stdout, as_json=args.json, count=args.count,
                        timeout_s=args.timeout)
@@ -296,6 +374,9 @@ def main(args: argparse.Namespace) -> int:
         return USAGE
     except Unreachable as exc:
         print(f"scale0 ctl: {exc}", file=sys.stderr)
+        return UNREACHABLE
+    except (zmq.ZMQError, OSError) as exc:  # one line, never a traceback
+        print(f"scale0 ctl: cannot talk to the broker at {endpoint}: {exc}", file=sys.stderr)
         return UNREACHABLE
     except Refused as exc:
         print(f"scale0 ctl: {args.ctl_command}: {exc}", file=sys.stderr)

@@ -138,7 +138,13 @@ class Worker:
     connected_at: float
     expires_at: float
     in_flight: dict[int, Request] = field(default_factory=dict)
+    # `draining`: gets no new request (dispatch reads only this); it is
+    # `held or leaving`. `held`: drained by the operator (`ctl drain`), until
+    # `ctl undrain`. `leaving`: it finishes and goes (its own DRAIN, or
+    # `ctl recycle`); never undone.
     draining: bool = False
+    held: bool = False
+    leaving: bool = False
     served: int = 0
     reads_uploads: bool = False  # HELLO meta uploads=file: it opens spooled files itself
     routes: tuple[Route, ...] = ()  # as announced in its HELLO
@@ -248,6 +254,11 @@ class Dispatcher:
         self.warnings = RateLimitedLog(log)
         # The latest HELLO refusals, newest last, for `ctl status`.
         self.refusals: deque[dict[str, Any]] = deque(maxlen=MAX_REFUSALS_KEPT)
+        # The operator's drains (`ctl drain`), by service name and by worker
+        # label: they outlive a worker's reconnect or re-HELLO and last until
+        # `ctl undrain` or a broker restart (they are not persisted).
+        self.drained_services: set[str] = set()
+        self.drained_labels: set[str] = set()
         # Set `record` to get a Done in `done` for every request that ends;
         # the loop drains `done` like the outboxes. Off, nothing is kept.
         self.record = False
@@ -536,7 +547,7 @@ class Dispatcher:
                 if w is not None:
                     self.remove_worker(w, now, deliberate=True)
             elif command == p.Command.DRAIN and w is not None:
-                w.draining = True
+                w.draining = w.leaving = True
                 self._update_ready(w)
                 # Ack with DRAIN: every REQUEST sent before it reaches the worker first.
                 self.to_workers.append([ident, p.VERSION, p.CMD[p.Command.DRAIN]])
@@ -583,6 +594,7 @@ class Dispatcher:
                    routes=tuple(route for route, _ in routes), expiry_s=expiry_s,
                    beat_s=beat_s, next_beat=now + beat_s,
                    reads_uploads=hello.meta.get("uploads") == "file")
+        w.draining = w.held = self._operator_drained(w)  # kept over a reconnect
         self.workers[ident] = w
         for service in services:
             service.workers[ident] = w
@@ -1006,14 +1018,49 @@ class Dispatcher:
     # ---- management (control.py) ---------------------------------------
 
     def drain_worker(self, w: Worker) -> bool:
-        """Broker-initiated drain: `w` gets no new request and is sent DRAIN,
+        """Recycle (`ctl recycle`): `w` gets no new request and is sent DRAIN,
         which a worker takes as SIGTERM (protocol.md 3.7): it finishes what it
-        holds, says DRAIN (acked as usual), then BYE. False if already draining."""
-        if w.draining or self.workers.get(w.ident) is not w:
+        holds, says DRAIN (acked as usual), then BYE, and its pool starts a new
+        process. False if it is already leaving."""
+        if w.leaving or self.workers.get(w.ident) is not w:
             return False
-        w.draining = True
+        w.draining = w.leaving = True
         self._update_ready(w)
         self.to_workers.append([w.ident, p.VERSION, p.CMD[p.Command.DRAIN]])
+        return True
+
+    def drain(self, now: float, *, service: str = "", label: str = "") -> list[Worker]:
+        """Operator drain (HAProxy's): the workers of `service`, or the worker
+        labelled `label`, get no new request; what they hold finishes; they
+        stay connected, listed as draining, until `undrain`. Kept by name, so
+        a worker that reconnects stays drained. The workers newly drained."""
+        if service:
+            self.drained_services.add(service)
+        if label:
+            self.drained_labels.add(label)
+        return [w for w in list(self.workers.values()) if self._apply_drains(w, now)]
+
+    def undrain(self, now: float, *, service: str = "", label: str = "") -> list[Worker]:
+        """Undo `drain` of `service` / `label`; the workers that take requests
+        again (one still drained by another of its names stays drained)."""
+        self.drained_services.discard(service)
+        self.drained_labels.discard(label)
+        return [w for w in list(self.workers.values()) if self._apply_drains(w, now)]
+
+    def _operator_drained(self, w: Worker) -> bool:
+        return w.label in self.drained_labels or any(
+            sv.name in self.drained_services for sv in w.services)
+
+    def _apply_drains(self, w: Worker, now: float) -> bool:
+        """Bring `w.held` in line with the operator's drains; whether it changed."""
+        held = self._operator_drained(w)
+        if held == w.held:
+            return False
+        w.held = held
+        w.draining = held or w.leaving
+        self._update_ready(w)
+        if not w.draining:
+            self._pull_queued(w, now)
         return True
 
     def add_route(self, spec: str, service: str) -> Route:
@@ -1057,16 +1104,19 @@ class Dispatcher:
             # An ejected worker's slots do not count (outlier ejection).
             "capacity": sum(w.capacity for w in sv.workers.values() if not w.ejected_until),
             "ejected": sum(1 for w in sv.workers.values() if w.ejected_until),
-            "timeout_s": sv.timeout_s,
+            "timeout_s": sv.timeout_s, "drained": sv.name in self.drained_services,
         } for sv in sorted(self.services.values(), key=lambda sv: sv.name)]
         workers = [{
             "id": w.ident.hex(), "label": w.label, "services": [sv.name for sv in w.services],
             "capacity": w.capacity, "in_flight": len(w.in_flight), "draining": w.draining,
+            "state": "leaving" if w.leaving else "draining" if w.held else "ready",
             "served": w.served, "age_s": round(now - w.connected_at, 3),
             "ejected_s": round(max(0.0, w.ejected_until - now), 3) if w.ejected_until else 0,
             "heartbeat_s": w.expiry_s / self.settings.liveness,
         } for w in self.workers.values()]
         return {"services": services, "workers": workers,
+                "drained": {"services": sorted(self.drained_services),
+                            "workers": sorted(self.drained_labels)},
                 "counters": {f: getattr(self.counters, f) for f in Counters.__slots__},
                 "requests": len(self.requests), "connections": len(self.connections),
                 "refused_hellos": [{**r, "age_s": round(now - r["at"], 3)}
@@ -1127,6 +1177,8 @@ class Dispatcher:
         for w in self.workers.values():
             if len(w.in_flight) > w.capacity:
                 raise AssertionError(f"worker {w.label} over capacity")
+            if w.held != self._operator_drained(w) or w.draining != (w.held or w.leaving):
+                raise AssertionError(f"worker {w.label}: draining is not held or leaving")
             free = not w.draining and not w.ejected_until and len(w.in_flight) < w.capacity
             for service in w.services:
                 if self.services.get(service.name) is not service:

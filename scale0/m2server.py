@@ -16,6 +16,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from .lifeline import watcher_argv
+
 RUNTIME_DIRS = ("run", "logs", "uploads", "tmp")
 # limits.buffer_size: the request line and all header lines must fit in it,
 # else Mongrel2 answers 400 (Mongrel2's default 4096 refuses an 8 KB cookie).
@@ -69,6 +71,13 @@ class Mongrel2Server:
 
     def argv(self) -> list[str]:
         return ["mongrel2", "config.sqlite", self.uuid]
+
+    def supervised_argv(self) -> list[str]:
+        """`argv()` for a supervisor whose death must stop Mongrel2 (lifeline.py).
+        As root Mongrel2 drops to the owner of its directory, which clears a
+        parent-death signal, so it runs under the lifeline watcher; as another
+        user it keeps its uid and the death signal set before exec holds."""
+        return watcher_argv(self.argv()) if os.geteuid() == 0 else self.argv()
 
 
 def raise_open_files_limit() -> int:

@@ -4,10 +4,13 @@ Each process runs in its own session, so a Ctrl-C at the terminal reaches
 only this supervisor, which then stops everything in order: worker pools
 first (SIGTERM: they finish what they have while brokers and Mongrel2 still
 deliver their replies), then brokers, then relays, then Mongrel2; SIGKILL
-after the grace period. A second SIGINT/SIGTERM forces the stop: SIGKILL to every process
-group (a pool's forked workers too), at once. SIGHUP reloads every worker
-pool (forwarded to each pool's arbiter, which starts new processes and then
-retires the old ones, supervise.py); brokers and Mongrel2 keep running.
+after the grace period. A second SIGINT/SIGTERM forces the stop: SIGKILL to
+every process group (a pool's forked workers too), at once. If this
+supervisor itself dies (even by SIGKILL), every child gets SIGTERM from the
+kernel (lifeline.py: PR_SET_PDEATHSIG; Mongrel2 as root through the lifeline
+watcher) and stops. SIGHUP reloads every worker pool (forwarded to each
+pool's arbiter, which starts new processes and then retires the old ones,
+supervise.py); brokers and Mongrel2 keep running.
 
 A process that dies is restarted with a delay that doubles per quick crash
 (0.5 s up to MAX_BACKOFF_S); CRASH_LOOP quick crashes in a row are logged as
@@ -18,7 +21,6 @@ count; the loop acts.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import lifeline
 from .config import (
     BrokerConfig,
     CommonConfig,
@@ -51,7 +54,6 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 10.0
 STABLE_AFTER_S = 10.0  # a process that lived this long resets its crash count
 CRASH_LOOP = 5
-PR_SET_PDEATHSIG = 1
 
 
 class StackError(ValueError):
@@ -121,8 +123,8 @@ class Stack:
         except ValueError as exc:
             raise StackError(f"{source}: graceful_timeout must be a number > 0") from exc
         stack = cls(server, (host, int(port)), graceful_timeout_s=graceful_timeout_s)
-        stack.procs.append(_Proc("mongrel2", server.argv(), runtime, stop_signal=signal.SIGINT,
-                                 stop_order=3))
+        stack.procs.append(_Proc("mongrel2", server.supervised_argv(), runtime,
+                                 stop_signal=signal.SIGINT, stop_order=3))
         scale0 = [sys.executable, "-m", "scale0.cli"]
         pool_routes = _pool_routes(data.get("pool"))
         binds = [str(b.get("bind")) for b in data.get("broker", [])
@@ -228,7 +230,10 @@ class Stack:
                 self.mongrel2.remove_pid_file()
             return
         if now >= proc.restart_at:
-            proc.popen = subprocess.Popen(proc.argv, cwd=proc.cwd, start_new_session=True)
+            # Its own session (a terminal's Ctrl-C reaches only us), and SIGTERM
+            # when we die, even by SIGKILL (lifeline.py).
+            proc.popen = subprocess.Popen(proc.argv, cwd=proc.cwd, start_new_session=True,
+                                          preexec_fn=lifeline.preexec())
             proc.pid = proc.popen.pid
             proc.started_at = now
             log.info("started %s (pid %d)", proc.name, proc.popen.pid)
@@ -347,14 +352,14 @@ def _positive(value: Any) -> float:
 def exit_with_parent() -> None:
     """Get SIGTERM when the parent dies (Linux PR_SET_PDEATHSIG), e.g. when the
     `make` that started us is killed: make does not forward signals."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
+    if not lifeline.supported():
         log.warning("--exit-with-parent is not supported here")
         return
-    if os.getppid() == 1:  # the parent died before prctl took effect
+    parent = os.getppid()
+    if parent == 1:  # the parent died before we could ask
         os.kill(os.getpid(), signal.SIGTERM)
+        return
+    lifeline.die_with_parent(parent)
 
 
 def _kill_group(pgid: int) -> None:

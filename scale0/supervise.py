@@ -39,6 +39,8 @@ processes back in line with these rules:
   stopped gracefully).
 * SIGTERM/SIGINT: SIGTERM to all, wait `graceful_timeout_s`, SIGKILL the rest.
   A second SIGTERM/SIGINT sends SIGKILL at once.
+* Every child asks for SIGTERM when the arbiter dies (lifeline.py), so an
+  arbiter killed with SIGKILL leaves no worker process behind.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .childstate import ChildState, set_current
+from .lifeline import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +173,7 @@ class Pool:
         if limit:
             limit += random.randint(0, self.max_requests_jitter)
         state = ChildState(limit, self._wake_w)
+        arbiter = os.getpid()
         pid = os.fork()
         if pid == 0:  # child: default signals, run, never return into the arbiter
             code = 1
@@ -179,6 +183,9 @@ class Pool:
                             signal.SIGTTOU):
                     signal.signal(sig, signal.SIG_DFL)
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)  # HUP is the arbiter's
+                # After the defaults: SIGTERM (the graceful stop) if the arbiter
+                # dies, even by SIGKILL, or exit now if it already has.
+                die_with_parent(arbiter)
                 os.close(self._wake_r)
                 for other in self._children.values():
                     other.state.close()

@@ -1,5 +1,5 @@
 """`scale0 ctl` against a real broker, Mongrel2 and workers: status, drain,
-routes, tap, shutdown, and who may reach the control socket."""
+undrain, recycle, routes, tap, shutdown, and who may reach the control socket."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import requests
 from scale0.control import default_endpoint, ipc_path, tap_endpoint
 
 from .conftest import ROOT, Load, Proc, Stack, wait_for
+from .test_metrics import metrics_url, scrape, value
 
 
 def ctl_argv(control: str, *words: str) -> list[str]:
@@ -149,40 +150,121 @@ def test_control_and_tap_sockets_are_private(app_stack: tuple[Stack, str]) -> No
 def test_unreachable_broker_is_a_clear_error(short_dir: Path) -> None:
     missing = ctl(f"ipc://{short_dir}/none.ctl", "status")
     assert missing.returncode == 3
-    assert "no broker control socket at" in missing.stderr and "Traceback" not in missing.stderr
+    assert missing.stderr.startswith("scale0 ctl: no broker control socket at ")
+    assert missing.stderr.count("\n") == 1  # one line, no traceback
     stale = short_dir / "stale.ctl"  # a socket file nobody listens on (a crashed broker's)
     with socket.socket(socket.AF_UNIX) as sock:
         sock.bind(str(stale))
     done = ctl(f"ipc://{stale}", "--timeout", "1", "status")
-    assert done.returncode == 3 and "no answer from" in done.stderr
+    assert done.returncode == 3 and done.stderr.count("\n") == 1
+    assert f"nothing listens on {stale}: the broker is not running" in done.stderr
     tcp = ctl("tcp://127.0.0.1:1", "status")
     assert tcp.returncode == 2 and "expected ipc:///PATH" in tcp.stderr
 
 
-def test_drain_worker_moves_traffic_to_the_other_with_no_failed_request(
-        fresh_stack: Stack, short_dir: Path) -> None:
+def _as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run ctl as another user")
+    return subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                           *argv], capture_output=True, text=True, timeout=30, cwd="/",
+                          check=False)
+
+
+def test_a_user_who_may_not_reach_the_socket_gets_one_line(app_stack: tuple[Stack, str],
+                                                           short_dir: Path) -> None:
+    _, control = app_stack  # /run/scale0/broker-PORT.ctl: 0600 in a 0700 folder
+    done = _as_nobody(*ctl_argv(control, "status", "--json"))
+    assert done.returncode == 3, done
+    assert done.stderr == (f"scale0 ctl: permission denied on {ipc_path(control)}: run "
+                           "scale0 ctl as the broker's user (or root), or pass --control\n")
+    # nobody's own default socket (in its runtime folder) does not exist
+    done = _as_nobody(sys.executable, "-m", "scale0.cli", "ctl", "status")
+    assert done.returncode == 3 and done.stderr.count("\n") == 1, done
+    assert done.stderr.startswith("scale0 ctl: no broker control socket at ")
+
+
+def test_options_after_the_command(app_stack: tuple[Stack, str]) -> None:
+    _, control = app_stack
+    done = subprocess.run([sys.executable, "-m", "scale0.cli", "ctl", "status", "--json",
+                           "--control", control, "--log-level", "info"],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    assert [s["name"] for s in json.loads(done.stdout)["services"]] == ["app"]
+
+
+def _two_pools(stack: Stack, short_dir: Path, *broker_args: str) -> str:
     control = f"ipc://{short_dir}/b.ctl"
-    fresh_stack.start_mongrel2()
-    fresh_stack.start_broker("--control", control)
+    stack.start_mongrel2()
+    stack.start_broker("--control", control, *broker_args)
     for _ in range(2):
-        fresh_stack.start_pool("e2e_apps:app", service="app", routes=("/app",), threads=2)
+        stack.start_pool("e2e_apps:app", service="app", routes=("/app",), threads=2)
     wait_for(lambda: len(status(control)["workers"]) == 2, what="two workers")
-    fresh_stack.wait_ok("/app/pid")
-    drained = status(control)["workers"][0]["label"]
-    drained_pid = int(drained.rpartition(":")[2])
+    stack.wait_ok("/app/pid")
+    return control
+
+
+def _worker(control: str, label: str) -> dict[str, Any] | None:
+    return next((w for w in status(control)["workers"] if w["label"] == label), None)
+
+
+def test_drain_under_load_keeps_the_worker_listed_and_sends_it_nothing_until_undrain(
+        fresh_stack: Stack, short_dir: Path) -> None:
+    control = _two_pools(fresh_stack, short_dir, "--metrics", "127.0.0.1:0")
+    metrics = metrics_url(fresh_stack.procs[1])
+    label = status(control)["workers"][0]["label"]
     with Load(lambda n: fresh_stack.url(f"/app/pid?{n}"), clients=4) as load:
         load.wait_more(40)
-        done = ctl(control, "drain", drained)
+        done = ctl(control, "drain", label)
         assert done.returncode == 0, done.stderr
         assert done.stdout.splitlines() == [
-            f"worker {drained}: 1 worker(s) asked to finish and leave", f"  {drained}"]
-        wait_for(lambda: drained not in [w["label"] for w in status(control)["workers"]],
-                 what="the drained worker to leave")
+            f"worker {label}: 1 worker(s) draining: no new request, the ones in progress "
+            "finish (undrain to undo)", f"  {label}"]
+        w = wait_for(lambda: (x := _worker(control, label)) and not x["in_flight"] and x,
+                     what="the drained worker to finish what it had")
+        assert (w["state"], w["draining"]) == ("draining", True)
+        load.wait_more(60)  # meanwhile only the other worker is sent requests
+        after = _worker(control, label)
+        assert after is not None and after["served"] == w["served"], (w, after)
+        assert after["state"] == "draining"
+        wait_for(lambda: value(scrape(metrics), "scale0_workers", service="app",
+                               state="draining") == 1, 10, "metrics to show it draining")
+        page = requests.get(metrics.removesuffix("metrics") + "status.json", timeout=5).json()
+        assert [(w["draining"], w["state"]) for w in page["workers"]
+                if w["label"] == label] == [(True, "draining")]
+        text = ctl(control, "status")
+        assert any(line.split()[:1] == [label] and "draining" in line.split()
+                   for line in text.stdout.splitlines()), text.stdout
+        done = ctl(control, "undrain", label)
+        assert done.returncode == 0, done.stderr
+        wait_for(lambda: (x := _worker(control, label)) and x["served"] > w["served"],
+                 30, "the undrained worker to serve again")
+        load.wait_more(20)
+    assert set(load.outcomes) == {"2xx"}, load.outcomes
+    assert _worker(control, label)["state"] == "ready"  # type: ignore[index]
+
+
+def test_recycle_worker_is_replaced_by_its_pool_with_no_failed_request(
+        fresh_stack: Stack, short_dir: Path) -> None:
+    control = _two_pools(fresh_stack, short_dir)
+    before = {w["label"] for w in status(control)["workers"]}
+    recycled = sorted(before)[0]
+    recycled_pid = int(recycled.rpartition(":")[2])
+    with Load(lambda n: fresh_stack.url(f"/app/pid?{n}"), clients=4) as load:
+        load.wait_more(40)
+        done = ctl(control, "recycle", recycled)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == [
+            f"worker {recycled}: 1 worker(s) asked to finish and leave (their pool starts "
+            "new ones)", f"  {recycled}"]
+        labels = wait_for(lambda: (now := {w["label"] for w in status(control)["workers"]})
+                          and recycled not in now and len(now) == 2 and now,
+                          30, "the pool to replace the recycled worker")
         load.wait_more(40)
     assert set(load.outcomes) == {"2xx"}, load.outcomes
+    assert len(labels - before) == 1  # a new process, in the pool of the recycled one
     pids = {requests.get(fresh_stack.url("/app/pid"), timeout=10).json()["pid"]
             for _ in range(20)}
-    assert drained_pid not in pids
+    assert recycled_pid not in pids
 
 
 def _shutdown_with_a_request_at_the_app(stack: Stack, short_dir: Path, sleep_s: int,

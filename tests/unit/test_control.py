@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 from unittest.mock import ANY
@@ -142,21 +143,61 @@ def test_status_has_broker_links_services_and_workers(server: c.ControlServer) -
     assert sorted(w["label"] for w in st["workers"]) == ["host:1", "host:2"]
 
 
-def test_drain_a_worker_by_label_sends_drain_and_stops_its_requests(
-        server: c.ControlServer) -> None:
+def reply_to(d: Dispatcher, ident: bytes, rid: int, conn_id: int) -> None:
+    d.on_worker(ident, [p.VERSION, p.CMD[p.Command.REPLY], p.encode_request_id(rid),
+                        p.FLAG_LAST, ok_reply(SENDER, conn_id)], NOW)
+    d.to_mongrel2.clear()
+    d.to_workers.clear()
+
+
+def test_drain_keeps_the_worker_connected_and_sends_it_nothing(server: c.ControlServer) -> None:
     d = dispatcher(server)
+    held = route_one(d, 1, b"/app/x")  # LRU: w1 takes the first request
+    assert held == (b"w1", ANY) and isinstance(held, tuple)
     result = ok(server, "drain", "host:1")
     assert result == {"target": "host:1", "kind": "worker", "drained": ["host:1"],
                       "already_draining": []}
-    assert d.to_workers == [[b"w1", p.VERSION, p.CMD[p.Command.DRAIN]]]
-    d.to_workers.clear()
-    for conn_id in range(1, 4):  # capacity 1: w2 takes one, the rest queue, none go to w1
-        assert route_one(d, conn_id, b"/app/x") == (0 if conn_id > 1 else (b"w2", ANY))
-    assert not d.workers[b"w1"].in_flight and len(d.workers[b"w2"].in_flight) == 1
+    assert d.to_workers == []  # no DRAIN: the worker is not asked to leave
     d.check_invariants()
-    # Already draining: nothing sent again.
+    for conn_id in range(2, 5):  # capacity 1: w2 takes one, the rest queue, none go to w1
+        assert route_one(d, conn_id, b"/app/x") == (0 if conn_id > 2 else (b"w2", ANY))
+    reply_to(d, b"w1", held[1], 1)  # what it had in flight finishes
+    assert not d.workers[b"w1"].in_flight and d.workers[b"w1"].served == 1
+    assert [s["queued"] for s in ok(server, "status")["services"]] == [2]  # still not w1's
+    w1 = next(w for w in ok(server, "status")["workers"] if w["label"] == "host:1")
+    assert (w1["state"], w1["draining"]) == ("draining", True)
+    d.check_invariants()
     assert ok(server, "drain", "host:1")["already_draining"] == ["host:1"]
-    assert d.to_workers == []
+
+
+def test_undrain_and_ready_put_the_worker_back(server: c.ControlServer) -> None:
+    d = dispatcher(server)
+    ok(server, "drain", "app")
+    assert route_one(d, 1, b"/app/x") == 0  # both drained: it queues
+    result = ok(server, "undrain", "host:1")
+    assert result == {"target": "host:1", "kind": "worker", "ready": [],
+                      "still_draining": ["host:1"]}  # its service is still drained
+    result = ok(server, "ready", "app")  # HAProxy's word
+    assert result["kind"] == "service" and sorted(result["ready"]) == ["host:1", "host:2"]
+    assert sum(len(w.in_flight) for w in d.workers.values()) == 1  # the queued one went out
+    assert d.to_workers[0][1:3] == [p.VERSION, p.CMD[p.Command.REQUEST]]
+    d.check_invariants()
+    assert all(w["state"] == "ready" for w in ok(server, "status")["workers"])
+
+
+def test_a_drained_worker_that_reconnects_stays_drained(server: c.ControlServer) -> None:
+    d = dispatcher(server)
+    ok(server, "drain", "host:1")
+    ok(server, "routes", "add", "/other", "other")  # a service with no worker yet
+    assert ok(server, "drain", "other")["drained"] == []
+    d.on_worker(b"w1", [p.VERSION, p.CMD[p.Command.BYE]], NOW)
+    hello(d, b"w1", "host:1")  # the same label again (a re-HELLO, a new connection)
+    hello(d, b"w3", "host:3", service="other", routes=("/other",))
+    assert d.workers[b"w1"].draining and d.workers[b"w1"].held
+    assert d.workers[b"w3"].draining
+    assert route_one(d, 9, b"/app/x") == (b"w2", ANY)
+    d.check_invariants()
+    assert ok(server, "status")["drained"] == {"services": ["other"], "workers": ["host:1"]}
 
 
 def test_drain_by_id_and_by_service(server: c.ControlServer) -> None:
@@ -165,20 +206,50 @@ def test_drain_by_id_and_by_service(server: c.ControlServer) -> None:
     result = ok(server, "drain", "app")
     assert result["kind"] == "service" and result["drained"] == ["host:1"]
     assert result["already_draining"] == ["host:2"]
-    assert all(w.draining for w in d.workers.values())
+    assert all(w.draining and not w.leaving for w in d.workers.values())
+    assert ok(server, "status")["drained"] == {"services": ["app"], "workers": ["host:2"]}
     d.check_invariants()
 
 
-def test_drain_of_nothing_known_is_refused(server: c.ControlServer) -> None:
-    assert "host:1" in error(server, "drain", "nope")
+def test_drain_undrain_and_recycle_of_nothing_known_are_refused(server: c.ControlServer) -> None:
+    for command in ("drain", "undrain", "recycle"):
+        assert "host:1" in error(server, command, "nope")
 
 
-def test_a_drained_worker_that_says_drain_is_acked(server: c.ControlServer) -> None:
+def test_recycle_sends_drain_and_the_worker_leaves(server: c.ControlServer) -> None:
     d = dispatcher(server)
-    ok(server, "drain", "host:1")
+    result = ok(server, "recycle", "host:1")
+    assert result == {"target": "host:1", "kind": "worker", "recycled": ["host:1"],
+                      "already_leaving": []}
+    assert d.to_workers == [[b"w1", p.VERSION, p.CMD[p.Command.DRAIN]]]
+    d.to_workers.clear()
+    for conn_id in range(1, 4):  # capacity 1: w2 takes one, the rest queue, none go to w1
+        assert route_one(d, conn_id, b"/app/x") == (0 if conn_id > 1 else (b"w2", ANY))
+    assert not d.workers[b"w1"].in_flight and len(d.workers[b"w2"].in_flight) == 1
+    d.check_invariants()
+    assert ok(server, "recycle", "host:1")["already_leaving"] == ["host:1"]  # sent once
+    assert d.to_workers == []
+    assert ok(server, "undrain", "host:1")["still_draining"] == ["host:1"]  # leaving stays
+    assert next(w for w in ok(server, "status")["workers"]
+                if w["label"] == "host:1")["state"] == "leaving"
+    d.check_invariants()
+
+
+def test_a_recycled_worker_that_says_drain_is_acked(server: c.ControlServer) -> None:
+    d = dispatcher(server)
+    ok(server, "recycle", "host:1")
     d.to_workers.clear()
     d.on_worker(b"w1", [p.VERSION, p.CMD[p.Command.DRAIN]], NOW)  # its stop() says DRAIN
     assert d.to_workers == [[b"w1", p.VERSION, p.CMD[p.Command.DRAIN]]]
+
+
+def test_a_workers_own_drain_is_not_undone_by_undrain(server: c.ControlServer) -> None:
+    d = dispatcher(server)
+    ok(server, "drain", "host:1")
+    d.on_worker(b"w1", [p.VERSION, p.CMD[p.Command.DRAIN]], NOW)  # SIGTERM in its pool
+    ok(server, "undrain", "host:1")
+    assert d.workers[b"w1"].draining and d.workers[b"w1"].leaving
+    d.check_invariants()
 
 
 def test_routes_add_and_remove_change_routing_at_run_time(server: c.ControlServer) -> None:
@@ -318,6 +389,9 @@ def test_private_dir_is_made_0700_and_a_shared_one_refused(tmp_path: Path) -> No
 @pytest.mark.parametrize(("words", "wire"), [
     (["status"], ["status"]),
     (["drain", "host:1"], ["drain", "host:1"]),
+    (["undrain", "host:1"], ["undrain", "host:1"]),
+    (["ready", "app"], ["undrain", "app"]),
+    (["recycle", "app"], ["recycle", "app"]),
     (["routes"], ["routes"]),
     (["routes", "add", "/x", "app"], ["routes", "add", "/x", "app"]),
     (["routes", "remove", "/x"], ["routes", "remove", "/x"]),
@@ -327,6 +401,28 @@ def test_private_dir_is_made_0700_and_a_shared_one_refused(tmp_path: Path) -> No
 def test_the_command_line_becomes_the_wire_words(words: list[str], wire: list[str]) -> None:
     args = build_parser().parse_args(["ctl", "--json", *words])
     assert ctl.wire_argv(args) == wire and args.json
+
+
+@pytest.mark.parametrize("words", [
+    ["ctl", "--json", "--control", "ipc:///x.ctl", "--log-level", "debug", "status"],
+    ["ctl", "status", "--json", "--control", "ipc:///x.ctl", "--log-level", "debug"],
+    ["ctl", "--json", "status", "--control", "ipc:///x.ctl", "--log-level", "debug"],
+    ["ctl", "--log-level", "debug", "routes", "add", "/x", "app", "--json", "--control",
+     "ipc:///x.ctl"],
+])
+def test_options_work_before_and_after_the_command(words: list[str]) -> None:
+    args = build_parser().parse_args(words)
+    assert (args.json, args.control, args.log_level, args.timeout) == (
+        True, "ipc:///x.ctl", "debug", 3.0)
+
+
+def test_options_left_out_keep_their_defaults() -> None:
+    args = build_parser().parse_args(["ctl", "status"])
+    assert (args.json, args.control, args.broker, args.log_level, args.timeout) == (
+        False, None, ctl.DEFAULT_BROKER, "warning", 3.0)
+    args = build_parser().parse_args(["ctl", "--broker", "tcp://127.0.0.1:7000", "status",
+                                      "--timeout", "1"])
+    assert (args.broker, args.timeout) == ("tcp://127.0.0.1:7000", 1.0)
 
 
 def test_ctl_without_a_command_is_a_usage_error() -> None:
@@ -367,7 +463,13 @@ def test_other_results_render_as_one_liners(server: c.ControlServer) -> None:
     assert ctl.render("routes", ok(server, "routes", "add", "/x", "app")) == "route /x -> app added"
     assert "removed" in ctl.render("routes", ok(server, "routes", "remove", "/x"))
     assert ctl.render("drain", ok(server, "drain", "host:1")).splitlines() == [
-        "worker host:1: 1 worker(s) asked to finish and leave", "  host:1"]
+        "worker host:1: 1 worker(s) draining: no new request, the ones in progress finish "
+        "(undrain to undo)", "  host:1"]
+    assert ctl.render("undrain", ok(server, "undrain", "host:1")).splitlines() == [
+        "worker host:1: 1 worker(s) take requests again", "  host:1"]
+    assert ctl.render("recycle", ok(server, "recycle", "host:2")).splitlines() == [
+        "worker host:2: 1 worker(s) asked to finish and leave (their pool starts new ones)",
+        "  host:2"]
     assert "gracefully (up to 30 s" in ctl.render("shutdown", ok(server, "shutdown", "--graceful"))
 
 
@@ -411,3 +513,27 @@ def test_status_shows_refused_hellos_ejected_workers_orphans_and_limits() -> Non
     assert any(line.split()[:2] == ["/gone", "gone"] for line in lines)
     refused = next(line for line in lines if line.startswith("host:2"))
     assert refused.split()[1:3] == ["1s", "409"] and "not taken over by service evil" in refused
+
+
+def test_a_socket_file_nobody_listens_on_is_a_stale_broker(tmp_path: Path) -> None:
+    path = tmp_path / "stale.ctl"
+    with socket.socket(socket.AF_UNIX) as left:
+        left.bind(str(path))  # a broker killed with SIGKILL leaves its file
+    with pytest.raises(ctl.Unreachable, match=r"nothing listens on .*stale\.ctl: the broker "
+                                              "is not running"):
+        ctl.call(f"ipc://{path}", ["status"])
+
+
+def test_a_file_that_is_not_a_socket_is_named(tmp_path: Path) -> None:
+    (tmp_path / "plain.ctl").write_text("")
+    with pytest.raises(ctl.Unreachable, match=r"plain\.ctl is not a socket"):
+        ctl.call(f"ipc://{tmp_path}/plain.ctl", ["status"])
+
+
+def test_ctl_main_prints_one_line_and_exits_3_when_unreachable(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(["ctl", "status", "--control",
+                                      f"ipc://{tmp_path}/none.ctl"])
+    assert ctl.main(args) == ctl.UNREACHABLE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("scale0 ctl: no broker control socket at ")

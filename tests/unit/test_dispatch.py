@@ -1618,6 +1618,18 @@ class DispatchMachine(RuleBasedStateMachine):
             self.h.worker(ident, Cmd.DRAIN)
             self.absorb()
 
+    @rule(name=st.sampled_from(("a", "b", *IDENTS)), undo=st.booleans())
+    def operator_drain(self, name: str | bytes, undo: bool) -> None:
+        """`ctl drain` / `ctl undrain` of a service or a worker label (kept by
+        name, so it also holds over a later HELLO of that worker)."""
+        d, now = self.h.d, self.h.now
+        how = {"service": name} if isinstance(name, str) else {"label": name.hex()}
+        (d.undrain if undo else d.drain)(now, **how)
+        for w in d.workers.values():
+            assert w.held == (w.label in d.drained_labels or any(
+                sv.name in d.drained_services for sv in w.services))
+        self.absorb()
+
     @rule(pick=st.integers(0, 1000))
     def disconnect(self, pick: int) -> None:
         key = self._open(pick)
