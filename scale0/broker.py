@@ -468,9 +468,10 @@ class Broker:
                 frames = recv_frames(link.pull)
             except zmq.Again:
                 break
-            if len(frames) == 1:
-                d.on_mongrel2(link.index, frames[0], now)
-                link.unacked += 1
+            if frames[0]:  # Mongrel2 messages, byte for byte (one or a batch)
+                for raw in frames:
+                    d.on_mongrel2(link.index, raw, now)
+                link.unacked += len(frames)
                 if d.to_mongrel2 and not link.writable:
                     break
             elif frames == [b"", b"BYE"]:
@@ -553,42 +554,67 @@ class Broker:
         if d.to_mongrel2:
             out2, d.to_mongrel2 = d.to_mongrel2, []
             links = self._links
-            for index, message in out2:
-                self._send_reply(links[index], message)
+            if len(links) == 1:
+                self._send_replies(links[0], [message for _, message in out2])
+            else:
+                by_link: dict[int, list[bytes]] = {}
+                for index, message in out2:
+                    by_link.setdefault(index, []).append(message)
+                for index, messages in by_link.items():
+                    self._send_replies(links[index], messages)
             if d.to_workers:  # removing an unreachable worker may answer clients
                 self._flush(router)
 
-    def _send_reply(self, link: _Link, message: bytes) -> None:
+    def _send_replies(self, link: _Link, messages: list[bytes]) -> None:
+        """Publish `messages` in order, up to BATCH of them per ZeroMQ message.
+
+        Mongrel2 reads its SUB one frame at a time and takes each frame as a
+        reply (handler.c: one zmq_msg_recv per reply, RCVMORE never looked
+        at), so a multipart message is that many replies: one wake-up of the
+        I/O threads on both sides instead of one per reply. ZeroMQ queues a
+        multipart message whole or not at all, so at the high-water mark the
+        batch is held whole, in order."""
         ident = link.spec.recv_ident
-        if ident and not message.startswith(ident):
-            # Mongrel2 drops replies whose sender lacks its recv_ident prefix.
-            message = ident + message[message.index(b" "):]
+        if ident:  # Mongrel2 drops replies whose sender lacks its recv_ident prefix.
+            messages = [message if message.startswith(ident)
+                        else ident + message[message.index(b" "):] for message in messages]
+        start = 0
         if link.writable:
-            try:
-                send_one(link.pub, message)
-                link.replies += 1
+            pub = link.pub
+            while start < len(messages):
+                batch = messages[start:start + BATCH]
+                try:
+                    send_frames(pub, batch)
+                except zmq.Again:
+                    break
+                start += len(batch)
+                link.replies += len(batch)
+            if start == len(messages):
                 return
-            except zmq.Again:
-                pass
         if not link.held:
             log.warning("Mongrel2 at %s is not taking replies: holding them, intake paused",
                         link.spec.recv_spec)
-        if len(link.held) >= MAX_HELD_REPLIES:
-            log.error("dropping reply: %d replies held for %s", len(link.held), link.spec.recv_spec)
-            return
-        link.held.append(message)
+        room = MAX_HELD_REPLIES - len(link.held)
+        left = len(messages) - start
+        if left > room:
+            log.error("dropping %d replies: %d replies held for %s", left - max(room, 0),
+                      len(link.held), link.spec.recv_spec)
+        link.held.extend(messages[start:start + max(room, 0)])
 
     def _drain_held(self, link: _Link) -> None:
         if not link.held:
             return
-        while link.held and link.subscriptions > 0:
+        held = link.held
+        while held and link.subscriptions > 0:
+            batch = [held[i] for i in range(min(BATCH, len(held)))]
             try:
-                send_one(link.pub, link.held[0])
+                send_frames(link.pub, batch)
             except zmq.Again:
                 return
-            link.held.popleft()
-            link.replies += 1
-        if not link.held:
+            for _ in batch:
+                held.popleft()
+            link.replies += len(batch)
+        if not held:
             log.info("Mongrel2 at %s takes replies again", link.spec.recv_spec)
 
     def ready_line(self) -> str:

@@ -430,18 +430,43 @@ class Relay:
         return now
 
     def _flush(self, router: zmq.Socket[bytes]) -> None:
+        """Send what the core decided. The Mongrel2 messages for one broker
+        go out as one multipart message (Appendix B), in order, and before
+        any control message that follows them: one ZeroMQ message per
+        wake-up instead of one per request."""
         core = self.core
         if core.to_mongrel2:
             self._send_closes()
         while core.to_brokers:
             out, core.to_brokers = core.to_brokers, []
+            batches: dict[bytes, list[bytes]] = {}
             for frames in out:
+                ident = frames[0]
+                if len(frames) == 2:  # [ident, Mongrel2 message]
+                    batch = batches.get(ident)
+                    if batch is None:
+                        batches[ident] = [ident, frames[1]]
+                    else:
+                        batch.append(frames[1])
+                    continue
+                batch = batches.pop(ident, None)
+                if batch is not None:
+                    self._send_batch(router, batch)
                 try:
                     send_frames(router, frames)
                 except zmq.ZMQError:  # EHOSTUNREACH: that broker's connection is gone
-                    core.unreachable(frames[0])
-                    if len(frames) == 2:  # a Mongrel2 message: give it to another
-                        core.on_mongrel2(frames[1])
+                    core.unreachable(ident)
+            for batch in batches.values():
+                self._send_batch(router, batch)
+
+    def _send_batch(self, router: zmq.Socket[bytes], batch: list[bytes]) -> None:
+        try:
+            send_frames(router, batch)
+        except zmq.ZMQError:  # EHOSTUNREACH: that broker's connection is gone
+            core = self.core
+            core.unreachable(batch[0])
+            for raw in batch[1:]:  # give them to another broker, in order
+                core.on_mongrel2(raw)
 
     def _send_closes(self) -> None:
         out, self.core.to_mongrel2 = self.core.to_mongrel2, []
