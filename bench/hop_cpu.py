@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         procs, port = start(Path(tmp_name), relay=args.relay,
                             flow_control=bool(args.flow_control))
         try:
-            wrk(port, 16, 1)  # warm up
+            served = wrk(port, 16, 1)[0]  # warm up
             names = [p.name for p in procs]
             print(f"relay={args.relay} flow_control={args.flow_control}")
             print("conns  req/s    " + "  ".join(f"{n:>10}" for n in names) + "   (us/request)")
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 before = [cpu_us(p.pid) for p in procs]
                 split = {p.name: threads_us(p.pid) for p in procs if args.threads}
                 requests, rate = wrk(port, conns, args.duration)
+                served += requests
                 after = [cpu_us(p.pid) for p in procs]
                 split_after = {p.name: threads_us(p.pid) for p in procs if args.threads}
                 for spy in spies:
@@ -147,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for proc in reversed(procs):
                 proc.stop()
+        for proc in procs:  # the loops log their wake-ups when they stop
+            found = re.search(r"after (\d+) wake-ups", proc.log_path.read_text())
+            if found:
+                print(f"{proc.name}: {served / int(found.group(1)):.2f} requests per wake-up"
+                      " (all runs)")
     return 0
 
 

@@ -122,6 +122,7 @@ class Broker:
         self.startup_grace_s = (s.heartbeat_s * s.liveness if startup_grace_s is None
                                 else startup_grace_s)
         self._forced = False
+        self.wakeups = 0  # of the loop: requests per wake-up is the batching achieved
         self._context = context
         self._links: list[_Link] = []
         self._router: zmq.Socket[bytes] | None = None
@@ -329,6 +330,7 @@ class Broker:
                 deadline = min(deadline, next_relay_beat)
             timeout_ms = max(0, math.ceil((deadline - monotonic()) * 1000))
             events = poller.poll(timeout_ms)
+            self.wakeups += 1
             now = monotonic()
             for sock, _ in events:
                 if sock is router:
@@ -364,7 +366,7 @@ class Broker:
         self._pass_done()
         if left:
             log.warning("stopped with %d requests unfinished (answered 503)", left)
-        log.info("broker stopping")
+        log.info("broker stopping after %d wake-ups", self.wakeups)
 
     def _pass_done(self) -> None:
         batch, self.dispatcher.done = self.dispatcher.done, []

@@ -144,12 +144,16 @@ class RelayCore:
         # it is malformed (MONGREL2.md: the client waits for an answer).
         key = raw[:j]
         owner = self.owners.get(key)
-        special = k > 0 and raw[j + 1:k] == b"@*"  # Mongrel2's own: disconnect or credits
+        # Mongrel2's own messages (disconnect, credits) have the path '@*'.
+        special = k == j + 3 and raw.startswith(b"@*", j + 1)
         if owner is not None and self.peers.get(owner.ident) is owner:
             self.owners.move_to_end(key)
-            if special and b'"disconnect"' in raw[k:k + 64]:
+            if special and raw.find(b'"disconnect"', k, k + 64) >= 0:
                 del self.owners[key]
-            self._send(owner, raw)
+            owner.credit -= 1
+            self.to_brokers.append([owner.ident, raw])
+            if owner.credit <= 0:  # else its place in `ready` (or not) stays right
+                self._update(owner)
             return
         if special:  # of a connection nobody holds
             self.owners.pop(key, None)
@@ -312,6 +316,7 @@ class Relay:
         self._mongrel2: MongrelPull | None = None
         self._router: zmq.Socket[bytes] | None = None
         self._forced = False
+        self.wakeups = 0  # of the loop: messages per wake-up is the batching achieved
 
     def start(self) -> None:
         self._ctx = ctx = zmq.Context()
@@ -384,6 +389,7 @@ class Relay:
                 deadline = min(deadline, now + 0.05)
             timeout_ms = max(0, math.ceil((deadline - now) * 1000))
             events = dict(poller.poll(timeout_ms))
+            self.wakeups += 1
             now = time.monotonic()
             if router in events:
                 for _ in range(BATCH):
@@ -396,15 +402,16 @@ class Relay:
                     else:
                         core.malformed += 1
                 self._flush(router)
-            if pull in events:
+            if pull in events:  # registered only while core.intake or leaving
+                take = core.on_mongrel2
                 for _ in range(BATCH):
-                    if not (core.intake or leaving_until):
-                        break
                     try:
                         raw = recv_one(pull)
                     except zmq.Again:
                         break
-                    core.on_mongrel2(raw)
+                    take(raw)
+                    if core.pending and not (core.intake or leaving_until):
+                        break  # MAX_PENDING new connections wait: the rest in Mongrel2
                 self._flush(router)
             if monitor in events and mongrel2.read_monitor() and leaving_until \
                     and not left_at:
@@ -418,7 +425,7 @@ class Relay:
             self._flush(router)
         if core.pending:
             log.error("relay stopping with %d requests no broker took", len(core.pending))
-        log.info("relay stopping")
+        log.info("relay stopping after %d wake-ups", self.wakeups)
 
     def _leave(self, now: float) -> float:
         """Read what is left, leave Mongrel2's PUSH for good, pass it on."""
