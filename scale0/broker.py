@@ -11,6 +11,11 @@ while the link is subscribed. Replies for a link that cannot take them right
 now (unsubscribed, or XPUB at its high-water mark with XPUB_NODROP) are held
 in order and the link's intake pauses until they are flushed.
 
+A link to a relay given without a RECV_SPEC (`relay+tcp://HOST:PORT`) sends
+its replies to the relay too, over the same DEALER, and the relay publishes
+them to Mongrel2 (docs/protocol.md Appendix B): a broker on another host
+then needs to reach only the relay, never Mongrel2's own ports.
+
 Handing over without losing requests: a stopping broker leaves a Mongrel2
 it is connected to directly as handover.py describes (half-close, read until
 Mongrel2 closes, then disconnect); Mongrel2 sends new requests to the other
@@ -61,24 +66,32 @@ class LinkSpec:
     """One Mongrel2 handler: where it PUSHes requests and where it SUBscribes."""
 
     send_spec: str
-    recv_spec: str
+    recv_spec: str  # "" (relay links only): the relay publishes our replies
     recv_ident: bytes = b""
     relay: bool = False  # requests come from a `scale0 relay` at send_spec
 
     @classmethod
     def parse(cls, text: str) -> LinkSpec:
         """'SEND_SPEC,RECV_SPEC[,RECV_IDENT]' as given on the command line;
-        SEND_SPEC 'relay+tcp://...' names a relay instead of Mongrel2 itself."""
+        SEND_SPEC 'relay+tcp://...' names a relay instead of Mongrel2 itself,
+        and 'relay+tcp://...' alone sends the replies through that relay."""
         parts = [part.strip() for part in text.split(",")]
-        if len(parts) not in (2, 3) or not all(parts[:2]):
-            raise ValueError(f"--mongrel2 {text!r}: expected SEND_SPEC,RECV_SPEC[,RECV_IDENT]")
         send, relay = parts[0], parts[0].startswith("relay+")
+        if relay and len(parts) == 1 and send != "relay+":
+            return cls(send.removeprefix("relay+"), "", b"", True)
+        if len(parts) not in (2, 3) or not all(parts[:2]):
+            raise ValueError(f"--mongrel2 {text!r}: expected SEND_SPEC,RECV_SPEC[,RECV_IDENT]"
+                             " or relay+ENDPOINT")
         return cls(send.removeprefix("relay+"), parts[1],
                    parts[2].encode() if len(parts) == 3 else b"", relay)
 
+    @property
+    def replies_via_relay(self) -> bool:
+        return self.relay and not self.recv_spec
+
     def __str__(self) -> str:
         send = f"relay+{self.send_spec}" if self.relay else self.send_spec
-        return f"{send},{self.recv_spec}"
+        return f"{send},{self.recv_spec}" if self.recv_spec else send
 
 
 @dataclass(slots=True, eq=False)
@@ -86,7 +99,7 @@ class _Link:
     index: int
     spec: LinkSpec
     pull: zmq.Socket[bytes]  # a PULL from Mongrel2, or a DEALER to a relay
-    pub: zmq.Socket[bytes]
+    pub: zmq.Socket[bytes] | None  # None: replies go to the relay over `pull`
     mongrel2: MongrelPull | None  # owns `pull` when it is Mongrel2's; None for a relay
     subscriptions: int = 0
     held: deque[bytes] = field(default_factory=deque)
@@ -98,8 +111,14 @@ class _Link:
     left_at: float = 0.0  # relay: when LEAVE was sent
 
     @property
+    def subscribed(self) -> bool:
+        """Whether replies can be sent: Mongrel2 subscribed to our XPUB, or
+        (replies through the relay) the relay holds them until it can."""
+        return self.subscriptions > 0 or self.pub is None
+
+    @property
     def writable(self) -> bool:
-        return self.subscriptions > 0 and not self.held
+        return self.subscribed and not self.held
 
 
 class Broker:
@@ -202,11 +221,13 @@ class Broker:
             else:
                 mongrel2 = MongrelPull(ctx, spec.send_spec)
                 pull = mongrel2.socket
-            pub = ctx.socket(zmq.XPUB)
-            pub.setsockopt(zmq.LINGER, 2000)  # let queued replies go out on a clean stop
-            pub.setsockopt(zmq.XPUB_NODROP, 1)  # at HWM, send raises EAGAIN: we hold replies
-            pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every (re)subscription
-            pub.connect(spec.recv_spec)
+            pub: zmq.Socket[bytes] | None = None
+            if spec.recv_spec:
+                pub = ctx.socket(zmq.XPUB)
+                pub.setsockopt(zmq.LINGER, 2000)  # let queued replies go out on a clean stop
+                pub.setsockopt(zmq.XPUB_NODROP, 1)  # at HWM, send raises EAGAIN: hold replies
+                pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every (re)subscription
+                pub.connect(spec.recv_spec)
             self._links.append(_Link(index, spec, pull, pub, mongrel2))
 
     def stop(self, *, force: bool | None = None) -> None:
@@ -232,9 +253,10 @@ class Broker:
                 self._relay_send(link, b"LEAVE")
             if link.mongrel2 is not None:
                 link.mongrel2.close()
-            else:
-                link.pull.close(0)
-            link.pub.close()  # LINGER 2 s: replies still queued go out first
+            else:  # LINGER 1 s: replies queued for the relay go out first
+                link.pull.close(None if link.pub is None else 0)
+            if link.pub is not None:
+                link.pub.close()  # LINGER 2 s: replies still queued go out first
         if self._router is not None:
             self._router.close(0)
         if self._control is not None:
@@ -265,7 +287,7 @@ class Broker:
         d = self.dispatcher
         links = self._links
         pull_to_link = {link.pull: link for link in links}
-        pub_to_link = {link.pub: link for link in links}
+        pub_to_link = {link.pub: link for link in links if link.pub is not None}
         monitor_to_link = {link.mongrel2.monitor: link for link in links
                            if link.mongrel2 is not None}
         poller = zmq.Poller()
@@ -276,8 +298,9 @@ class Broker:
         # of state, not re-registered on every wake-up.
         registered: dict[zmq.Socket[bytes], int] = {}
         for link in links:
-            registered[link.pub] = zmq.POLLIN
-            poller.register(link.pub, zmq.POLLIN)
+            if link.pub is not None:
+                registered[link.pub] = zmq.POLLIN
+                poller.register(link.pub, zmq.POLLIN)
             if link.mongrel2 is not None:
                 poller.register(link.mongrel2.monitor, zmq.POLLIN)
         relays = any(link.spec.relay for link in links)
@@ -401,8 +424,10 @@ class Broker:
             if link.spec.relay and link.closing_until and not link.left_at:
                 # Done when nothing is in progress here: no request, and no
                 # upload whose done message the relay would give another broker.
+                # Replies through the relay: none may be left held here either.
                 d = self.dispatcher
-                if not d.requests and not any(key[0] == link.index for key in d.uploads):
+                if (not d.requests and not link.held
+                        and not any(key[0] == link.index for key in d.uploads)):
                     self._relay_send(link, b"LEAVE")  # answered BYE after all it sent
                     link.left_at = now
                     link.closing_until = now + HANDOVER_TIMEOUT_S
@@ -525,6 +550,7 @@ class Broker:
             d.on_worker(frames[0], frames[1:], now)
 
     def _read_subscriptions(self, link: _Link) -> None:
+        assert link.pub is not None
         while True:
             try:
                 message = link.pub.recv(zmq.NOBLOCK)
@@ -582,11 +608,10 @@ class Broker:
                         else ident + message[message.index(b" "):] for message in messages]
         start = 0
         if link.writable:
-            pub = link.pub
             while start < len(messages):
                 batch = messages[start:start + BATCH]
                 try:
-                    send_frames(pub, batch)
+                    self._publish(link, batch)
                 except zmq.Again:
                     break
                 start += len(batch)
@@ -595,29 +620,39 @@ class Broker:
                 return
         if not link.held:
             log.warning("Mongrel2 at %s is not taking replies: holding them, intake paused",
-                        link.spec.recv_spec)
+                        _reply_target(link))
         room = MAX_HELD_REPLIES - len(link.held)
         left = len(messages) - start
         if left > room:
             log.error("dropping %d replies: %d replies held for %s", left - max(room, 0),
-                      len(link.held), link.spec.recv_spec)
+                      len(link.held), _reply_target(link))
         link.held.extend(messages[start:start + max(room, 0)])
+
+    @staticmethod
+    def _publish(link: _Link, batch: list[bytes]) -> None:
+        """Send one batch of replies now, or raise zmq.Again. Through the
+        relay: an empty frame, then the replies (Appendix B); with no relay
+        connected (IMMEDIATE) that raises too, and the replies are held."""
+        if link.pub is not None:
+            send_frames(link.pub, batch)
+        else:
+            send_frames(link.pull, [b"", *batch])
 
     def _drain_held(self, link: _Link) -> None:
         if not link.held:
             return
         held = link.held
-        while held and link.subscriptions > 0:
+        while held and link.subscribed:
             batch = [held[i] for i in range(min(BATCH, len(held)))]
             try:
-                send_frames(link.pub, batch)
+                self._publish(link, batch)
             except zmq.Again:
                 return
             for _ in batch:
                 held.popleft()
             link.replies += len(batch)
         if not held:
-            log.info("Mongrel2 at %s takes replies again", link.spec.recv_spec)
+            log.info("Mongrel2 at %s takes replies again", _reply_target(link))
 
     def ready_line(self) -> str:
         links = " ".join(str(spec) for spec in self.link_specs)
@@ -646,6 +681,10 @@ class Broker:
         return [{"send_spec": str(link.spec).split(",")[0], "recv_spec": link.spec.recv_spec,
                  "relay": link.spec.relay,
                  "connected": link.mongrel2.connected if link.mongrel2 else link.joined,
-                 "subscribed": link.subscriptions > 0,
+                 "subscribed": link.subscriptions > 0 if link.pub is not None else link.joined,
                  "held": len(link.held), "replies": link.replies, "closed": link.closed}
                 for link in self._links]
+
+
+def _reply_target(link: _Link) -> str:
+    return link.spec.recv_spec or f"{link.spec.send_spec} (through the relay)"

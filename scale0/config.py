@@ -274,7 +274,8 @@ class PeerConfig(CommonConfig):
 @dataclass(frozen=True, slots=True)
 class BrokerConfig(PeerConfig):
     mongrel2: tuple[LinkSpec, ...] = setting(
-        (), "a Mongrel2 handler to serve", LINK, repeat=True,
+        (), "a Mongrel2 handler to serve; relay+ENDPOINT alone: through a relay that "
+        "also carries the replies (docs/protocol.md Appendix B)", LINK, repeat=True,
         metavar="SEND_SPEC,RECV_SPEC[,RECV_IDENT]")
     mongrel2_db: str | None = setting(
         None, "serve the handlers of this Mongrel2 config.sqlite (added to --mongrel2)",
@@ -404,8 +405,10 @@ def default_service(app: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class RelayConfig(PeerConfig):
-    mongrel2: str = setting("", "the Mongrel2 handler's send_spec to PULL from", required=True,
-                            metavar="SEND_SPEC")
+    mongrel2: str = setting("", "the Mongrel2 handler's send_spec to PULL from; with its "
+                            "recv_spec (and recv_ident) also publish the replies of brokers "
+                            "linked as relay+ENDPOINT alone", required=True,
+                            metavar="SEND_SPEC[,RECV_SPEC[,RECV_IDENT]]")
     bind: str = setting("tcp://127.0.0.1:6781", "ROUTER endpoint brokers connect to, as "
                         "--mongrel2 relay+ENDPOINT,RECV_SPEC", metavar="ENDPOINT")
     mongrel2_recv: tuple[str, bytes] | None = setting(
