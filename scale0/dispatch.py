@@ -430,6 +430,9 @@ class Dispatcher:
         else:
             r.deadline = now + self.settings.queue_timeout_s
             service.queue[r.rid] = r
+            if log.isEnabledFor(logging.DEBUG):  # the args cost even when not logged
+                log.debug("request %d queued for %s (%d waiting)", r.rid, service.name,
+                          len(service.queue))
 
     def _send(self, r: Request, w: Worker, now: float) -> None:
         """Hand `r` to `w` (just popped from ready queues or known to be free)."""
