@@ -58,9 +58,7 @@ def start(tmp: Path, *, relay: bool, flow_control: bool) -> tuple[list[Proc], in
     send_spec = f"tcp://127.0.0.1:{free_port()}"
     recv_spec = f"tcp://127.0.0.1:{free_port()}"
     text = config_text(http_port=http_port, send_spec=send_spec, recv_spec=recv_spec,
-                       send_ident=SENDER, uuid=M2_UUID)
-    if not flow_control:
-        text = text.replace('"download.flow_control": 1', '"download.flow_control": 0')
+                       send_ident=SENDER, uuid=M2_UUID, flow_control=flow_control)
     conf = tmp / "mongrel2.conf"
     conf.write_text(text)
     server = Mongrel2Server(conf, tmp / "m2", M2_UUID)
