@@ -109,6 +109,7 @@ class _Link:
     joined: bool = False  # relay: HELLO sent
     unacked: int = 0  # relay: messages read since our last CREDIT
     left_at: float = 0.0  # relay: when LEAVE was sent
+    bye: bool = False  # relay: BYE came (nothing more will)
 
     @property
     def subscribed(self) -> bool:
@@ -421,6 +422,10 @@ class Broker:
 
     def _finish_handovers(self, now: float) -> None:
         for link in self._links:
+            if link.bye:
+                if not link.closed:
+                    self._after_bye(link, now)
+                continue
             if link.spec.relay and link.closing_until and not link.left_at:
                 # Done when nothing is in progress here: no request, and no
                 # upload whose done message the relay would give another broker.
@@ -502,7 +507,8 @@ class Broker:
                 if d.to_mongrel2 and not link.writable:
                     break
             elif frames == [b"", b"BYE"]:
-                self._close_link(link, now)
+                link.bye = True
+                self._after_bye(link, now)
                 return
             elif frames == [b"", b"WHO"]:  # the relay restarted: join again
                 link.joined = False
@@ -515,11 +521,23 @@ class Broker:
             self._relay_send(link, b"CREDIT %d" % link.unacked)
             link.unacked = 0
 
+    def _after_bye(self, link: _Link, now: float) -> None:
+        """The relay let us go. Replies through the relay still need this
+        DEALER for the requests read between LEAVE and BYE (and any reply
+        held): stay connected until those are out (the graceful timeout
+        bounds it), then disconnect."""
+        d = self.dispatcher
+        if link.pub is None and (link.held or any(
+                r.link == link.index and not r.cancelled for r in d.requests.values())):
+            link.closing_until = math.inf
+            return
+        self._close_link(link, now)
+
     def _beat_relays(self, intake: bool) -> None:
         """HELLO once intake opens (so a relay sends nothing during the
         startup grace), then a HEARTBEAT every heartbeat interval."""
         for link in self._links:
-            if not link.spec.relay or link.closed:
+            if not link.spec.relay or link.closed or link.bye:
                 continue
             if link.joined:
                 self._relay_send(link, b"HEARTBEAT")

@@ -347,7 +347,8 @@ class ReplyPub:
     def publish(self, replies: list[bytes]) -> None:
         ident = self.recv_ident
         if ident:  # Mongrel2 drops replies whose sender lacks its recv_ident prefix.
-            replies = [reply if reply.startswith(ident) else ident + reply[reply.find(b" "):]
+            replies = [ident + reply[reply.find(b" "):]
+                       if not reply.startswith(ident) and reply.find(b" ") > 0 else reply
                        for reply in replies]
         if self.ok:
             try:
