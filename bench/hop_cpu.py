@@ -7,7 +7,7 @@ scale0 broker -> bench.raw_worker on free loopback ports, runs
 Short and self-contained, for working on the hop; `make bench` is the full
 benchmark.
 
-    python -m bench.hop_cpu [--relay] [--flow-control 0|1] [-c 1,16,128] [-d 5]
+    python -m bench.hop_cpu [--relay | --relay-replies] [--flow-control 0|1] [-c 1,16,128] [-d 5]
                             [--threads] [--profile DIR]   # py-spy the broker (and relay) per run
 """
 
@@ -53,7 +53,8 @@ def threads_us(pid: int) -> dict[str, float]:
     return found
 
 
-def start(tmp: Path, *, relay: bool, flow_control: bool) -> tuple[list[Proc], int]:
+def start(tmp: Path, *, relay: bool, flow_control: bool,
+          relay_replies: bool = False) -> tuple[list[Proc], int]:
     http_port = free_port()
     send_spec = f"tcp://127.0.0.1:{free_port()}"
     recv_spec = f"tcp://127.0.0.1:{free_port()}"
@@ -66,11 +67,12 @@ def start(tmp: Path, *, relay: bool, flow_control: bool) -> tuple[list[Proc], in
     procs = [Proc("mongrel2", server.argv(), server.runtime_dir, tmp, stop_signal=signal.SIGINT)]
     cli = [sys.executable, "-m", "scale0.cli"]
     link = f"{send_spec},{recv_spec}"
-    if relay:
+    if relay or relay_replies:
         relay_at = f"tcp://127.0.0.1:{free_port()}"
-        procs.append(Proc("relay", [*cli, "relay", "--mongrel2", send_spec, "--bind", relay_at],
+        handler = f"{send_spec},{recv_spec}" if relay_replies else send_spec
+        procs.append(Proc("relay", [*cli, "relay", "--mongrel2", handler, "--bind", relay_at],
                           ROOT, tmp))
-        link = f"relay+{relay_at},{recv_spec}"
+        link = f"relay+{relay_at}" if relay_replies else f"relay+{relay_at},{recv_spec}"
     broker = f"tcp://127.0.0.1:{free_port()}"
     procs.append(Proc("broker", [*cli, "broker", "--bind", broker, "--mongrel2", link],
                       ROOT, tmp))
@@ -100,6 +102,9 @@ def wrk(port: int, conns: int, seconds: int) -> tuple[int, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hop_cpu", description=__doc__.split("\n")[0])
     parser.add_argument("--relay", action="store_true")
+    parser.add_argument("--relay-replies", action="store_true",
+                        help="a relay that also carries the replies (broker linked as "
+                             "relay+ENDPOINT alone)")
     parser.add_argument("--flow-control", type=int, choices=(0, 1), default=1)
     parser.add_argument("-c", "--connections", default="1,16,128")
     parser.add_argument("-d", "--duration", type=int, default=5)
@@ -109,11 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="scale0-hop-") as tmp_name:
         procs, port = start(Path(tmp_name), relay=args.relay,
-                            flow_control=bool(args.flow_control))
+                            flow_control=bool(args.flow_control),
+                            relay_replies=args.relay_replies)
         try:
             served = wrk(port, 16, 1)[0]  # warm up
             names = [p.name for p in procs]
-            print(f"relay={args.relay} flow_control={args.flow_control}")
+            print(f"relay={args.relay} relay_replies={args.relay_replies} "
+                  f"flow_control={args.flow_control}")
             print("conns  req/s    " + "  ".join(f"{n:>10}" for n in names) + "   (us/request)")
             for conns in (int(c) for c in args.connections.split(",")):
                 spies = []

@@ -51,7 +51,7 @@ def serve(sock: zmq.Socket[bytes], capacity: int) -> None:
                 except zmq.Again:
                     break
                 command = frames[1] if len(frames) > 1 else b""
-                if command == REQUEST and len(frames) == 6:
+                if command == REQUEST and len(frames) >= 6:  # [+ window] with flow control
                     raw = frames[5]
                     sp1 = raw.find(b" ")
                     sp2 = raw.find(b" ", sp1 + 1)
