@@ -69,9 +69,9 @@ def start(tmp: Path, *, relay: bool, flow_control: bool,
     link = f"{send_spec},{recv_spec}"
     if relay or relay_replies:
         relay_at = f"tcp://127.0.0.1:{free_port()}"
-        handler = f"{send_spec},{recv_spec}" if relay_replies else send_spec
-        procs.append(Proc("relay", [*cli, "relay", "--mongrel2", handler, "--bind", relay_at],
-                          ROOT, tmp))
+        also = ["--mongrel2-recv", recv_spec] if relay_replies else []
+        procs.append(Proc("relay", [*cli, "relay", "--mongrel2", send_spec, "--bind", relay_at,
+                                    *also], ROOT, tmp))
         link = f"relay+{relay_at}" if relay_replies else f"relay+{relay_at},{recv_spec}"
     broker = f"tcp://127.0.0.1:{free_port()}"
     procs.append(Proc("broker", [*cli, "broker", "--bind", broker, "--mongrel2", link],

@@ -405,16 +405,15 @@ def default_service(app: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class RelayConfig(PeerConfig):
-    mongrel2: str = setting("", "the Mongrel2 handler's send_spec to PULL from; with its "
-                            "recv_spec (and recv_ident) also publish the replies of brokers "
-                            "linked as relay+ENDPOINT alone", required=True,
-                            metavar="SEND_SPEC[,RECV_SPEC[,RECV_IDENT]]")
+    mongrel2: str = setting("", "the Mongrel2 handler's send_spec to PULL from", required=True,
+                            metavar="SEND_SPEC")
     bind: str = setting("tcp://127.0.0.1:6781", "ROUTER endpoint brokers connect to, as "
                         "--mongrel2 relay+ENDPOINT,RECV_SPEC", metavar="ENDPOINT")
     mongrel2_recv: tuple[str, bytes] | None = setting(
         None, "the handler's recv_spec (and recv_ident, if it has one): the relay PUBlishes "
-        "there only to close the client connections of a broker that died, so their "
-        "clients do not wait for a reply that cannot come", RECV_SPEC,
+        "there to close the client connections of a broker that died, so their clients "
+        "do not wait for a reply that cannot come, and the replies of brokers linked as "
+        "relay+ENDPOINT alone", RECV_SPEC,
         metavar="RECV_SPEC[,RECV_IDENT]")
     max_peer_heartbeat: float = _max_peer_heartbeat()
 

@@ -160,9 +160,9 @@ class Stack:
         take their requests from the relay. `replies`: they send their replies
         through it too (linked as relay+ENDPOINT alone)."""
         endpoint = f"tcp://127.0.0.1:{port or free_port()}"
-        handler = f"{self.send_spec},{self.recv_spec}" if replies else self.send_spec
+        also = ["--mongrel2-recv", self.recv_spec] if replies else []
         proc = Proc("relay", [sys.executable, "-m", "scale0.cli", "relay", "--mongrel2",
-                              handler, "--bind", endpoint], self.tmp)
+                              self.send_spec, "--bind", endpoint, *also], self.tmp)
         self.procs.append(proc)
         proc.wait_ready()
         self.link = f"relay+{endpoint}" if replies else f"relay+{endpoint},{self.recv_spec}"
