@@ -11,6 +11,11 @@ while the link is subscribed. Replies for a link that cannot take them right
 now (unsubscribed, or XPUB at its high-water mark with XPUB_NODROP) are held
 in order and the link's intake pauses until they are flushed.
 
+A link to a relay given without a RECV_SPEC (`relay+tcp://HOST:PORT`) sends
+its replies to the relay too, over the same DEALER, and the relay publishes
+them to Mongrel2 (docs/protocol.md Appendix B): a broker on another host
+then needs to reach only the relay, never Mongrel2's own ports.
+
 Handing over without losing requests: a stopping broker leaves a Mongrel2
 it is connected to directly as handover.py describes (half-close, read until
 Mongrel2 closes, then disconnect); Mongrel2 sends new requests to the other
@@ -61,24 +66,32 @@ class LinkSpec:
     """One Mongrel2 handler: where it PUSHes requests and where it SUBscribes."""
 
     send_spec: str
-    recv_spec: str
+    recv_spec: str  # "" (relay links only): the relay publishes our replies
     recv_ident: bytes = b""
     relay: bool = False  # requests come from a `scale0 relay` at send_spec
 
     @classmethod
     def parse(cls, text: str) -> LinkSpec:
         """'SEND_SPEC,RECV_SPEC[,RECV_IDENT]' as given on the command line;
-        SEND_SPEC 'relay+tcp://...' names a relay instead of Mongrel2 itself."""
+        SEND_SPEC 'relay+tcp://...' names a relay instead of Mongrel2 itself,
+        and 'relay+tcp://...' alone sends the replies through that relay."""
         parts = [part.strip() for part in text.split(",")]
-        if len(parts) not in (2, 3) or not all(parts[:2]):
-            raise ValueError(f"--mongrel2 {text!r}: expected SEND_SPEC,RECV_SPEC[,RECV_IDENT]")
         send, relay = parts[0], parts[0].startswith("relay+")
+        if relay and len(parts) == 1 and send != "relay+":
+            return cls(send.removeprefix("relay+"), "", b"", True)
+        if len(parts) not in (2, 3) or not all(parts[:2]):
+            raise ValueError(f"--mongrel2 {text!r}: expected SEND_SPEC,RECV_SPEC[,RECV_IDENT]"
+                             " or relay+ENDPOINT")
         return cls(send.removeprefix("relay+"), parts[1],
                    parts[2].encode() if len(parts) == 3 else b"", relay)
 
+    @property
+    def replies_via_relay(self) -> bool:
+        return self.relay and not self.recv_spec
+
     def __str__(self) -> str:
         send = f"relay+{self.send_spec}" if self.relay else self.send_spec
-        return f"{send},{self.recv_spec}"
+        return f"{send},{self.recv_spec}" if self.recv_spec else send
 
 
 @dataclass(slots=True, eq=False)
@@ -86,7 +99,7 @@ class _Link:
     index: int
     spec: LinkSpec
     pull: zmq.Socket[bytes]  # a PULL from Mongrel2, or a DEALER to a relay
-    pub: zmq.Socket[bytes]
+    pub: zmq.Socket[bytes] | None  # None: replies go to the relay over `pull`
     mongrel2: MongrelPull | None  # owns `pull` when it is Mongrel2's; None for a relay
     subscriptions: int = 0
     held: deque[bytes] = field(default_factory=deque)
@@ -96,10 +109,17 @@ class _Link:
     joined: bool = False  # relay: HELLO sent
     unacked: int = 0  # relay: messages read since our last CREDIT
     left_at: float = 0.0  # relay: when LEAVE was sent
+    bye: bool = False  # relay: BYE came (nothing more will)
+
+    @property
+    def subscribed(self) -> bool:
+        """Whether replies can be sent: Mongrel2 subscribed to our XPUB, or
+        (replies through the relay) the relay holds them until it can."""
+        return self.subscriptions > 0 or self.pub is None
 
     @property
     def writable(self) -> bool:
-        return self.subscriptions > 0 and not self.held
+        return self.subscribed and not self.held
 
 
 class Broker:
@@ -122,6 +142,7 @@ class Broker:
         self.startup_grace_s = (s.heartbeat_s * s.liveness if startup_grace_s is None
                                 else startup_grace_s)
         self._forced = False
+        self.wakeups = 0  # of the loop: requests per wake-up is the batching achieved
         self._context = context
         self._links: list[_Link] = []
         self._router: zmq.Socket[bytes] | None = None
@@ -201,11 +222,13 @@ class Broker:
             else:
                 mongrel2 = MongrelPull(ctx, spec.send_spec)
                 pull = mongrel2.socket
-            pub = ctx.socket(zmq.XPUB)
-            pub.setsockopt(zmq.LINGER, 2000)  # let queued replies go out on a clean stop
-            pub.setsockopt(zmq.XPUB_NODROP, 1)  # at HWM, send raises EAGAIN: we hold replies
-            pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every (re)subscription
-            pub.connect(spec.recv_spec)
+            pub: zmq.Socket[bytes] | None = None
+            if spec.recv_spec:
+                pub = ctx.socket(zmq.XPUB)
+                pub.setsockopt(zmq.LINGER, 2000)  # let queued replies go out on a clean stop
+                pub.setsockopt(zmq.XPUB_NODROP, 1)  # at HWM, send raises EAGAIN: hold replies
+                pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every (re)subscription
+                pub.connect(spec.recv_spec)
             self._links.append(_Link(index, spec, pull, pub, mongrel2))
 
     def stop(self, *, force: bool | None = None) -> None:
@@ -231,9 +254,10 @@ class Broker:
                 self._relay_send(link, b"LEAVE")
             if link.mongrel2 is not None:
                 link.mongrel2.close()
-            else:
-                link.pull.close(0)
-            link.pub.close()  # LINGER 2 s: replies still queued go out first
+            else:  # LINGER 1 s: replies queued for the relay go out first
+                link.pull.close(None if link.pub is None else 0)
+            if link.pub is not None:
+                link.pub.close()  # LINGER 2 s: replies still queued go out first
         if self._router is not None:
             self._router.close(0)
         if self._control is not None:
@@ -264,7 +288,7 @@ class Broker:
         d = self.dispatcher
         links = self._links
         pull_to_link = {link.pull: link for link in links}
-        pub_to_link = {link.pub: link for link in links}
+        pub_to_link = {link.pub: link for link in links if link.pub is not None}
         monitor_to_link = {link.mongrel2.monitor: link for link in links
                            if link.mongrel2 is not None}
         poller = zmq.Poller()
@@ -275,8 +299,9 @@ class Broker:
         # of state, not re-registered on every wake-up.
         registered: dict[zmq.Socket[bytes], int] = {}
         for link in links:
-            registered[link.pub] = zmq.POLLIN
-            poller.register(link.pub, zmq.POLLIN)
+            if link.pub is not None:
+                registered[link.pub] = zmq.POLLIN
+                poller.register(link.pub, zmq.POLLIN)
             if link.mongrel2 is not None:
                 poller.register(link.mongrel2.monitor, zmq.POLLIN)
         relays = any(link.spec.relay for link in links)
@@ -329,6 +354,7 @@ class Broker:
                 deadline = min(deadline, next_relay_beat)
             timeout_ms = max(0, math.ceil((deadline - monotonic()) * 1000))
             events = poller.poll(timeout_ms)
+            self.wakeups += 1
             now = monotonic()
             for sock, _ in events:
                 if sock is router:
@@ -364,7 +390,7 @@ class Broker:
         self._pass_done()
         if left:
             log.warning("stopped with %d requests unfinished (answered 503)", left)
-        log.info("broker stopping")
+        log.info("broker stopping after %d wake-ups", self.wakeups)
 
     def _pass_done(self) -> None:
         batch, self.dispatcher.done = self.dispatcher.done, []
@@ -396,11 +422,17 @@ class Broker:
 
     def _finish_handovers(self, now: float) -> None:
         for link in self._links:
+            if link.bye:
+                if not link.closed:
+                    self._after_bye(link, now)
+                continue
             if link.spec.relay and link.closing_until and not link.left_at:
                 # Done when nothing is in progress here: no request, and no
                 # upload whose done message the relay would give another broker.
+                # Replies through the relay: none may be left held here either.
                 d = self.dispatcher
-                if not d.requests and not any(key[0] == link.index for key in d.uploads):
+                if (not d.requests and not link.held
+                        and not any(key[0] == link.index for key in d.uploads)):
                     self._relay_send(link, b"LEAVE")  # answered BYE after all it sent
                     link.left_at = now
                     link.closing_until = now + HANDOVER_TIMEOUT_S
@@ -468,13 +500,15 @@ class Broker:
                 frames = recv_frames(link.pull)
             except zmq.Again:
                 break
-            if len(frames) == 1:
-                d.on_mongrel2(link.index, frames[0], now)
-                link.unacked += 1
+            if frames[0]:  # Mongrel2 messages, byte for byte (one or a batch)
+                for raw in frames:
+                    d.on_mongrel2(link.index, raw, now)
+                link.unacked += len(frames)
                 if d.to_mongrel2 and not link.writable:
                     break
             elif frames == [b"", b"BYE"]:
-                self._close_link(link, now)
+                link.bye = True
+                self._after_bye(link, now)
                 return
             elif frames == [b"", b"WHO"]:  # the relay restarted: join again
                 link.joined = False
@@ -487,11 +521,23 @@ class Broker:
             self._relay_send(link, b"CREDIT %d" % link.unacked)
             link.unacked = 0
 
+    def _after_bye(self, link: _Link, now: float) -> None:
+        """The relay let us go. Replies through the relay still need this
+        DEALER for the requests read between LEAVE and BYE (and any reply
+        held): stay connected until those are out (the graceful timeout
+        bounds it), then disconnect."""
+        d = self.dispatcher
+        if link.pub is None and (link.held or any(
+                r.link == link.index and not r.cancelled for r in d.requests.values())):
+            link.closing_until = math.inf
+            return
+        self._close_link(link, now)
+
     def _beat_relays(self, intake: bool) -> None:
         """HELLO once intake opens (so a relay sends nothing during the
         startup grace), then a HEARTBEAT every heartbeat interval."""
         for link in self._links:
-            if not link.spec.relay or link.closed:
+            if not link.spec.relay or link.closed or link.bye:
                 continue
             if link.joined:
                 self._relay_send(link, b"HEARTBEAT")
@@ -522,6 +568,7 @@ class Broker:
             d.on_worker(frames[0], frames[1:], now)
 
     def _read_subscriptions(self, link: _Link) -> None:
+        assert link.pub is not None
         while True:
             try:
                 message = link.pub.recv(zmq.NOBLOCK)
@@ -553,43 +600,77 @@ class Broker:
         if d.to_mongrel2:
             out2, d.to_mongrel2 = d.to_mongrel2, []
             links = self._links
-            for index, message in out2:
-                self._send_reply(links[index], message)
+            if len(links) == 1:
+                self._send_replies(links[0], [message for _, message in out2])
+            else:
+                by_link: dict[int, list[bytes]] = {}
+                for index, message in out2:
+                    by_link.setdefault(index, []).append(message)
+                for index, messages in by_link.items():
+                    self._send_replies(links[index], messages)
             if d.to_workers:  # removing an unreachable worker may answer clients
                 self._flush(router)
 
-    def _send_reply(self, link: _Link, message: bytes) -> None:
+    def _send_replies(self, link: _Link, messages: list[bytes]) -> None:
+        """Publish `messages` in order, up to BATCH of them per ZeroMQ message.
+
+        Mongrel2 reads its SUB one frame at a time and takes each frame as a
+        reply (handler.c: one zmq_msg_recv per reply, RCVMORE never looked
+        at), so a multipart message is that many replies: one wake-up of the
+        I/O threads on both sides instead of one per reply. ZeroMQ queues a
+        multipart message whole or not at all, so at the high-water mark the
+        batch is held whole, in order."""
         ident = link.spec.recv_ident
-        if ident and not message.startswith(ident):
-            # Mongrel2 drops replies whose sender lacks its recv_ident prefix.
-            message = ident + message[message.index(b" "):]
+        if ident:  # Mongrel2 drops replies whose sender lacks its recv_ident prefix.
+            messages = [message if message.startswith(ident)
+                        else ident + message[message.index(b" "):] for message in messages]
+        start = 0
         if link.writable:
-            try:
-                send_one(link.pub, message)
-                link.replies += 1
+            while start < len(messages):
+                batch = messages[start:start + BATCH]
+                try:
+                    self._publish(link, batch)
+                except zmq.Again:
+                    break
+                start += len(batch)
+                link.replies += len(batch)
+            if start == len(messages):
                 return
-            except zmq.Again:
-                pass
         if not link.held:
             log.warning("Mongrel2 at %s is not taking replies: holding them, intake paused",
-                        link.spec.recv_spec)
-        if len(link.held) >= MAX_HELD_REPLIES:
-            log.error("dropping reply: %d replies held for %s", len(link.held), link.spec.recv_spec)
-            return
-        link.held.append(message)
+                        _reply_target(link))
+        room = MAX_HELD_REPLIES - len(link.held)
+        left = len(messages) - start
+        if left > room:
+            log.error("dropping %d replies: %d replies held for %s", left - max(room, 0),
+                      len(link.held), _reply_target(link))
+        link.held.extend(messages[start:start + max(room, 0)])
+
+    @staticmethod
+    def _publish(link: _Link, batch: list[bytes]) -> None:
+        """Send one batch of replies now, or raise zmq.Again. Through the
+        relay: an empty frame, then the replies (Appendix B); with no relay
+        connected (IMMEDIATE) that raises too, and the replies are held."""
+        if link.pub is not None:
+            send_frames(link.pub, batch)
+        else:
+            send_frames(link.pull, [b"", *batch])
 
     def _drain_held(self, link: _Link) -> None:
         if not link.held:
             return
-        while link.held and link.subscriptions > 0:
+        held = link.held
+        while held and link.subscribed:
+            batch = [held[i] for i in range(min(BATCH, len(held)))]
             try:
-                send_one(link.pub, link.held[0])
+                self._publish(link, batch)
             except zmq.Again:
                 return
-            link.held.popleft()
-            link.replies += 1
-        if not link.held:
-            log.info("Mongrel2 at %s takes replies again", link.spec.recv_spec)
+            for _ in batch:
+                held.popleft()
+            link.replies += len(batch)
+        if not held:
+            log.info("Mongrel2 at %s takes replies again", _reply_target(link))
 
     def ready_line(self) -> str:
         links = " ".join(str(spec) for spec in self.link_specs)
@@ -618,6 +699,10 @@ class Broker:
         return [{"send_spec": str(link.spec).split(",")[0], "recv_spec": link.spec.recv_spec,
                  "relay": link.spec.relay,
                  "connected": link.mongrel2.connected if link.mongrel2 else link.joined,
-                 "subscribed": link.subscriptions > 0,
+                 "subscribed": link.subscriptions > 0 if link.pub is not None else link.joined,
                  "held": len(link.held), "replies": link.replies, "closed": link.closed}
                 for link in self._links]
+
+
+def _reply_target(link: _Link) -> str:
+    return link.spec.recv_spec or f"{link.spec.send_spec} (through the relay)"

@@ -274,7 +274,8 @@ class PeerConfig(CommonConfig):
 @dataclass(frozen=True, slots=True)
 class BrokerConfig(PeerConfig):
     mongrel2: tuple[LinkSpec, ...] = setting(
-        (), "a Mongrel2 handler to serve", LINK, repeat=True,
+        (), "a Mongrel2 handler to serve; relay+ENDPOINT alone: through a relay that "
+        "also carries the replies (docs/protocol.md Appendix B)", LINK, repeat=True,
         metavar="SEND_SPEC,RECV_SPEC[,RECV_IDENT]")
     mongrel2_db: str | None = setting(
         None, "serve the handlers of this Mongrel2 config.sqlite (added to --mongrel2)",
@@ -410,8 +411,9 @@ class RelayConfig(PeerConfig):
                         "--mongrel2 relay+ENDPOINT,RECV_SPEC", metavar="ENDPOINT")
     mongrel2_recv: tuple[str, bytes] | None = setting(
         None, "the handler's recv_spec (and recv_ident, if it has one): the relay PUBlishes "
-        "there only to close the client connections of a broker that died, so their "
-        "clients do not wait for a reply that cannot come", RECV_SPEC,
+        "there to close the client connections of a broker that died, so their clients "
+        "do not wait for a reply that cannot come, and the replies of brokers linked as "
+        "relay+ENDPOINT alone", RECV_SPEC,
         metavar="RECV_SPEC[,RECV_IDENT]")
     max_peer_heartbeat: float = _max_peer_heartbeat()
 

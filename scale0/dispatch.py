@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import random
+import struct
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,6 +62,13 @@ MAX_UNACKED_CONNECTIONS = 65536
 MAX_REFUSALS_KEPT = 16
 MAX_EJECTION_FACTOR = 10  # an ejection lasts eject_s x min(ejections, this)
 MIN_PEER_HEARTBEAT_S = 0.01  # protocol.md 3.1: heartbeat_ms is at least 10
+# Built once for the hot path: S0W1 command frames and ints to compare with.
+_REQUEST = p.CMD[p.Command.REQUEST]
+_CREDIT = p.CMD[p.Command.CREDIT]
+_REPLY_CMD = int(p.Command.REPLY)
+_HEARTBEAT_CMD = int(p.Command.HEARTBEAT)
+_pack_id = struct.Struct(">Q").pack
+_unpack_id = struct.Struct(">Q").unpack
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,8 +430,9 @@ class Dispatcher:
         else:
             r.deadline = now + self.settings.queue_timeout_s
             service.queue[r.rid] = r
-            log.debug("request %d queued for %s (%d waiting)", r.rid, service.name,
-                      len(service.queue))
+            if log.isEnabledFor(logging.DEBUG):  # the args cost even when not logged
+                log.debug("request %d queued for %s (%d waiting)", r.rid, service.name,
+                          len(service.queue))
 
     def _send(self, r: Request, w: Worker, now: float) -> None:
         """Hand `r` to `w` (just popped from ready queues or known to be free)."""
@@ -435,8 +444,8 @@ class Dispatcher:
         w.in_flight[r.rid] = r
         r.deadline = now + r.service.timeout_s
         r.service.active[r.rid] = r
-        frames = [w.ident, p.VERSION, p.CMD[p.Command.REQUEST], p.encode_request_id(r.rid),
-                  r.service.name_bytes, r.script_name, r.raw]
+        frames = [w.ident, p.VERSION, _REQUEST, _pack_id(r.rid), r.service.name_bytes,
+                  r.script_name, r.raw]
         window = self.link_credits.get(r.link)
         if window is not None:  # what is left of the connection's window
             frames.append(b"%d" % max(0, window - self.unacked.get((r.link, r.conn_id), 0)))
@@ -475,8 +484,7 @@ class Dispatcher:
             r = on_conn[0]
             if r.worker is not None:
                 self.to_workers.append([
-                    r.worker.ident, p.VERSION, p.CMD[p.Command.CREDIT],
-                    p.encode_request_id(r.rid), b"%d" % credits,
+                    r.worker.ident, p.VERSION, _CREDIT, _pack_id(r.rid), b"%d" % credits,
                 ])
 
     def _on_upload_start(self, link: int, event: m2.UploadStart) -> None:
@@ -537,9 +545,9 @@ class Dispatcher:
         if w is not None:
             w.expires_at = now + w.expiry_s
         try:
-            if command == p.Command.REPLY and w is not None:
+            if command == _REPLY_CMD and w is not None:
                 self._on_reply(w, frames, now)
-            elif command == p.Command.HEARTBEAT and w is not None:
+            elif command == _HEARTBEAT_CMD and w is not None:
                 pass
             elif command == p.Command.HELLO:
                 self._on_hello(ident, frames, now)
@@ -644,7 +652,9 @@ class Dispatcher:
     def _on_reply(self, w: Worker, frames: list[bytes], now: float) -> None:
         if len(frames) < 4 or frames[3] not in (p.FLAG_MORE, p.FLAG_LAST):
             raise p.WireError("REPLY takes request id, flags, messages")
-        rid = p.decode_request_id(frames[2])
+        rid_frame = frames[2]
+        rid: int = (_unpack_id(rid_frame)[0] if len(rid_frame) == 8
+                    else p.decode_request_id(rid_frame))  # which raises the WireError
         r = w.in_flight.get(rid)
         if r is None:
             self.counters.late_replies += 1
@@ -654,9 +664,14 @@ class Dispatcher:
             prefix, messages = r.reply_prefix, frames[4:]
             # Check all before forwarding any: a 502 after part of a reply
             # would corrupt the client's stream.
-            if all(message.startswith(prefix) for message in messages):
+            single = len(messages) == 1  # the usual: one whole response
+            if (messages[0].startswith(prefix) if single
+                    else all(message.startswith(prefix) for message in messages)):
                 link = r.link
-                self.to_mongrel2.extend([(link, message) for message in messages])
+                if single:
+                    self.to_mongrel2.append((link, messages[0]))
+                else:
+                    self.to_mongrel2.extend([(link, message) for message in messages])
                 if link in self.link_credits and messages:
                     self._unacked_add((link, r.conn_id),
                                       sum(map(len, messages)) - len(prefix) * len(messages))
@@ -1231,9 +1246,10 @@ def _chunked(req: m2.Message) -> bool:
 
 
 def _wants_close(req: m2.Message) -> bool:
+    connection = req.header(b"connection")
     if req.header(b"VERSION") == b"HTTP/1.0":
-        return (req.header(b"connection") or b"").lower() != b"keep-alive"
-    return b"close" in (req.header(b"connection") or b"").lower()
+        return connection is None or connection.lower() != b"keep-alive"
+    return connection is not None and b"close" in connection.lower()
 
 
 def _status_of(message: bytes, offset: int) -> int:

@@ -6,6 +6,13 @@ per frame, which costs more than the sends themselves: about 14 us for a
 through the Cython ``Socket.send`` (measured on the bench machine). Same
 semantics: ZeroMQ queues a multipart message atomically, so once the first
 frame is taken (NOBLOCK did not raise) the others are too.
+
+Receiving, ``Socket.get(RCVMORE)`` builds a ``SocketOption`` enum on every
+call; a frame received with ``copy=False`` carries its ``more`` flag, read
+inside the same C call. For a 5-frame message that is 2.5 us against 3.6 us
+(and 4.3 us for ``recv_multipart``). A failed non-blocking receive raises
+``zmq.Again``, whose construction costs about 2.4 us: read a socket until it
+raises once per wake-up, not once per message.
 """
 
 from __future__ import annotations
@@ -16,12 +23,10 @@ import zmq
 
 _send = zmq.backend.Socket.send  # the Cython method, without pyzmq's per-call sugar
 _recv = zmq.backend.Socket.recv
-_get = zmq.backend.Socket.get
 
 _MORE_NB = int(zmq.SNDMORE | zmq.NOBLOCK)
 _NB = int(zmq.NOBLOCK)
 _MORE = int(zmq.SNDMORE)
-_RCVMORE = int(zmq.RCVMORE)
 
 
 def send_frames(sock: zmq.Socket[bytes], frames: Sequence[bytes], *, block: bool = False) -> None:
@@ -34,9 +39,11 @@ def send_frames(sock: zmq.Socket[bytes], frames: Sequence[bytes], *, block: bool
 
 def recv_frames(sock: zmq.Socket[bytes]) -> list[bytes]:
     """Receive one whole multipart message now, or raise zmq.Again."""
-    frames: list[bytes] = [_recv(sock, _NB)]
-    while _get(sock, _RCVMORE):
-        frames.append(_recv(sock, 0))
+    frame: zmq.Frame = _recv(sock, _NB, False)
+    frames: list[bytes] = [frame.bytes]
+    while frame.more:
+        frame = _recv(sock, 0, False)
+        frames.append(frame.bytes)
     return frames
 
 

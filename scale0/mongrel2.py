@@ -224,31 +224,59 @@ def parse_message(data: bytes) -> Event:
     Raises Mongrel2ProtocolError, and nothing else, on any malformed input.
     """
     # SENDER SP CONN_ID SP PATH SP: none of the three may contain a space.
-    sp1 = data.find(b" ")
-    sp2 = data.find(b" ", sp1 + 1)
-    sp3 = data.find(b" ", sp2 + 1)
+    # One call per request: the netstring checks are written out here.
+    find = data.find
+    sp1 = find(b" ")
+    sp2 = find(b" ", sp1 + 1)
+    sp3 = find(b" ", sp2 + 1)
     if sp1 <= 0 or sp2 < 0 or sp3 <= sp2 + 1:
         raise _error("expected 'SENDER CONN_ID PATH NETSTRINGS', none empty")
     raw_id = data[sp1 + 1 : sp2]
     if not (raw_id.isdigit() and len(raw_id) <= _MAX_ID_DIGITS):
         raise _error("CONN_ID is not a decimal number")
 
-    hstart, hend = _netstring(data, sp3 + 1, "headers")
+    pos = sp3 + 1
+    colon = find(b":", pos, pos + _MAX_LEN_DIGITS + 1)
+    length = data[pos:colon]
+    if colon < 0 or not length.isdigit() or (length[0] == 0x30 and colon - pos > 1):
+        raise _error("headers: bad netstring length")
+    hend = colon + 1 + int(length)
+    size = len(data)
+    if hend >= size:
+        raise _error("headers: netstring length exceeds the data")
     marker = data[hend]
-    if marker == _COMMA:
-        headers = _json_headers(data[hstart:hend])
-    elif marker == _BRACE:  # a whole tnetstring dict: length prefix to '}'
-        headers = _tnet_headers(data[sp3 + 1 : hend + 1])
+    if marker == _BRACE:  # a whole tnetstring dict: length prefix to '}'
+        headers = _tnet_headers(data[pos : hend + 1])
+    elif marker == _COMMA:
+        headers = _json_headers(data[colon + 1 : hend])
     else:
         raise _error("headers: neither a JSON ',' nor a tnetstring '}' netstring")
 
-    bstart, bend = _netstring(data, hend + 1, "body")
+    pos = hend + 1
+    colon = find(b":", pos, pos + _MAX_LEN_DIGITS + 1)
+    length = data[pos:colon]
+    if colon < 0 or not length.isdigit() or (length[0] == 0x30 and colon - pos > 1):
+        raise _error("body: bad netstring length")
+    bend = colon + 1 + int(length)
+    if bend >= size:
+        raise _error("body: netstring length exceeds the data")
     if data[bend] != _COMMA:
         raise _error("body: netstring does not end with ','")
-    if bend + 1 != len(data):
+    if bend + 1 != size:
         raise _error("trailing bytes after the body")
 
-    return _classify(data[:sp1], int(raw_id), data[sp2 + 1 : sp3], headers, data[bstart:bend])
+    sender, conn_id, path = data[:sp1], int(raw_id), data[sp2 + 1 : sp3]
+    method = headers.get(b"METHOD")
+    # The usual request, told apart without _classify: one plain METHOD and
+    # no upload header. Anything else (and every error) goes the long way.
+    if (type(method) is bytes and method and method not in _SPECIAL_METHODS
+            and b"x-mongrel2-upload-done" not in headers
+            and b"x-mongrel2-upload-start" not in headers):
+        return HttpRequest(sender, conn_id, path, headers, data[colon + 1 : bend])
+    return _classify(sender, conn_id, path, headers, data[colon + 1 : bend])
+
+
+_SPECIAL_METHODS = frozenset({b"JSON", b"WEBSOCKET_HANDSHAKE", b"WEBSOCKET"})
 
 
 def _classify(sender: bytes, conn_id: int, path: bytes, headers: Headers, body: bytes) -> Event:
@@ -394,6 +422,10 @@ def cancel_reply(sender: bytes, conn_ids: int | Sequence[int]) -> bytes:
 
 def reply_prefix(sender: bytes, conn_id: int) -> bytes:
     """The bytes a single-target reply to `conn_id` starts with (for startswith)."""
+    if type(conn_id) is int and conn_id >= 0 and sender and not sender.translate(
+            None, _SENDER_CHARS):  # the usual case, checked inline: once per request
+        ids = b"%d" % conn_id
+        return b"%s %d:%s, " % (sender, len(ids), ids)
     _check_sender(sender)
     ids = _ids(conn_id)
     return b"%s %d:%s, " % (sender, len(ids), ids)

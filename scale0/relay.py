@@ -8,8 +8,10 @@ different brokers. And a broker that leaves loses whatever Mongrel2 had
 already queued for it (MONGREL2.md; docs/reliability.md).
 
 The relay is the only handler Mongrel2 sees: it PULLs from Mongrel2's
-send_spec and deals requests to brokers over a ROUTER; brokers still PUBlish
-their replies straight to Mongrel2's recv_spec. It lives as long as its
+send_spec and deals requests to brokers over a ROUTER; brokers PUBlish their
+replies straight to Mongrel2's recv_spec, or, given the relay's recv_spec,
+send them back to the relay, which publishes them (a broker on another host
+then needs no path to Mongrel2's own ports). It lives as long as its
 Mongrel2 (under `scale0 up` it stops after the brokers), so brokers can come
 and go without Mongrel2 noticing. Three rules:
 
@@ -33,12 +35,12 @@ connections at once (an empty reply per connection, MONGREL2.md): a client
 waiting for a reply sees its connection closed instead of hanging until its
 own timeout, and its next request goes to another broker.
 
-Wire (ROUTER on the relay, DEALER on the broker), `docs/protocol.md` section
-"Relay": broker -> relay single frames ``HELLO S0R1 <window>``,
-``CREDIT <n>``, ``HEARTBEAT``, ``DRAIN``, ``LEAVE``; relay -> broker one
-frame (a Mongrel2 message, byte for byte) or two frames ``""`` +
-``HEARTBEAT`` | ``BYE`` | ``WHO`` (the relay does not know this broker:
-say HELLO again).
+Wire (ROUTER on the relay, DEALER on the broker), `docs/protocol.md`
+Appendix B: broker -> relay single frames ``HELLO S0R1 <window>``,
+``CREDIT <n>``, ``HEARTBEAT``, ``DRAIN``, ``LEAVE``, or ``""`` followed by
+replies to publish; relay -> broker one or more frames (Mongrel2 messages,
+byte for byte, in order) or two frames ``""`` + ``HEARTBEAT`` | ``BYE`` |
+``WHO`` (the relay does not know this broker: say HELLO again).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from dataclasses import dataclass
 import zmq
 
 from . import mongrel2 as m2
-from .frames import recv_frames, recv_one, send_frames, send_one
+from .frames import recv_frames, recv_one, send_frames
 from .handover import HANDOVER_TIMEOUT_S, MongrelPull
 from .ratelog import RateLimitedLog
 
@@ -63,12 +65,17 @@ log = logging.getLogger(__name__)
 VERSION = b"S0R1"
 MAX_CONNECTIONS = 200_000  # sticky entries kept; the least recently used go first
 MAX_PENDING = 10_000  # new connections held while no broker can take one
+MAX_HELD_REPLIES = 100_000  # replies held while Mongrel2 takes none
 BATCH = 256
 # Brokers send the relay only short control frames (HELLO S0R1 <window> <ms>,
 # CREDIT <n>, ...): a peer sending a larger frame is disconnected by libzmq.
 MAX_BROKER_MESSAGE_BYTES = 4096
+# With a recv_spec, brokers linked as relay+ENDPOINT alone send their replies
+# here: frames as big as the broker takes from its workers (2 MiB, broker.py).
+MAX_BROKER_REPLY_FRAME_BYTES = 4 << 20
 MAX_CLOSE_TARGETS = 128  # Mongrel2's limits.handler_targets: ids per reply
 MIN_PEER_HEARTBEAT_S = 0.01  # HELLO's heartbeat_ms as the worker protocol bounds it
+HELD_RETRY_S = 0.02  # how often held replies are offered to Mongrel2 again
 
 HEARTBEAT = b"HEARTBEAT"
 BYE = b"BYE"
@@ -144,12 +151,16 @@ class RelayCore:
         # it is malformed (MONGREL2.md: the client waits for an answer).
         key = raw[:j]
         owner = self.owners.get(key)
-        special = k > 0 and raw[j + 1:k] == b"@*"  # Mongrel2's own: disconnect or credits
+        # Mongrel2's own messages (disconnect, credits) have the path '@*'.
+        special = k == j + 3 and raw.startswith(b"@*", j + 1)
         if owner is not None and self.peers.get(owner.ident) is owner:
             self.owners.move_to_end(key)
-            if special and b'"disconnect"' in raw[k:k + 64]:
+            if special and raw.find(b'"disconnect"', k, k + 64) >= 0:
                 del self.owners[key]
-            self._send(owner, raw)
+            owner.credit -= 1
+            self.to_brokers.append([owner.ident, raw])
+            if owner.credit <= 0:  # else its place in `ready` (or not) stays right
+                self._update(owner)
             return
         if special:  # of a connection nobody holds
             self.owners.pop(key, None)
@@ -289,6 +300,92 @@ class RelayCore:
                     break
 
 
+class ReplyPub:
+    """An XPUB on Mongrel2's recv_spec for the replies brokers send the relay.
+
+    As in the broker: replies go out only once Mongrel2's SUB has subscribed
+    (the slow-joiner gap would lose them); at the high-water mark
+    (XPUB_NODROP) or unsubscribed they are held in order, and the relay stops
+    reading Mongrel2 until they are out (`ok`), which bounds them by what
+    the brokers hold. A batch from a broker goes out as one multipart message:
+    Mongrel2 takes each frame as a reply. Made in the thread that uses it.
+    """
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], recv_spec: str,
+                 recv_ident: bytes = b"") -> None:
+        self.recv_spec = recv_spec
+        self.recv_ident = recv_ident
+        self.socket: zmq.Socket[bytes] = ctx.socket(zmq.XPUB)
+        self.socket.setsockopt(zmq.LINGER, 2000)  # let queued replies out on a clean stop
+        self.socket.setsockopt(zmq.XPUB_NODROP, 1)
+        self.socket.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self.socket.connect(recv_spec)
+        self.subscriptions = 0
+        self.held: deque[bytes] = deque()
+        self.published = 0
+        self.dropped = 0
+
+    @property
+    def ok(self) -> bool:
+        """Whether replies go out now: subscribed and none held."""
+        return self.subscriptions > 0 and not self.held
+
+    def read_subscriptions(self) -> None:
+        while True:
+            try:
+                message = recv_one(self.socket)
+            except zmq.Again:
+                break
+            if message[:1] == b"\x01":
+                self.subscriptions += 1
+                log.info("Mongrel2 at %s subscribed to the replies", self.recv_spec)
+            elif message[:1] == b"\x00":
+                self.subscriptions = max(0, self.subscriptions - 1)
+                log.warning("Mongrel2 at %s unsubscribed", self.recv_spec)
+        self.retry()
+
+    def publish(self, replies: list[bytes]) -> None:
+        ident = self.recv_ident
+        if ident:  # Mongrel2 drops replies whose sender lacks its recv_ident prefix.
+            replies = [ident + reply[reply.find(b" "):]
+                       if not reply.startswith(ident) and reply.find(b" ") > 0 else reply
+                       for reply in replies]
+        if self.ok:
+            try:
+                send_frames(self.socket, replies)
+                self.published += len(replies)
+                return
+            except zmq.Again:
+                pass
+        if not self.held:
+            log.warning("Mongrel2 at %s is not taking replies: holding them, intake paused",
+                        self.recv_spec)
+        room = max(0, MAX_HELD_REPLIES - len(self.held))
+        if len(replies) > room:
+            self.dropped += len(replies) - room
+            log.error("dropping %d replies: %d held for %s", len(replies) - room,
+                      len(self.held), self.recv_spec)
+        self.held.extend(replies[:room])
+
+    def retry(self) -> None:
+        held = self.held
+        while held and self.subscriptions > 0:
+            batch = [held[i] for i in range(min(BATCH, len(held)))]
+            try:
+                send_frames(self.socket, batch)
+            except zmq.Again:
+                return
+            for _ in batch:
+                held.popleft()
+            self.published += len(batch)
+            if not held:
+                log.info("Mongrel2 at %s takes replies again", self.recv_spec)
+
+    def close(self) -> None:
+        self.retry()
+        self.socket.close()  # LINGER: what is queued gets 2 s to go out
+
+
 class Relay:
     """The I/O loop around RelayCore. Constructors do no I/O."""
 
@@ -297,12 +394,13 @@ class Relay:
                  max_peer_heartbeat_s: float = 30.0) -> None:
         self.send_spec = send_spec
         self.bind = bind
-        # Mongrel2's recv_spec (and recv_ident), to close a lost broker's connections.
+        # Mongrel2's recv_spec (and recv_ident), "" for none: where the relay
+        # closes a lost broker's connections and publishes the replies that
+        # brokers linked as relay+ENDPOINT alone send it.
         self.recv_spec = recv_spec
         self.recv_ident = recv_ident
         self.core = RelayCore(heartbeat_s, liveness, max_peer_heartbeat_s=max_peer_heartbeat_s,
                               close_lost=bool(recv_spec))
-        self._pub: zmq.Socket[bytes] | None = None
         self.endpoint = ""
         self._stopping = False
         self._wake_r, self._wake_w = socket.socketpair()
@@ -311,7 +409,10 @@ class Relay:
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._mongrel2: MongrelPull | None = None
         self._router: zmq.Socket[bytes] | None = None
+        self._replies: ReplyPub | None = None
         self._forced = False
+        self.stray_replies = 0  # replies sent to a relay without a recv_spec (dropped)
+        self.wakeups = 0  # of the loop: messages per wake-up is the batching achieved
 
     def start(self) -> None:
         self._ctx = ctx = zmq.Context()
@@ -320,16 +421,13 @@ class Relay:
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.SNDHWM, 0)  # bounded by the brokers' credit
         router.setsockopt(zmq.RCVHWM, 0)
-        router.setsockopt(zmq.MAXMSGSIZE, MAX_BROKER_MESSAGE_BYTES)
+        router.setsockopt(zmq.MAXMSGSIZE, MAX_BROKER_REPLY_FRAME_BYTES if self.recv_spec
+                          else MAX_BROKER_MESSAGE_BYTES)
         router.bind(self.bind)
         self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._router, self._mongrel2 = router, MongrelPull(ctx, self.send_spec)
         if self.recv_spec:
-            # Only closes go here; connected at start, long before a broker can
-            # die, so the slow-joiner gap (MONGREL2.md) is long past.
-            pub = self._pub = ctx.socket(zmq.PUB)
-            pub.setsockopt(zmq.LINGER, 1000)
-            pub.connect(self.recv_spec)
+            self._replies = ReplyPub(ctx, self.recv_spec, self.recv_ident)
 
     def stop(self) -> None:
         """Signal-safe. Graceful: leave Mongrel2 as handover.py describes (half-
@@ -357,6 +455,9 @@ class Relay:
         poller.register(router, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        replies = self._replies
+        if replies is not None:
+            poller.register(replies.socket, zmq.POLLIN)
         reading = False
         leaving_until = 0.0  # stopping: Mongrel2 has this long to close its end
         left_at = 0.0  # disconnected from Mongrel2: hand over what waits, then end
@@ -369,10 +470,14 @@ class Relay:
             if leaving_until and not left_at and now >= leaving_until:
                 log.warning("Mongrel2 did not close the half-closed link: disconnecting")
                 left_at = self._leave(now)
-            if left_at and (not core.pending or now >= left_at + HANDOVER_TIMEOUT_S):
+            held = replies is not None and bool(replies.held)
+            if left_at and ((not core.pending and not held)
+                            or now >= left_at + HANDOVER_TIMEOUT_S):
                 break
             # While leaving, read all Mongrel2 sent (it waits in `pending` if need be).
-            want = (core.intake or leaving_until > 0) and not left_at
+            # Else only while our replies (if we carry any) can go out.
+            want = ((core.intake and (replies is None or replies.ok)) or leaving_until > 0) \
+                and not left_at
             if want != reading:
                 reading = want
                 if reading:
@@ -382,8 +487,11 @@ class Relay:
             deadline = core.next_deadline()
             if leaving_until:
                 deadline = min(deadline, now + 0.05)
+            if held:  # an XPUB always polls writable: retry on a timer
+                deadline = min(deadline, now + HELD_RETRY_S)
             timeout_ms = max(0, math.ceil((deadline - now) * 1000))
             events = dict(poller.poll(timeout_ms))
+            self.wakeups += 1
             now = time.monotonic()
             if router in events:
                 for _ in range(BATCH):
@@ -393,22 +501,30 @@ class Relay:
                         break
                     if len(frames) == 2:
                         core.on_broker(frames[0], frames[1], now)
+                    elif len(frames) > 2 and not frames[1]:  # ["", replies...]
+                        self._publish(frames[2:])
                     else:
                         core.malformed += 1
                 self._flush(router)
-            if pull in events:
+            if pull in events:  # registered only while core.intake or leaving
+                take = core.on_mongrel2
                 for _ in range(BATCH):
-                    if not (core.intake or leaving_until):
-                        break
                     try:
                         raw = recv_one(pull)
                     except zmq.Again:
                         break
-                    core.on_mongrel2(raw)
+                    take(raw)
+                    if core.pending and not (core.intake or leaving_until):
+                        break  # MAX_PENDING new connections wait: the rest in Mongrel2
                 self._flush(router)
             if monitor in events and mongrel2.read_monitor() and leaving_until \
                     and not left_at:
                 left_at = self._leave(now)  # Mongrel2 closed: all it sent is here
+            if replies is not None:
+                if replies.socket in events:
+                    replies.read_subscriptions()
+                elif held:
+                    replies.retry()
             if self._wake_r in events:
                 try:
                     self._wake_r.recv(64)
@@ -418,7 +534,7 @@ class Relay:
             self._flush(router)
         if core.pending:
             log.error("relay stopping with %d requests no broker took", len(core.pending))
-        log.info("relay stopping")
+        log.info("relay stopping after %d wake-ups", self.wakeups)
 
     def _leave(self, now: float) -> float:
         """Read what is left, leave Mongrel2's PUSH for good, pass it on."""
@@ -429,35 +545,64 @@ class Relay:
             log.info("%d requests wait for a broker", len(self.core.pending))
         return now
 
+    def _publish(self, replies: list[bytes]) -> None:
+        if self._replies is not None:
+            self._replies.publish(replies)
+            return
+        self.stray_replies += len(replies)
+        if self.stray_replies == len(replies) or self.stray_replies % 10_000 < len(replies):
+            log.error("a broker sent replies, but this relay has no recv_spec to publish "
+                      "them to: dropped (%d so far); give it --mongrel2-recv",
+                      self.stray_replies)
+
     def _flush(self, router: zmq.Socket[bytes]) -> None:
+        """Send what the core decided. The Mongrel2 messages for one broker
+        go out as one multipart message (Appendix B), in order, and before
+        any control message that follows them: one ZeroMQ message per
+        wake-up instead of one per request."""
         core = self.core
         if core.to_mongrel2:
             self._send_closes()
         while core.to_brokers:
             out, core.to_brokers = core.to_brokers, []
+            batches: dict[bytes, list[bytes]] = {}
             for frames in out:
+                ident = frames[0]
+                if len(frames) == 2:  # [ident, Mongrel2 message]
+                    batch = batches.get(ident)
+                    if batch is None:
+                        batches[ident] = [ident, frames[1]]
+                    else:
+                        batch.append(frames[1])
+                    continue
+                batch = batches.pop(ident, None)
+                if batch is not None:
+                    self._send_batch(router, batch)
                 try:
                     send_frames(router, frames)
                 except zmq.ZMQError:  # EHOSTUNREACH: that broker's connection is gone
-                    core.unreachable(frames[0])
-                    if len(frames) == 2:  # a Mongrel2 message: give it to another
-                        core.on_mongrel2(frames[1])
+                    core.unreachable(ident)
+            for batch in batches.values():
+                self._send_batch(router, batch)
+
+    def _send_batch(self, router: zmq.Socket[bytes], batch: list[bytes]) -> None:
+        try:
+            send_frames(router, batch)
+        except zmq.ZMQError:  # EHOSTUNREACH: that broker's connection is gone
+            core = self.core
+            core.unreachable(batch[0])
+            for raw in batch[1:]:  # give them to another broker, in order
+                core.on_mongrel2(raw)
 
     def _send_closes(self) -> None:
+        """A lost broker's connections: closes, in order with the replies."""
         out, self.core.to_mongrel2 = self.core.to_mongrel2, []
-        if self._pub is None:
-            return
-        for message in out:
-            if self.recv_ident:  # Mongrel2 drops replies not starting with it
-                message = self.recv_ident + message[message.index(b" "):]
-            try:
-                send_one(self._pub, message)
-            except zmq.ZMQError as exc:
-                log.warning("could not close connections of a lost broker: %s", exc)
+        if self._replies is not None:
+            self._replies.publish(out)
 
     def close(self) -> None:
-        if self._pub is not None:
-            self._pub.close()
+        if self._replies is not None:
+            self._replies.close()
         if self._mongrel2 is not None:
             self._mongrel2.close()
         if self._router is not None:
@@ -468,4 +613,5 @@ class Relay:
         self._wake_w.close()
 
     def ready_line(self) -> str:
-        return f"READY relay brokers={self.endpoint} mongrel2={self.send_spec}"
+        line = f"READY relay brokers={self.endpoint} mongrel2={self.send_spec}"
+        return line + (f" replies={self.recv_spec}" if self.recv_spec else "")

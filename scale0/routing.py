@@ -59,6 +59,7 @@ _HOST_SPEC_RE = re.compile(
 _BAD_SPEC_RE = re.compile(r"[\s\x00-\x1f\x7f?#]")
 
 _CACHE_SIZE = 4096  # bounded: Host headers are client-controlled
+_MISS = object()
 
 
 def normalize_host(host: bytes | str | None) -> str:
@@ -247,13 +248,16 @@ class RouteTable:
 
     Invariant: ``_by_host[route.host][route.prefix]`` holds the Match for each
     route, no host maps to an empty dict, and `_max_depth` is the largest
-    prefix depth present (so lookup never probes deeper prefixes).
+    prefix depth present (so lookup never probes deeper prefixes). `_cache`
+    holds lookup results for the table as it is: emptied on every change,
+    and when it reaches _CACHE_SIZE entries (host and path are the client's).
     """
 
     def __init__(self, routes: Iterable[tuple[Route, str]] = ()) -> None:
         self._by_host: dict[str, dict[str, Match]] = {}
         self._max_depth = 0
         self._count = 0
+        self._cache: dict[tuple[bytes | str | None, bytes | str], Match | None] = {}
         for route, service in routes:
             self.add(route, service)
 
@@ -261,6 +265,7 @@ class RouteTable:
         """Route `route` to `service`; replaces the route's previous service."""
         if not service:
             raise ValueError(f"route {str(route)!r}: service name must not be empty")
+        self._cache.clear()
         table = self._by_host.setdefault(route.host, {})
         if route.prefix not in table:
             self._count += 1
@@ -279,6 +284,7 @@ class RouteTable:
             return False
         if service is not None and match.service != service:
             return False
+        self._cache.clear()
         del table[route.prefix]
         self._count -= 1
         if not table:
@@ -289,6 +295,18 @@ class RouteTable:
 
     def lookup(self, host: bytes | str | None, path: bytes | str) -> Match | None:
         """The best route for a request, or None. `path` is the raw request path."""
+        key = (host, path)
+        cache = self._cache
+        match = cache.get(key, _MISS)
+        if match is not _MISS:
+            return match  # type: ignore[return-value]
+        match = self._lookup(host, path)
+        if len(cache) >= _CACHE_SIZE:
+            cache.clear()
+        cache[key] = match
+        return match
+
+    def _lookup(self, host: bytes | str | None, path: bytes | str) -> Match | None:
         by_host = self._by_host
         if not by_host:
             return None

@@ -34,3 +34,18 @@ def test_the_dispatcher_keeps_records_only_while_a_sink_wants_them() -> None:
     tapping[0] = False
     broker._update_recording()
     assert broker.dispatcher.record
+
+
+def test_a_relay_link_without_recv_spec_sends_its_replies_through_the_relay() -> None:
+    link = LinkSpec.parse("relay+tcp://10.0.0.1:6781")
+    assert (link.send_spec, link.recv_spec, link.relay) == ("tcp://10.0.0.1:6781", "", True)
+    assert link.replies_via_relay and str(link) == "relay+tcp://10.0.0.1:6781"
+    both = LinkSpec.parse("relay+tcp://127.0.0.1:6781,tcp://127.0.0.1:9996")
+    assert not both.replies_via_relay and both.recv_spec == "tcp://127.0.0.1:9996"
+    for bad in ("tcp://127.0.0.1:9997", "relay+", "relay+tcp://a:1,", ""):
+        try:
+            LinkSpec.parse(bad)
+        except ValueError as exc:
+            assert "SEND_SPEC,RECV_SPEC" in str(exc)
+        else:
+            raise AssertionError(f"{bad!r} parsed")
