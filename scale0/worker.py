@@ -103,16 +103,22 @@ class Worker:
         self._max_requests = state.max_requests if state is not None else 0
         self.loops: list[Loop] = []
         self._started_s = 0.0
+        self.wake_r = self.wake_w = -1  # a pipe that wakes the loops on stop()
 
     def stop(self) -> None:
         """Graceful stop: drain, finish in-flight requests, say BYE. Signal-safe."""
         self.stopping = True
+        if self.wake_w >= 0:
+            try:
+                os.write(self.wake_w, b"s")  # every loop polls wake_r until it drains
+            except OSError:  # full: the loops are woken already
+                pass
 
     def fail(self, code: int) -> None:
         """Stop at once with exit status `code` (every loop leaves at its next timer)."""
         if not self.exit_code:
             self.exit_code = code
-        self.stopping = True
+        self.stop()
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -148,12 +154,13 @@ class Worker:
         s = self.settings
         pid = str(os.getpid())
         self.ctx = zmq.Context()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
         self.loops = [
             Loop(self, k, p.Hello(s.services, 1, f"{self.label}/{k}", int(s.heartbeat_s * 1000),
                                   {"pid": pid, "thread": str(k), **dict(s.meta)}).encode())
             for k in range(max(1, s.capacity))]
         self._started_s = time.monotonic()
-        tick_s = max(0.01, min(REPORT_EVERY_S, s.heartbeat_s / 2))
         stop_at = 0.0
         try:
             for loop in self.loops:
@@ -168,10 +175,12 @@ class Worker:
                     stop_at = now
                     log.info("draining: %d requests in flight",
                              sum(loop.current is not None for loop in self.loops))
-                if stop_at and now - stop_at > s.graceful_timeout_s + 2 * tick_s:
+                if stop_at and now - stop_at > s.graceful_timeout_s + 2 * REPORT_EVERY_S:
                     self._close_stuck_loops()
                     break
-                time.sleep(tick_s)
+                # Twice per heartbeat interval, the brokers' (WELCOME) included.
+                heartbeat_s = min(c.heartbeat_s for loop in self.loops for c in loop.conns)
+                time.sleep(max(0.005, min(REPORT_EVERY_S, heartbeat_s / 2)))
         finally:
             for loop in self.loops:
                 loop.thread.join(JOIN_TIMEOUT_S if loop.thread.is_alive() else None)
@@ -179,6 +188,9 @@ class Worker:
                 self.ctx.term()  # every socket is closed: this cannot hang
             else:  # a loop never started or is stuck: leave its sockets to exit
                 log.error("worker loops did not stop; not terminating the ZeroMQ context")
+            wake_r, wake_w, self.wake_r, self.wake_w = self.wake_r, self.wake_w, -1, -1
+            os.close(wake_r)
+            os.close(wake_w)
         return self.exit_code
 
     def _heartbeat(self, loop: Loop, now: float) -> None:

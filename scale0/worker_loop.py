@@ -94,7 +94,7 @@ class Loop:
         self.lock = threading.Lock()
         self.conns = [BrokerConn(ep, s.heartbeat_s, s.heartbeat_s * s.liveness)
                       for ep in s.connect]
-        self._items: list[tuple[zmq.Socket[bytes], int]] = []
+        self._items: list[tuple[zmq.Socket[bytes] | int, int]] = []
         self._by_socket: dict[object, BrokerConn] = {}  # keyed as zmq_poll answers
         self.pending: deque[_Pending] = deque()
         self.current: ReplyStream | None = None  # the request whose app runs now
@@ -185,6 +185,7 @@ class Loop:
         worker = self.worker
         if worker.stopping and not self.drain_started:
             self.drain_started = now
+            self._sockets_changed()  # the wake-up pipe stays readable: poll it no more
             for c in self.conns:
                 self.send(c, _CMD_DRAIN)
         if (self.drain_started and self.current is not None
@@ -255,7 +256,11 @@ class Loop:
             self.pending = deque(r for r in self.pending if r.conn is not c)
 
     def _sockets_changed(self) -> None:
-        self._items = [(c.socket, _POLLIN) for c in self.conns if c.socket is not None]
+        items: list[tuple[zmq.Socket[bytes] | int, int]] = [
+            (c.socket, _POLLIN) for c in self.conns if c.socket is not None]
+        if not self.drain_started and not self.closed and self.worker.wake_r >= 0:
+            items.append((self.worker.wake_r, _POLLIN))  # stop() wakes us at once
+        self._items = items
         self._by_socket = {c.socket: c for c in self.conns if c.socket is not None}
 
     def send(self, c: BrokerConn, frames: list[bytes]) -> None:
