@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import threading
 import time
 from collections import deque
@@ -56,6 +57,7 @@ _CMD_HEARTBEAT = [p.VERSION, p.CMD[p.Command.HEARTBEAT]]
 _CMD_DRAIN = [p.VERSION, p.CMD[p.Command.DRAIN]]
 _CMD_BYE = [p.VERSION, p.CMD[p.Command.BYE]]
 _POLLIN = zmq.POLLIN
+_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD}
 
 
 @dataclass(slots=True, eq=False)
@@ -107,6 +109,9 @@ class Loop:
     # ---- the loop ------------------------------------------------------
 
     def run(self) -> None:
+        # Signals go to the main thread (the heartbeat thread) only: a loop's
+        # poll is then never interrupted, and Python runs handlers there anyway.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         with self.lock:
             try:
                 self._serve()
