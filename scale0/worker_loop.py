@@ -102,6 +102,7 @@ class Loop:
         self.current: ReplyStream | None = None  # the request whose app runs now
         self.alive_s = 0.0  # last time the loop ran (read by the heartbeat thread)
         self.drain_started = 0.0
+        self.next_timer = 0.0  # when _timers runs next; a WELCOME may bring it forward
         self.closed = False  # sockets closed: by the loop at its end, or forcibly
         self.thread = threading.Thread(target=self.run, name=f"scale0-loop-{index}",
                                        daemon=True)
@@ -124,14 +125,14 @@ class Loop:
     def _serve(self) -> None:
         worker = self.worker
         graceful_s = worker.settings.graceful_timeout_s
-        next_timer = 0.0
         while not self.closed:
             now = time.monotonic()
-            timeout_ms = 0 if self.pending else max(0, math.ceil((next_timer - now) * 1000))
+            timeout_ms = (0 if self.pending
+                          else max(0, math.ceil((self.next_timer - now) * 1000)))
             self._read(timeout_ms)
             now = time.monotonic()
-            if now >= next_timer or (worker.stopping and not self.drain_started):
-                next_timer = self._timers(now)
+            if now >= self.next_timer or (worker.stopping and not self.drain_started):
+                self.next_timer = self._timers(now)
                 if worker.exit_code:
                     return
                 if self.drain_started and not self.pending and (
@@ -178,7 +179,7 @@ class Loop:
         credits calls this in a loop (reply.py). The lock is held."""
         now = time.monotonic()
         self._read(math.ceil(min(TICK_S, self._heartbeat_due(now)) * 1000))
-        self._timers(time.monotonic())
+        self.next_timer = self._timers(time.monotonic())
 
     def _heartbeat_due(self, now: float) -> float:
         due = [c.next_heartbeat - now for c in self.conns if c.socket is not None]
@@ -345,6 +346,7 @@ class Loop:
             c.expiry_s = broker_s * s.liveness
             c.heartbeat_s = min(s.heartbeat_s, broker_s)
             c.next_heartbeat = min(c.next_heartbeat, now + c.heartbeat_s)
+            self.next_timer = min(self.next_timer, c.next_heartbeat)
         log.info("loop %d connected to broker %s", self.index, c.endpoint)
         self.worker.on_welcome()
         if self.worker.stopping:  # reconnected while draining: say so again
