@@ -37,10 +37,9 @@ def send_frames(sock: zmq.Socket[bytes], frames: Sequence[bytes], *, block: bool
     _send(sock, frames[-1], last)
 
 
-def recv_frames(sock: zmq.Socket[bytes], *, block: bool = False) -> list[bytes]:
-    """Receive one whole multipart message now, or raise zmq.Again; with
-    `block`, wait for it up to the socket's ZMQ_RCVTIMEO."""
-    frame: zmq.Frame = _recv(sock, 0 if block else _NB, False)
+def recv_frames(sock: zmq.Socket[bytes]) -> list[bytes]:
+    """Receive one whole multipart message now, or raise zmq.Again."""
+    frame: zmq.Frame = _recv(sock, _NB, False)
     frames: list[bytes] = [frame.bytes]
     while frame.more:
         frame = _recv(sock, 0, False)

@@ -2,12 +2,10 @@
 
 Theory of operation: each of a process's `--threads` loops is a worker of
 capacity 1 to every broker (its own HELLO, label ``host:pid/k``). A loop
-waits for input, reads each readable socket until it is empty, runs a
-REQUEST's handler on its own thread and sends the reply frames straight on
-the DEALER the request came in on: no hand-off between threads per request.
-With several brokers a loop may hold one request from each; it runs them in
-arrival order. With one broker it waits in a blocking recv rather than
-zmq_poll (fewer system calls per request) and stops reading at a REQUEST.
+polls its sockets, reads each readable one until it is empty, runs a REQUEST's
+handler on its own thread and sends the reply frames straight on the DEALER
+the request came in on: no hand-off between threads per request. With several
+brokers a loop may hold one request from each; it runs them in arrival order.
 
 The loop holds its `lock` whenever it touches its sockets, and releases it
 only while the app runs. The process's heartbeat thread (worker.py) takes the
@@ -59,7 +57,6 @@ _CMD_HEARTBEAT = [p.VERSION, p.CMD[p.Command.HEARTBEAT]]
 _CMD_DRAIN = [p.VERSION, p.CMD[p.Command.DRAIN]]
 _CMD_BYE = [p.VERSION, p.CMD[p.Command.BYE]]
 _POLLIN = zmq.POLLIN
-_CMD_REQUEST = p.CMD[p.Command.REQUEST]
 _SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD}
 
 
@@ -101,8 +98,6 @@ class Loop:
                       for ep in s.connect]
         self._items: list[tuple[zmq.Socket[bytes] | int, int]] = []
         self._by_socket: dict[object, BrokerConn] = {}  # keyed as zmq_poll answers
-        self._single: BrokerConn | None = None  # the only connected broker, if one
-        self._rcvtimeo_ms = -1  # what _single's socket has as ZMQ_RCVTIMEO
         self.pending: deque[_Pending] = deque()
         self.current: ReplyStream | None = None  # the request whose app runs now
         self.alive_s = 0.0  # last time the loop ran (read by the heartbeat thread)
@@ -150,10 +145,6 @@ class Loop:
     def _read(self, timeout_ms: int) -> None:
         """Wait up to `timeout_ms` for input, then read every readable socket
         until it is empty. The lock is held."""
-        single = self._single
-        if timeout_ms and single is not None and single.socket is not None:
-            self._read_single(single, single.socket, timeout_ms)
-            return
         items = self._items
         if not items:
             if timeout_ms:
@@ -177,30 +168,6 @@ class Loop:
                 # zmq_poll is the cheapest "more?" (ZMQ_EVENTS costs more, Again more still)
                 if conn.socket is not sock or not zmq_poll([(sock, _POLLIN)], 0):
                     break
-
-    def _read_single(self, c: BrokerConn, sock: zmq.Socket[bytes], timeout_ms: int) -> None:
-        """One broker and a wait: a blocking recv (ZMQ_RCVTIMEO) instead of
-        zmq_poll, which costs 4 poll(2) calls per wake-up to the recv's one
-        (strace: ~9 poll(2) per request with zmq_poll, measured here). stop() then reaches
-        the loop at its next timer (TICK_S at most), not through the wake-up pipe."""
-        if timeout_ms != self._rcvtimeo_ms:
-            sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
-            self._rcvtimeo_ms = timeout_ms
-        try:
-            frames = recv_frames(sock, block=True)
-        except zmq.Again:
-            return
-        while True:
-            self._on_message(c, frames)
-            # Read on until empty, except after a REQUEST: a loop of capacity 1
-            # is sent nothing more before its LAST but that request's CANCEL or
-            # CREDIT (read by its sends) and heartbeats, read right after it.
-            if c.socket is not sock or (len(frames) > 1 and frames[1] == _CMD_REQUEST):
-                return
-            try:
-                frames = recv_frames(sock)
-            except zmq.Again:
-                return
 
     def read_now(self) -> None:
         """Read whatever is queued, without waiting (from the app's sends)."""
@@ -297,11 +264,8 @@ class Loop:
     def _sockets_changed(self) -> None:
         items: list[tuple[zmq.Socket[bytes] | int, int]] = [
             (c.socket, _POLLIN) for c in self.conns if c.socket is not None]
-        connected = [c for c in self.conns if c.socket is not None]
-        self._single = connected[0] if len(connected) == 1 else None
-        self._rcvtimeo_ms = -1
         if not self.drain_started and not self.closed and self.worker.wake_r >= 0:
-            items.append((self.worker.wake_r, _POLLIN))  # stop() wakes a zmq_poll at once
+            items.append((self.worker.wake_r, _POLLIN))  # stop() wakes us at once
         self._items = items
         self._by_socket = {c.socket: c for c in self.conns if c.socket is not None}
 

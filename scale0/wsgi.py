@@ -165,7 +165,8 @@ _CACHE_MAX = 1024
 _SKIP = ""  # _ENVIRON_KEYS value of a request header the environ does not carry
 _ENVIRON_KEYS: dict[bytes, str] = {}  # client header name -> environ key, or _SKIP
 _SERVER_ADDRESSES: dict[tuple[bytes, str], tuple[str, str]] = {}
-_CONSTANT_ENVIRON: dict[tuple[WsgiSettings, int], dict[str, Any]] = {}
+# The last (settings, errors) and their constant environ: a process has one of each.
+_constant: tuple[WsgiSettings | None, TextIO | None, dict[str, Any]] = (None, None, {})
 
 
 def _environ_key(key: bytes) -> str:
@@ -184,9 +185,9 @@ def _environ_key(key: bytes) -> str:
 
 def _constant_environ(settings: WsgiSettings, errors: TextIO) -> dict[str, Any]:
     """The environ entries that are the same for every request of this process."""
-    cache_key = (settings, id(errors))
-    environ = _CONSTANT_ENVIRON.get(cache_key)
-    if environ is None or environ["wsgi.errors"] is not errors:
+    global _constant
+    last_settings, last_errors, environ = _constant
+    if last_settings is not settings or last_errors is not errors:
         environ = {
             "wsgi.version": (1, 0),
             "wsgi.errors": errors,
@@ -196,9 +197,7 @@ def _constant_environ(settings: WsgiSettings, errors: TextIO) -> dict[str, Any]:
             "wsgi.file_wrapper": FileWrapper,
             "wsgi.input_terminated": True,  # the whole body is here: reading to EOF is safe
         }
-        if len(_CONSTANT_ENVIRON) >= 16:
-            _CONSTANT_ENVIRON.clear()
-        _CONSTANT_ENVIRON[cache_key] = environ
+        _constant = (settings, errors, environ)  # one assignment: atomic for other threads
     return environ
 
 
