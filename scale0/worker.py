@@ -50,6 +50,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import select
 import signal
 import socket
 import time
@@ -104,6 +105,7 @@ class Worker:
         self.loops: list[Loop] = []
         self._started_s = 0.0
         self.wake_r = self.wake_w = -1  # a pipe that wakes the loops on stop()
+        self.done_r = self.done_w = -1  # a pipe that wakes us when a loop ends
 
     def stop(self) -> None:
         """Graceful stop: drain, finish in-flight requests, say BYE. Signal-safe."""
@@ -155,7 +157,9 @@ class Worker:
         pid = str(os.getpid())
         self.ctx = zmq.Context()
         self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_w, False)
+        self.done_r, self.done_w = os.pipe()
+        for fd in (self.wake_w, self.done_r, self.done_w):
+            os.set_blocking(fd, False)
         self.loops = [
             Loop(self, k, p.Hello(s.services, 1, f"{self.label}/{k}", int(s.heartbeat_s * 1000),
                                   {"pid": pid, "thread": str(k), **dict(s.meta)}).encode())
@@ -180,7 +184,14 @@ class Worker:
                     break
                 # Twice per heartbeat interval, the brokers' (WELCOME) included.
                 heartbeat_s = min(c.heartbeat_s for loop in self.loops for c in loop.conns)
-                time.sleep(max(0.005, min(REPORT_EVERY_S, heartbeat_s / 2)))
+                # A loop that ends wakes us (done_w): the process leaves as
+                # soon as its last loop has said BYE.
+                if select.select([self.done_r], [], [],
+                                 max(0.005, min(REPORT_EVERY_S, heartbeat_s / 2)))[0]:
+                    os.read(self.done_r, 64)
+                    for loop in self.loops:
+                        if loop.closed:
+                            loop.thread.join(JOIN_TIMEOUT_S)
         finally:
             for loop in self.loops:
                 loop.thread.join(JOIN_TIMEOUT_S if loop.thread.is_alive() else None)
@@ -188,9 +199,10 @@ class Worker:
                 self.ctx.term()  # every socket is closed: this cannot hang
             else:  # a loop never started or is stuck: leave its sockets to exit
                 log.error("worker loops did not stop; not terminating the ZeroMQ context")
-            wake_r, wake_w, self.wake_r, self.wake_w = self.wake_r, self.wake_w, -1, -1
-            os.close(wake_r)
-            os.close(wake_w)
+            fds = (self.wake_r, self.wake_w, self.done_r, self.done_w)
+            self.wake_r = self.wake_w = self.done_r = self.done_w = -1
+            for fd in fds:
+                os.close(fd)
         return self.exit_code
 
     def _heartbeat(self, loop: Loop, now: float) -> None:

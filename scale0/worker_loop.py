@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -121,6 +122,10 @@ class Loop:
                 self.worker.fail(1)
             finally:
                 self.close_locked()
+                try:
+                    os.write(self.worker.done_w, b"d")  # wakes the heartbeat thread
+                except OSError:  # full (it is awake anyway) or closed
+                    pass
 
     def _serve(self) -> None:
         worker = self.worker
