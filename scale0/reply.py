@@ -1,11 +1,15 @@
 """One request's reply path on a worker loop: the send window and the stream.
 
 `FlowWindow` is sans-IO: Mongrel2's download credits (docs/protocol.md 3.9,
-``download.flow_control``). A request that carries DOWNLOAD_CREDITS may have
-at most that many reply bytes unwritten in Mongrel2, in at most
-MAX_OUTSTANDING_MESSAGES messages: Mongrel2 kills a connection with more than
-16 queued messages. CREDIT n from the broker returns n bytes, oldest message
-first. Without credits (flow control off) pieces are only capped in size.
+``download.flow_control``). The rule is "the reply bytes of a connection that
+Mongrel2 has not yet credited back never exceed its window"; the window is
+the connection's, and Mongrel2 announces it (DOWNLOAD_CREDITS) on a
+connection's first request only, so a request starts with the REQUEST's
+window frame (what the broker says is left of it), else its DOWNLOAD_CREDITS
+header, else it has none. At most MAX_OUTSTANDING_MESSAGES messages are
+unacknowledged (Mongrel2's 16-message limit without flow control). CREDIT n
+from the broker returns n bytes, oldest message first. Without a window
+(flow control off) pieces are only capped in size.
 
 `ReplyStream` is what the app's response is written to. It runs on the loop
 thread that owns the request's socket (worker_loop.py), so a send is a plain

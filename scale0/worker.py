@@ -12,9 +12,10 @@ which the loop gives up only while the app runs), so a broker never expires
 a loop whose request takes a minute; it reports to the arbiter, and it takes
 the signals.
 
-Flow control (reply.py): a request that carries DOWNLOAD_CREDITS may have at
-most that many reply bytes unwritten in Mongrel2, in at most
-MAX_OUTSTANDING_MESSAGES messages. While the app's send is over its window,
+Flow control (reply.py, docs/protocol.md 3.9): a request's reply may leave at
+most its window of bytes uncredited in Mongrel2 (the REQUEST's window frame,
+else its DOWNLOAD_CREDITS header: the window is the connection's), in at
+most MAX_OUTSTANDING_MESSAGES messages. While the app's send is over its window,
 its own thread reads its own sockets for CREDIT, CANCEL and HEARTBEAT until
 it may send. A CANCEL makes the app's next send raise `Cancelled`; the LAST
 still goes out.

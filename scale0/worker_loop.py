@@ -83,6 +83,7 @@ class _Pending:
     rid: bytes
     script_name: bytes
     raw: bytes
+    window: bytes | None  # the broker's REQUEST window frame, if any (protocol.md 3.9)
     cancelled: bool = field(default=False)
 
 
@@ -305,8 +306,9 @@ class Loop:
             log.warning("malformed message from broker %s", c.endpoint)
             return
         command = frames[1][0]
-        if command == p.Command.REQUEST and len(frames) == 6:
-            self.pending.append(_Pending(c, frames[2], frames[4], frames[5]))
+        if command == p.Command.REQUEST and len(frames) in (6, 7):
+            self.pending.append(_Pending(c, frames[2], frames[4], frames[5],
+                                         frames[6] if len(frames) == 7 else None))
         elif command == p.Command.CREDIT and len(frames) == 4:
             current = self.current
             if (current is not None and current.conn is c and current.rid == frames[2]
@@ -372,7 +374,9 @@ class Loop:
         if r.cancelled or not isinstance(event, (m2.HttpRequest, m2.UploadDone)):
             self.send(r.conn, [p.VERSION, p.CMD[p.Command.REPLY], r.rid, p.FLAG_LAST])
             return
-        credits = event.headers.get(b"DOWNLOAD_CREDITS")
+        # The broker's window frame wins: Mongrel2 puts DOWNLOAD_CREDITS only on
+        # a connection's first request, and its window is the connection's.
+        credits = r.window if r.window is not None else event.headers.get(b"DOWNLOAD_CREDITS")
         flow = FlowWindow(int(credits)) if type(credits) is bytes and credits.isdigit() else None
         stream = ReplyStream(self, r.conn, r.rid, event, flow, now)
         close = True

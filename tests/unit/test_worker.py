@@ -158,3 +158,26 @@ def test_the_broker_is_expired_by_its_welcome_interval(broker: FakeBroker) -> No
         assert again[0] != first  # a new DEALER: a new identity
     finally:
         assert running.stop() == 0
+
+
+def test_the_request_window_frame_bounds_the_reply_until_credits_come(
+        broker: FakeBroker) -> None:
+    running = Running(broker)
+    try:
+        ident = broker.recv_command(Cmd.HELLO)[0]
+        broker.welcome(ident)
+        rid = p.encode_request_id(9)
+        # protocol.md 3.3: what is left of the connection's window, here 10 bytes.
+        broker.send(ident, Cmd.REQUEST, rid, b"svc", b"", request_message(4), b"10")
+        prefix = SENDER + b" 1:4, "
+        first = broker.recv_command(Cmd.REPLY)
+        assert first[3:] == [rid, p.FLAG_MORE, prefix + RESPONSE[:10]]
+        deadline = time.monotonic() + 0.2  # the rest waits for credits: no REPLY meanwhile
+        while (left := deadline - time.monotonic()) > 0 and broker.router.poll(
+                int(left * 1000) + 1):
+            assert broker.router.recv_multipart()[2] == p.CMD[Cmd.HEARTBEAT]
+        broker.send(ident, Cmd.CREDIT, rid, b"%d" % len(RESPONSE))
+        last = broker.recv_command(Cmd.REPLY)
+        assert last[3:] == [rid, p.FLAG_LAST, prefix + RESPONSE[10:]]
+    finally:
+        assert running.stop() == 0
