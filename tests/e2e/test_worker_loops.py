@@ -54,15 +54,15 @@ def test_each_thread_is_a_worker_of_capacity_one(fresh_stack: Stack, control: st
 
 def test_a_long_request_is_not_expired_and_the_other_loops_serve(
         fresh_stack: Stack, control: str) -> None:
-    """The broker expires a silent worker after 0.2 s x 3; the request sleeps
-    4 s in the app of a loop of capacity 1, whose heartbeats the process's
-    heartbeat thread sends meanwhile."""
+    """Broker and workers at 0.2 s x 3: a silent loop is expired after 0.6 s;
+    the request sleeps 4 s in the app of a loop of capacity 1, whose
+    heartbeats the process's heartbeat thread sends meanwhile."""
     s = fresh_stack
     marks = _marks(s)
     s.start_mongrel2()
     s.start_broker("--control", control, "--heartbeat", "0.2")
-    s.start_pool("e2e_apps:app", service="app", routes=("/",), processes=1, threads=2,
-                 env={"E2E_MARK_DIR": str(marks)})
+    s.start_pool("e2e_apps:app", "--heartbeat", "0.2", service="app", routes=("/",),
+                 processes=1, threads=2, env={"E2E_MARK_DIR": str(marks)})
     s.wait_ok("/")
     labels = wait_for(lambda: len(ls := _labels(control)) == 2 and ls, what="two workers")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
