@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TICK_S = 0.25  # at most this long between timer runs (and stop checks) when idle
+DETACH_AFTER_S = 1.0  # a request running this long makes its loop leave the other brokers
 BROKER_HEARTBEAT_MS = (10, 600_000)  # a WELCOME's heartbeat_ms outside this is clamped
 
 # A request handler runs on its loop's thread and writes to its ReplyStream;
@@ -75,6 +76,7 @@ class BrokerConn:
     retry_at: float = 0.0
     backoff_s: float = 0.5
     drain_acked: bool = False
+    detached: bool = False  # left (BYE) while another broker's request runs long
 
 
 @dataclass(slots=True)
@@ -102,6 +104,7 @@ class Loop:
         self._by_socket: dict[object, BrokerConn] = {}  # keyed as zmq_poll answers
         self.pending: deque[_Pending] = deque()
         self.current: ReplyStream | None = None  # the request whose app runs now
+        self.current_since = 0.0  # when it started
         self.alive_s = 0.0  # last time the loop ran (read by the heartbeat thread)
         self.drain_started = 0.0
         self.next_timer = 0.0  # when _timers runs next; a WELCOME may bring it forward
@@ -203,9 +206,13 @@ class Loop:
         if (self.drain_started and self.current is not None
                 and now - self.drain_started > worker.settings.graceful_timeout_s):
             self.current.cancelled = True  # waiting for credits past the graceful timeout
+        self.detach_others_locked(now)  # a long download waits for credits here
         next_timer = now + TICK_S
         for c in self.conns:
             if c.socket is None:
+                if c.detached and (self.current is not None or self.drain_started):
+                    continue  # back once the long request is over (not when leaving)
+                c.detached = False
                 if now >= c.retry_at:
                     self._connect(c, now)
                 else:
@@ -231,6 +238,25 @@ class Loop:
             if c.socket is not None and now >= c.next_heartbeat:
                 c.next_heartbeat = now + c.heartbeat_s
                 self.send(c, _CMD_HEARTBEAT)
+        self.detach_others_locked(now)
+
+    def detach_others_locked(self, now: float) -> None:
+        """A loop is a worker of capacity 1 at every broker, so while it runs
+        one broker's request another broker may send it one more, which waits
+        behind it. Once a request has run DETACH_AFTER_S, leave the other
+        brokers (BYE: a request one of them had just sent is retried there,
+        or answered 502) and come back when it is over. Lock held."""
+        current = self.current
+        if current is None or now - self.current_since < DETACH_AFTER_S:
+            return
+        for c in self.conns:
+            if c is not current.conn and c.socket is not None:
+                if c.welcomed:
+                    self.send(c, _CMD_BYE)
+                log.debug("loop %d leaves broker %s while a long request runs",
+                          self.index, c.endpoint)
+                self._disconnect(c, retry_at=0.0)
+                c.detached = True
 
     # ---- sockets -------------------------------------------------------
 
@@ -381,6 +407,7 @@ class Loop:
         stream = ReplyStream(self, r.conn, r.rid, event, flow, now)
         close = True
         self.current = stream
+        self.current_since = now
         self.lock.release()
         try:
             path = normalize_path(event.path)

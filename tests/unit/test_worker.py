@@ -7,7 +7,8 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import tnetstring
@@ -77,12 +78,14 @@ def broker() -> Iterator[FakeBroker]:
 class Running:
     """A Worker run on a thread; `stop()` ends it and returns its exit code."""
 
-    def __init__(self, broker: FakeBroker, threads: int = 1, heartbeat_s: float = 1.0) -> None:
-        settings = WorkerSettings(connect=(broker.endpoint,),
+    def __init__(self, broker: FakeBroker, threads: int = 1, heartbeat_s: float = 1.0,
+                 *, also: tuple[FakeBroker, ...] = (),
+                 handle: Callable[[Any, str, str, ReplyStream], bool] = handler) -> None:
+        settings = WorkerSettings(connect=(broker.endpoint, *(b.endpoint for b in also)),
                                   services=(p.ServiceSpec("svc", ("/",)),), capacity=threads,
                                   heartbeat_s=heartbeat_s, graceful_timeout_s=5.0,
                                   label="test")
-        self.worker = Worker(handler, settings)
+        self.worker = Worker(handle, settings)
         self.code: list[int] = []
         self.thread = threading.Thread(target=lambda: self.code.append(self.worker.run()))
         self.thread.start()
@@ -181,3 +184,33 @@ def test_the_request_window_frame_bounds_the_reply_until_credits_come(
         assert last[3:] == [rid, p.FLAG_LAST, prefix + RESPONSE[10:]]
     finally:
         assert running.stop() == 0
+
+
+def test_a_long_request_leaves_the_other_brokers_until_it_is_over(broker: FakeBroker) -> None:
+    """Capacity 1 at each broker: while broker A's request runs long, broker B
+    must not send this loop a request that would wait behind it."""
+    other = FakeBroker()
+    release = threading.Event()
+
+    def slow(event: object, script_name: str, path_info: str, stream: ReplyStream) -> bool:
+        release.wait(20)
+        stream.last(RESPONSE, False)
+        return False
+
+    running = Running(broker, also=(other,), handle=slow)
+    try:
+        a = broker.recv_command(Cmd.HELLO)[0]
+        b = other.recv_command(Cmd.HELLO)[0]
+        broker.welcome(a)
+        other.welcome(b)
+        rid = p.encode_request_id(5)
+        broker.send(a, Cmd.REQUEST, rid, b"svc", b"", request_message(5))
+        assert other.recv_command(Cmd.BYE, timeout_s=10)[0] == b  # it left B...
+        release.set()
+        assert broker.recv_command(Cmd.REPLY)[3:5] == [rid, p.FLAG_LAST]
+        again = other.recv_command(Cmd.HELLO, timeout_s=10)  # ...and is back when done
+        assert again[0] != b
+    finally:
+        release.set()
+        assert running.stop() == 0
+        other.close()
