@@ -593,7 +593,7 @@ class Broker:
                     worker = d.workers.get(frames[0])
                     if worker is not None:
                         log.warning("worker %s unreachable: %s", worker.label, exc)
-                        d.remove_worker(worker, time.monotonic())
+                        d.worker_unreachable(worker, frames, time.monotonic())
         if d.to_unlink:  # spooled bodies whose request is over (spool.py)
             unlink, d.to_unlink = d.to_unlink, []
             spool.remove(unlink, d.settings.upload_dir)

@@ -719,6 +719,17 @@ class Dispatcher:
         self._update_ready(w)
         self._pull_queued(w, now)
 
+    def worker_unreachable(self, w: Worker, frames: list[bytes], now: float) -> None:
+        """A send of `frames` to `w` failed (EHOSTUNREACH): remove it. A REQUEST
+        among them never reached it, so that was no attempt: the loops of a
+        killed process vanish together, and a retry sent to a sibling loop must
+        not use up the request's one retry."""
+        if len(frames) > 3 and frames[2] == p.CMD[p.Command.REQUEST]:
+            r = w.in_flight.get(p.decode_request_id(frames[3]))
+            if r is not None:
+                r.attempts -= 1
+        self.remove_worker(w, now)
+
     def remove_worker(self, w: Worker, now: float, *, deliberate: bool = False) -> None:
         """Idempotent. In-flight requests are retried once if safe, else 502.
 
@@ -802,12 +813,15 @@ class Dispatcher:
         harmless): so workers of one pace share ticks instead of each
         registration adding a tick of its own (O(workers) ticks of O(workers))."""
         next_beat = now + self.settings.heartbeat_s
+        expired = [w for w in self.workers.values() if w.expires_at <= now]
+        for w in expired:  # the loops of one hung process expire together: none
+            for service in w.services:  # may take the retry of another's request
+                service.ready.pop(w.ident, None)
+        for w in expired:
+            log.warning("worker %s expired (silent for %.1f s)", w.label,
+                        now - w.expires_at + w.expiry_s)
+            self.remove_worker(w, now)
         for w in list(self.workers.values()):
-            if w.expires_at <= now:
-                log.warning("worker %s expired (silent for %.1f s)", w.label,
-                            now - w.expires_at + w.expiry_s)
-                self.remove_worker(w, now)
-                continue
             if w.ejected_until and w.ejected_until <= now:
                 w.ejected_until = 0.0
                 w.timeouts_in_row = 0

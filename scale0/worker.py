@@ -1,79 +1,84 @@
-"""Worker runtime: connect to brokers, announce, heartbeat, run requests.
+"""Worker runtime: a process of `--threads` loops serving brokers.
 
-One thread (the loop) owns every ZeroMQ socket: a DEALER per broker and an
-inproc PULL that request threads send their replies into. Requests run on a
-thread pool of `capacity` threads, so heartbeats go on while the app works.
+Each loop (worker_loop.py) is a thread that owns its sockets, a DEALER per
+broker, and runs the app inline: it is a worker of capacity 1 to every
+broker, labelled ``host:pid/k``, its HELLO ``meta`` carrying ``pid`` and its
+slot ``thread``. So T threads are T workers to a broker, and the broker
+never sends a process more than T requests at once.
 
-Flow control (docs/protocol.md 3.9, Mongrel2's download.flow_control): the
-rule is "the reply bytes of a connection that Mongrel2 has not yet credited
-back never exceed its window". The window is the connection's, not the
-request's: Mongrel2 sets DOWNLOAD_CREDITS (102400) only on the first request of
-a connection, so a request's starting window is the REQUEST's window frame
-(what the broker, which sees every reply and credit of the connection, says is
-left of it), else its DOWNLOAD_CREDITS header, else there is none. Each message
-body takes from the window; CREDIT n gives n back. Mongrel2 closes the
-connection as soon as one message would overrun it (the whole 150 KB reply of
-a second keep-alive request sent as one message did). A request thread blocks
-in `_Flow.acquire` until it may send, so a slow client slows the app. Without
-a window (flow control off in Mongrel2) pieces are only capped in size and
-Mongrel2's limit is 16 queued messages per connection: a streamed response of
-many small blocks can then overrun it.
+The main thread is the process's heartbeat thread: a few times a second it
+sends HEARTBEAT for each loop whose app is running (taking that loop's lock,
+which the loop gives up only while the app runs), so a broker never expires
+a loop whose request takes a minute; it reports to the arbiter, and it takes
+the signals.
 
-Under a Pool (supervise.py) the loop also reports to the arbiter through a
+Flow control (reply.py, docs/protocol.md 3.9): a request's reply may leave at
+most its window of bytes uncredited in Mongrel2 (the REQUEST's window frame,
+else its DOWNLOAD_CREDITS header: the window is the connection's), in at
+most MAX_OUTSTANDING_MESSAGES messages. While the app's send is over its window,
+its own thread reads its own sockets for CREDIT, CANCEL and HEARTBEAT until
+it may send. A CANCEL makes the app's next send raise `Cancelled`; the LAST
+still goes out.
+
+Under a Pool (supervise.py) the process reports to the arbiter through a
 `ChildState` (childstate.py), at most every REPORT_EVERY_S and never per
 request: that it is alive, the start of its oldest request, and once:
 
-* ready: WELCOMEd by every broker it connects to, or by at least one once
-  READY_WAIT_S have passed (one broker being down must not stall a reload;
-  none answering means not ready, and the old processes keep serving);
-* retire: it has started `max_requests` requests. It keeps serving until the
-  arbiter, once a replacement is ready, sends SIGTERM; the limit triggers the
-  recycling and is not a hard cap.
+* ready: every loop WELCOMEd by every broker it connects to, or every loop
+  by at least one once READY_WAIT_S have passed (one broker being down must
+  not stall a reload; none answering means not ready, and the old processes
+  keep serving);
+* retire: it has started `max_requests` requests (counted per process, over
+  all its loops), or a broker sent one of its loops DRAIN. It keeps serving
+  until the arbiter, once a replacement is ready, sends SIGTERM; the limit
+  triggers the recycling and is not a hard cap.
 
-For the arbiter's --timeout a request's age does not count the time its
-thread spends blocked in `_Flow.acquire`: waiting for a slow client's
-credits is not the app being stuck (gunicorn's sync workers get killed for
-that; here the broker's request timeout and Mongrel2 deal with dead clients).
+For the arbiter's --timeout a request's age does not count the time it
+spends waiting for credits: a slow client is not the app being stuck
+(gunicorn's sync workers get killed for that; here the broker's request
+timeout and Mongrel2 deal with dead clients).
+
+SIGTERM or SIGINT drains every loop: DRAIN to each broker, finish what is in
+flight, BYE, then exit. Past the graceful timeout the heartbeat thread closes
+the sockets of loops still inside the app (their app's next send raises).
+A broker ERROR before WELCOME exits with status 3. A broker silent for its
+WELCOME's heartbeat_ms x liveness is reconnected with backoff. Every socket is
+closed before the context is terminated, so Context.term() never hangs.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import select
 import signal
 import socket
-import threading
 import time
-from collections import deque
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import zmq
 
-from . import mongrel2 as m2
 from . import protocol as p
 from .childstate import ChildState
-from .frames import recv_frames, send_frames
-from .routing import normalize_path, split_script_name
+from .reply import MAX_MESSAGE_BYTES, MAX_OUTSTANDING_MESSAGES, Cancelled, ReplyStream
+from .worker_loop import BrokerConn, Handler, Loop
+
+__all__ = ["MAX_MESSAGE_BYTES", "MAX_OUTSTANDING_MESSAGES", "Cancelled", "Handler",
+           "ReplyStream", "Worker", "WorkerSettings"]
 
 log = logging.getLogger(__name__)
 
-MAX_OUTSTANDING_MESSAGES = 8  # well under Mongrel2's 16 queued messages per connection
-MAX_MESSAGE_BYTES = 1 << 20
 REPORT_EVERY_S = 0.25  # ChildState updates; the arbiter checks about once a second
 READY_WAIT_S = 5.0  # then one WELCOME of several is enough to be ready
-
-
-class Cancelled(Exception):
-    """The broker cancelled the request (client gone or timed out)."""
+JOIN_TIMEOUT_S = 2.0  # for a loop to end once its sockets were closed under it
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
     connect: tuple[str, ...]
     services: tuple[p.ServiceSpec, ...]
-    capacity: int = 1
+    capacity: int = 1  # the number of loops (threads) in this process
     heartbeat_s: float = 1.0
     liveness: int = 3
     graceful_timeout_s: float = 30.0
@@ -82,407 +87,167 @@ class WorkerSettings:
     meta: tuple[tuple[str, str], ...] = ()  # more HELLO meta, e.g. ("uploads", "file")
 
 
-class ReplyStream:
-    """What a handler writes its HTTP response to, from its pool thread.
-
-    `send` streams bytes within the flow-control window; `last` sends the
-    final bytes and ends the request in the same message (and closes the
-    client connection when `close`). A request not ended by `last` is ended
-    when the handler returns, closing the connection if it returns True.
-    """
-
-    def __init__(self, push: zmq.Socket[bytes], broker: bytes, rid: bytes,
-                 event: m2.HttpRequest | m2.UploadDone, flow: _Flow) -> None:
-        self._push = push
-        self._head = [broker, rid]
-        self._sender = event.sender
-        self._conn_id = event.conn_id
-        self._flow = flow
-        self.ended = False
-
-    def send(self, data: bytes) -> None:
-        flow, sender, conn_id = self._flow, self._sender, self._conn_id
-        while data:
-            n = flow.acquire(len(data))
-            piece, data = data[:n], data[n:]
-            send_frames(self._push, [*self._head, p.FLAG_MORE, m2.reply(sender, conn_id, piece)],
-                        block=True)
-
-    def last(self, data: bytes, close: bool) -> None:
-        if self.ended:
-            raise RuntimeError("the request has already ended")
-        flow = self._flow
-        frames = [*self._head, p.FLAG_LAST]
-        while data:
-            n = flow.acquire(len(data))  # these n bytes of credit are ours now
-            piece, data = data[:n], data[n:]
-            if data:  # over the window: stream this piece, the tail ends the request
-                send_frames(self._push, [*self._head, p.FLAG_MORE,
-                                         m2.reply(self._sender, self._conn_id, piece)], block=True)
-            else:
-                frames.append(m2.reply(self._sender, self._conn_id, piece))
-        if close:
-            frames.append(m2.close_reply(self._sender, self._conn_id))
-        self.ended = True
-        send_frames(self._push, frames, block=True)
-
-    def end(self, close: bool) -> None:
-        """End the request if `last` did not (also after errors and cancels)."""
-        if not self.ended:
-            frames = [*self._head, p.FLAG_LAST]
-            if close and not self._flow.cancelled:
-                frames.append(m2.close_reply(self._sender, self._conn_id))
-            self.ended = True
-            send_frames(self._push, frames, block=True)
-
-
-# A request handler runs on a pool thread and writes to its ReplyStream;
-# it returns whether the client connection must be closed.
-Handler = Callable[[m2.HttpRequest | m2.UploadDone, str, str, ReplyStream], bool]
-
-
-class _Flow:
-    """Per-request send window, shared by the loop (grant/cancel) and its thread."""
-
-    def __init__(self, credits: int | None, started_s: float = 0.0) -> None:
-        self.credits = credits
-        self.outstanding: deque[int] = deque()
-        self.cancelled = False
-        self.cond = threading.Condition()
-        # Read by the loop without the lock (one attribute each, atomic under the
-        # GIL): the request's last progress (its start, then each piece of
-        # reply), moved later by the time spent blocked. So `--timeout` reaps
-        # an app that is stuck, never a long download that keeps going.
-        self.started_s = started_s
-        self.blocked = False
-
-    def acquire(self, wanted: int) -> int:
-        """Block until some bytes may be sent; return how many (<= wanted)."""
-        self.started_s = time.monotonic()  # the app made progress: a piece to send
-        with self.cond:
-            while True:
-                if self.cancelled:
-                    raise Cancelled
-                if self.credits is None:
-                    return min(wanted, MAX_MESSAGE_BYTES)
-                if self.credits > 0 and len(self.outstanding) < MAX_OUTSTANDING_MESSAGES:
-                    n = min(wanted, self.credits, MAX_MESSAGE_BYTES)
-                    self.credits -= n
-                    self.outstanding.append(n)
-                    return n
-                self._wait()
-
-    def _wait(self) -> None:
-        """cond.wait(), with the time blocked left out of the request's age."""
-        blocked_at = time.monotonic()
-        self.blocked = True
-        try:
-            self.cond.wait()
-        finally:
-            self.started_s += time.monotonic() - blocked_at
-            self.blocked = False
-
-    def grant(self, n: int) -> None:
-        with self.cond:
-            if self.credits is not None:
-                self.credits += n
-                while self.outstanding and n >= self.outstanding[0]:
-                    n -= self.outstanding.popleft()
-                if self.outstanding and n:
-                    self.outstanding[0] -= n
-            self.cond.notify_all()
-
-    def cancel(self) -> None:
-        with self.cond:
-            self.cancelled = True
-            self.cond.notify_all()
-
-
-@dataclass(slots=True, eq=False)
-class _BrokerConn:
-    index: int
-    endpoint: str
-    socket: zmq.Socket[bytes] | None = None
-    welcomed: bool = False
-    last_seen: float = 0.0
-    next_heartbeat: float = 0.0
-    retry_at: float = 0.0
-    backoff_s: float = 0.5
-    drain_acked: bool = False
-    index_frame: bytes = field(default=b"")
-
-
 class Worker:
     """Serves `handler` for the brokers in `settings.connect` until stopped."""
+
+    ctx: zmq.Context[zmq.Socket[bytes]]  # made by run(), used by the loops
 
     def __init__(self, handler: Handler, settings: WorkerSettings, *,
                  state: ChildState | None = None) -> None:
         self.handler = handler
         self.settings = settings
         self.state = state  # the arbiter's view of us, under a Pool
-        self.requests_started = 0
-        self._max_requests = 0
-        self._brokers: list[_BrokerConn] = []
         self.label = settings.label or f"{socket.gethostname()}:{os.getpid()}"
-        self._stopping = False
-        self._flows: dict[tuple[int, bytes], _Flow] = {}
-        self._local = threading.local()
-        # Every request thread's PUSH, closed by the loop at exit: a socket
-        # left to the garbage collector may never be closed (its __del__ warns
-        # first, and raises under -W error), and Context.term() then waits
-        # for it forever.
-        self._pushes: list[zmq.Socket[bytes]] = []
-        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
-        self._inproc = f"inproc://scale0-replies-{id(self)}"
+        self.stopping = False
         self.exit_code = 0
+        self._counter = itertools.count(1)  # next() is atomic: loops count without a lock
+        self.requests_started = 0
+        self._max_requests = state.max_requests if state is not None else 0
+        self.loops: list[Loop] = []
+        self._started_s = 0.0
+        self.wake_r = self.wake_w = -1  # a pipe that wakes the loops on stop()
+        self.done_r = self.done_w = -1  # a pipe that wakes us when a loop ends
 
     def stop(self) -> None:
         """Graceful stop: drain, finish in-flight requests, say BYE. Signal-safe."""
-        self._stopping = True
+        self.stopping = True
+        if self.wake_w >= 0:
+            try:
+                os.write(self.wake_w, b"s")  # every loop polls wake_r until it drains
+            except OSError:  # full: the loops are woken already
+                pass
+
+    def fail(self, code: int) -> None:
+        """Stop at once with exit status `code` (every loop leaves at its next timer)."""
+        if not self.exit_code:
+            self.exit_code = code
+        self.stop()
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stop())
 
-    # ---- the loop ------------------------------------------------------
+    # ---- called by the loops -------------------------------------------
+
+    def count_request(self) -> None:
+        n = self.requests_started = next(self._counter)
+        if self._max_requests and n >= self._max_requests and self.state is not None:
+            self.state.ask_retire()  # idempotent; the arbiter replaces us
+
+    def on_welcome(self) -> None:
+        if self.state is not None and not self.state.ready:
+            self._check_ready(time.monotonic())
+
+    def on_drain(self, loop: Loop, conn: BrokerConn) -> None:
+        if self.stopping:
+            conn.drain_acked = True  # our DRAIN's answer: no REQUEST is on its way
+        elif self.state is not None:
+            # Under a pool: be replaced, not just gone. The arbiter starts a
+            # new process, then stops this one (every loop) once it is ready.
+            if not self.state.retire:
+                log.info("broker %s asks loop %d to leave: retiring", conn.endpoint,
+                         loop.index)
+            self.state.ask_retire()
+        else:
+            self.stop()  # the broker asks us to leave
+
+    # ---- the heartbeat thread (the main thread) ------------------------
 
     def run(self) -> int:
         s = self.settings
-        self._ctx = ctx = zmq.Context()
-        replies = ctx.socket(zmq.PULL)
-        replies.bind(self._inproc)
-        self._brokers = brokers = [_BrokerConn(i, ep, index_frame=b"%d" % i)
-                                   for i, ep in enumerate(s.connect)]
-        pool = ThreadPoolExecutor(s.capacity, thread_name_prefix="scale0-req")
-        hello = p.Hello(s.services, s.capacity, self.label, int(s.heartbeat_s * 1000),
-                        {"pid": str(os.getpid()), **dict(s.meta)}).encode()
-        drain_started = 0.0
-        polled: tuple[zmq.Socket[bytes] | None, ...] = ()
-        poller = zmq.Poller()
-        started = next_report = time.monotonic()
-        self._max_requests = self.state.max_requests if self.state is not None else 0
+        pid = str(os.getpid())
+        self.ctx = zmq.Context()
+        self.wake_r, self.wake_w = os.pipe()
+        self.done_r, self.done_w = os.pipe()
+        for fd in (self.wake_w, self.done_r, self.done_w):
+            os.set_blocking(fd, False)
+        self.loops = [
+            Loop(self, k, p.Hello(s.services, 1, f"{self.label}/{k}", int(s.heartbeat_s * 1000),
+                                  {"pid": pid, "thread": str(k), **dict(s.meta)}).encode())
+            for k in range(max(1, s.capacity))]
+        self._started_s = time.monotonic()
+        stop_at = 0.0
         try:
-            while True:
+            for loop in self.loops:
+                loop.thread.start()
+            while any(loop.thread.is_alive() for loop in self.loops):
                 now = time.monotonic()
-                if self.state is not None and now >= next_report:
-                    next_report = now + REPORT_EVERY_S
-                    self._report(self.state, brokers, now, now - started >= READY_WAIT_S)
-                if self._stopping and not drain_started:
-                    drain_started = now
-                    log.info("draining: %d requests in flight", len(self._flows))
-                    for b in brokers:
-                        self._send(b, [p.CMD[p.Command.DRAIN]])
-                if drain_started and (
-                    (not self._flows and all(b.drain_acked or not b.welcomed for b in brokers))
-                    or now - drain_started > s.graceful_timeout_s
-                ):
+                for loop in self.loops:
+                    self._heartbeat(loop, now)
+                if self.state is not None:
+                    self._report(self.state, now)
+                if self.stopping and not stop_at:
+                    stop_at = now
+                    log.info("draining: %d requests in flight",
+                             sum(loop.current is not None for loop in self.loops))
+                if stop_at and now - stop_at > s.graceful_timeout_s + 2 * REPORT_EVERY_S:
+                    self._close_stuck_loops()
                     break
-                for b in brokers:
-                    self._keep_alive(b, hello, now)
-                sockets = tuple(b.socket for b in brokers)
-                if sockets != polled:  # rebuilt only when a broker (re)connects
-                    polled = sockets
-                    poller = zmq.Poller()
-                    poller.register(replies, zmq.POLLIN)
-                    for sock in sockets:
-                        if sock is not None:
-                            poller.register(sock, zmq.POLLIN)
-                timeout_ms = max(1, int(min(s.heartbeat_s, 0.25) * 1000))
-                for sock, _ in poller.poll(timeout_ms):
-                    if sock is replies:
-                        self._forward_replies(replies, brokers)
-                    else:
-                        b = next(b for b in brokers if b.socket is sock)
-                        self._read_broker(b, pool)
-                if self.exit_code:
-                    break
+                # Twice per heartbeat interval, the brokers' (WELCOME) included.
+                heartbeat_s = min(c.heartbeat_s for loop in self.loops for c in loop.conns)
+                # A loop that ends wakes us (done_w): the process leaves as
+                # soon as its last loop has said BYE.
+                if select.select([self.done_r], [], [],
+                                 max(0.005, min(REPORT_EVERY_S, heartbeat_s / 2)))[0]:
+                    os.read(self.done_r, 64)
+                    for loop in self.loops:
+                        if loop.closed:
+                            loop.thread.join(JOIN_TIMEOUT_S)
         finally:
-            for b in brokers:
-                if b.socket is not None and b.welcomed:
-                    self._send(b, [p.CMD[p.Command.BYE]])
-            for flow in self._flows.values():
-                flow.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
-            self._forward_replies(replies, brokers)
-            for push in self._pushes:  # the request threads are done with them
-                push.close()
-            ctx.destroy(linger=500)
+            for loop in self.loops:
+                loop.thread.join(JOIN_TIMEOUT_S if loop.thread.is_alive() else None)
+            if all(loop.closed for loop in self.loops):
+                self.ctx.term()  # every socket is closed: this cannot hang
+            else:  # a loop never started or is stuck: leave its sockets to exit
+                log.error("worker loops did not stop; not terminating the ZeroMQ context")
+            fds = (self.wake_r, self.wake_w, self.done_r, self.done_w)
+            self.wake_r = self.wake_w = self.done_r = self.done_w = -1
+            for fd in fds:
+                os.close(fd)
         return self.exit_code
 
-    def _report(self, state: ChildState, brokers: list[_BrokerConn], now: float,
-                waited: bool) -> None:
+    def _heartbeat(self, loop: Loop, now: float) -> None:
+        """HEARTBEAT for `loop` if its app runs: the loop then holds no lock."""
+        if loop.current is not None and loop.lock.acquire(blocking=False):
+            try:
+                if loop.current is not None and not loop.closed:
+                    loop.heartbeat_locked(now)
+            finally:
+                loop.lock.release()
+
+    def _close_stuck_loops(self) -> None:
+        """Past the graceful timeout: BYE and close the sockets of loops still
+        in the app, so the process can leave (their app's next send raises)."""
+        for loop in self.loops:
+            if loop.thread.is_alive() and loop.lock.acquire(timeout=JOIN_TIMEOUT_S):
+                try:
+                    log.warning("loop %d still busy after the graceful timeout: closing it",
+                                loop.index)
+                    loop.close_locked()
+                finally:
+                    loop.lock.release()
+
+    def _report(self, state: ChildState, now: float) -> None:
         """Tell the arbiter we are alive, our oldest request's start, and
         whether we are ready (see the module docstring)."""
         oldest = 0.0
-        for flow in list(self._flows.values()):
-            if not flow.blocked and (not oldest or flow.started_s < oldest):
-                oldest = flow.started_s
-        state.beat(now, oldest)
-        if not state.ready and not self._stopping and (
-                all(b.welcomed for b in brokers)
-                or (waited and any(b.welcomed for b in brokers))):
+        alive = now
+        for loop in self.loops:
+            stream = loop.current
+            if stream is not None:
+                if not stream.blocked and (not oldest or stream.started_s < oldest):
+                    oldest = stream.started_s
+            elif loop.alive_s and loop.thread.is_alive():
+                alive = min(alive, loop.alive_s)  # its timers run at least every 0.25 s
+        state.beat(alive, oldest)
+        self._check_ready(now)
+
+    def _check_ready(self, now: float) -> None:
+        state = self.state
+        if state is None or state.ready or self.stopping or not self.loops:
+            return
+        waited = now - self._started_s >= READY_WAIT_S
+        conns = [loop.conns for loop in self.loops]
+        if all(all(c.welcomed for c in cs) for cs in conns) or (
+                waited and all(any(c.welcomed for c in cs) for cs in conns)):
             state.set_ready()
-
-    def _keep_alive(self, b: _BrokerConn, hello: bytes, now: float) -> None:
-        s = self.settings
-        if b.socket is None:
-            if now < b.retry_at:
-                return
-            assert self._ctx is not None
-            b.socket = self._ctx.socket(zmq.DEALER)
-            b.socket.setsockopt(zmq.LINGER, 500)
-            # No high-water mark: a reply (a LAST above all) is never dropped
-            # while the broker is connected. Memory stays bounded by the flow
-            # window (at most 8 messages per request) and the capacity.
-            b.socket.setsockopt(zmq.SNDHWM, 0)
-            b.socket.connect(b.endpoint)
-            b.welcomed = False
-            b.last_seen = now
-            self._send(b, [p.CMD[p.Command.HELLO], hello])
-            b.next_heartbeat = now + s.heartbeat_s
-            return
-        if now - b.last_seen > s.heartbeat_s * s.liveness:
-            log.warning("broker %s silent for %.1fs: reconnecting", b.endpoint, now - b.last_seen)
-            self._disconnect(b, retry_at=now + b.backoff_s)
-            b.backoff_s = min(b.backoff_s * 2, s.reconnect_max_s)
-            return
-        if now >= b.next_heartbeat:
-            b.next_heartbeat = now + s.heartbeat_s
-            self._send(b, [p.CMD[p.Command.HEARTBEAT]])
-
-    def _disconnect(self, b: _BrokerConn, *, retry_at: float) -> None:
-        """Drop the link to `b`. Its requests are cancelled: the broker that
-        sent them has given them up (or is gone), and threads waiting for its
-        credits must not wait forever."""
-        if b.socket is not None:
-            b.socket.close(0)
-        b.socket = None
-        b.welcomed = b.drain_acked = False
-        b.retry_at = retry_at
-        for (index, _), flow in self._flows.items():
-            if index == b.index:
-                flow.cancel()
-
-    def _send(self, b: _BrokerConn, frames: list[bytes]) -> None:
-        if b.socket is not None:
-            try:
-                send_frames(b.socket, [p.VERSION, *frames])
-            except zmq.Again:
-                log.warning("broker %s not accepting messages", b.endpoint)
-
-    def _read_broker(self, b: _BrokerConn, pool: ThreadPoolExecutor) -> None:
-        assert b.socket is not None
-        while True:
-            try:
-                frames = recv_frames(b.socket)
-            except zmq.Again:
-                return
-            b.last_seen = now = time.monotonic()
-            if len(frames) < 2 or frames[0] != p.VERSION or len(frames[1]) != 1:
-                log.warning("malformed message from broker %s", b.endpoint)
-                continue
-            command = frames[1][0]
-            if command == p.Command.REQUEST and len(frames) in (6, 7):
-                window = frames[6] if len(frames) == 7 else None
-                self._start_request(b, frames[2], frames[4], frames[5], window, pool, now)
-            elif command == p.Command.CREDIT and len(frames) == 4:
-                flow = self._flows.get((b.index, frames[2]))
-                if flow is not None and frames[3].isdigit():
-                    flow.grant(int(frames[3]))
-            elif command == p.Command.CANCEL and len(frames) == 3:
-                flow = self._flows.get((b.index, frames[2]))
-                if flow is not None:
-                    flow.cancel()
-            elif command == p.Command.HEARTBEAT:
-                pass
-            elif command == p.Command.WELCOME:
-                b.welcomed = True
-                b.backoff_s = 0.5
-                log.info("connected to broker %s", b.endpoint)
-                if self.state is not None and not self.state.ready:
-                    self._report(self.state, self._brokers, now, waited=False)
-                if self._stopping:  # reconnected while draining: say so again
-                    self._send(b, [p.CMD[p.Command.DRAIN]])
-            elif command == p.Command.BYE:  # the broker does not know us: announce again
-                self._disconnect(b, retry_at=0.0)
-                return
-            elif command == p.Command.DRAIN:
-                if self._stopping:
-                    b.drain_acked = True  # our DRAIN's answer: no REQUEST is on its way
-                elif self.state is not None:
-                    # Under a pool: be replaced, not just gone. The arbiter
-                    # starts a new process, then stops this one once it is ready.
-                    log.info("broker %s asks us to leave: retiring", b.endpoint)
-                    self.state.ask_retire()
-                else:
-                    self.stop()  # the broker asks us to leave
-            elif command == p.Command.ERROR:
-                text = frames[3].decode("utf-8", "replace") if len(frames) > 3 else ""
-                log.error("broker %s refused us: %s", b.endpoint, text)
-                if not b.welcomed:
-                    self.exit_code = 3  # a HELLO that is refused will be refused again
-            else:
-                log.warning("unexpected command %#x from broker %s", command, b.endpoint)
-
-    def _start_request(self, b: _BrokerConn, rid: bytes, script_name: bytes, raw: bytes,
-                       window: bytes | None, pool: ThreadPoolExecutor, now: float) -> None:
-        self.requests_started += 1
-        if self._max_requests and self.requests_started >= self._max_requests:
-            assert self.state is not None
-            self.state.ask_retire()  # idempotent; the arbiter replaces us
-        try:
-            event = m2.parse_message(raw)
-        except m2.Mongrel2ProtocolError as exc:
-            log.warning("unparseable request from broker: %s", exc)
-            event = None
-        if not isinstance(event, (m2.HttpRequest, m2.UploadDone)):
-            self._send(b, [p.CMD[p.Command.REPLY], rid, p.FLAG_LAST])
-            return
-        # The broker's window frame wins: Mongrel2 puts DOWNLOAD_CREDITS only on
-        # a connection's first request, and its window is the connection's.
-        credits = window if window is not None else event.header(b"DOWNLOAD_CREDITS")
-        flow = _Flow(int(credits) if credits is not None and credits.isdigit() else None, now)
-        self._flows[(b.index, rid)] = flow
-        pool.submit(self._run_request, b.index_frame, rid, event,
-                    script_name.decode("latin-1"), flow)
-
-    def _forward_replies(self, replies: zmq.Socket[bytes], brokers: list[_BrokerConn]) -> None:
-        while True:
-            try:
-                frames = recv_frames(replies)
-            except zmq.Again:
-                return
-            b = brokers[int(frames[0])]
-            if frames[2] == p.FLAG_LAST:
-                self._flows.pop((b.index, frames[1]), None)
-            self._send(b, [p.CMD[p.Command.REPLY], *frames[1:]])
-
-    # ---- request threads -----------------------------------------------
-
-    def _push(self) -> zmq.Socket[bytes]:
-        sock: zmq.Socket[bytes] | None = getattr(self._local, "push", None)
-        if sock is None:
-            assert self._ctx is not None
-            sock = self._local.push = self._ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 500)
-            sock.connect(self._inproc)
-            self._pushes.append(sock)  # list.append is atomic
-        return sock
-
-    def _run_request(self, broker: bytes, rid: bytes, event: m2.HttpRequest | m2.UploadDone,
-                     script_name: str, flow: _Flow) -> None:
-        stream = ReplyStream(self._push(), broker, rid, event, flow)
-        close = True
-        try:
-            path = normalize_path(event.path)
-            try:
-                script, path_info = split_script_name(path, script_name)
-            except ValueError:
-                script, path_info = split_script_name(path, "")
-            close = self.handler(event, script, path_info, stream)
-        except Cancelled:
-            close = False
-        except Exception:
-            log.exception("request handler failed")
-        finally:
-            stream.end(close)

@@ -46,6 +46,8 @@ _STATUS_RE = re.compile(r"([1-5][0-9]{2}) [\t\x20-\x7e\x80-\xff]*")
 _HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "te", "trailer",
                          "upgrade", "proxy-authenticate", "proxy-authorization"))
 _warned_hop_by_hop: set[str] = set()
+_STATUS_CODES: dict[str, int] = {}  # valid status lines seen -> their code (bounded)
+_HEADER_NAMES: dict[str, str] = {}  # valid response header names seen -> lowercased
 # Mongrel2's own upload headers; a client can forge them (MONGREL2.md, "Uploads").
 _UPLOAD_HEADERS = frozenset((b"x-mongrel2-upload-start", b"x-mongrel2-upload-done"))
 
@@ -156,52 +158,97 @@ def _open_upload(upload_path: bytes, upload_dir: str | None) -> BinaryIO:
     return file
 
 
+# Caches of pure functions of client- or app-chosen strings, bounded so that a
+# client sending ever new header names cannot grow them: once full, the value
+# is computed each time (same result, only slower).
+_CACHE_MAX = 1024
+_SKIP = ""  # _ENVIRON_KEYS value of a request header the environ does not carry
+_ENVIRON_KEYS: dict[bytes, str] = {}  # client header name -> environ key, or _SKIP
+_SERVER_ADDRESSES: dict[tuple[bytes, str], tuple[str, str]] = {}
+# The last (settings, errors) and their constant environ: a process has one of each.
+_constant: tuple[WsgiSettings | None, TextIO | None, dict[str, Any]] = (None, None, {})
+
+
+def _environ_key(key: bytes) -> str:
+    """The environ key of client header `key` (PEP 3333 "environ Variables"), or _SKIP."""
+    # Mongrel2 lowercases client names, so any uppercase key is its own (MONGREL2.md);
+    # '_' names are dropped as werkzeug does: they would collide with '-' ones.
+    if key in _UPLOAD_HEADERS or b"_" in key or key.lower() != key:
+        return _SKIP
+    name = key.decode("latin-1")
+    if not _TOKEN_RE.fullmatch(name) or name == "content-length":  # length: from the body
+        return _SKIP
+    if name == "content-type":  # PEP 3333: no HTTP_ prefix
+        return "CONTENT_TYPE"
+    return "HTTP_" + name.upper().replace("-", "_")
+
+
+def _constant_environ(settings: WsgiSettings, errors: TextIO) -> dict[str, Any]:
+    """The environ entries that are the same for every request of this process."""
+    global _constant
+    last_settings, last_errors, environ = _constant
+    if last_settings is not settings or last_errors is not errors:
+        environ = {
+            "wsgi.version": (1, 0),
+            "wsgi.errors": errors,
+            "wsgi.multithread": settings.multithread,
+            "wsgi.multiprocess": settings.multiprocess,
+            "wsgi.run_once": False,
+            "wsgi.file_wrapper": FileWrapper,
+            "wsgi.input_terminated": True,  # the whole body is here: reading to EOF is safe
+        }
+        _constant = (settings, errors, environ)  # one assignment: atomic for other threads
+    return environ
+
+
 def build_environ(request: HttpRequest | UploadDone, *, script_name: str, path_info: str,
                   settings: WsgiSettings, errors: TextIO) -> dict[str, Any]:
     """The PEP 3333 environ ("environ Variables"); opens the upload for UploadDone."""
     headers = request.headers
-    scheme = (_header(headers, b"URL_SCHEME") or "http").lower()
-    scheme = scheme if scheme in ("http", "https") else "http"
+    raw_scheme = headers.get(b"URL_SCHEME")
+    if raw_scheme == b"http" or raw_scheme is None:
+        scheme = "http"
+    else:
+        scheme = (_header(headers, b"URL_SCHEME") or "http").lower()
+        scheme = scheme if scheme in ("http", "https") else "http"
     query = _header(headers, b"QUERY") or ""
     uri = _header(headers, b"URI")
     if uri is None:
         uri = request.path.decode("latin-1") + ("?" + query if query else "")
-    server_name, server_port = _server_address(_header(headers, b"host"), scheme, settings)
-    environ: dict[str, Any] = {
-        "REQUEST_METHOD": _header(headers, b"METHOD") or "GET",
-        "SCRIPT_NAME": script_name,
-        "PATH_INFO": path_info,
-        "QUERY_STRING": query,
-        "SERVER_NAME": server_name,
-        "SERVER_PORT": server_port,
-        "SERVER_PROTOCOL": _header(headers, b"VERSION") or "HTTP/1.0",
-        "REQUEST_URI": uri, "RAW_URI": uri,
-        "wsgi.version": (1, 0),
-        "wsgi.url_scheme": scheme,
-        "wsgi.errors": errors,
-        "wsgi.multithread": settings.multithread, "wsgi.multiprocess": settings.multiprocess,
-        "wsgi.run_once": False,
-        "wsgi.file_wrapper": FileWrapper,
-        "wsgi.input_terminated": True,  # the whole body is here: reading to EOF is safe
-        "scale0.conn_id": request.conn_id,
-    }
+    raw_host = headers.get(b"host")
+    if type(raw_host) is bytes and raw_host:
+        address = _SERVER_ADDRESSES.get((raw_host, scheme))
+        if address is None:
+            address = _server_address(raw_host.decode("latin-1"), scheme, settings)
+            if len(_SERVER_ADDRESSES) < _CACHE_MAX:
+                _SERVER_ADDRESSES[raw_host, scheme] = address
+    else:
+        address = _server_address(_header(headers, b"host"), scheme, settings)
+    environ = _constant_environ(settings, errors).copy()
+    environ["REQUEST_METHOD"] = _header(headers, b"METHOD") or "GET"
+    environ["SCRIPT_NAME"] = script_name
+    environ["PATH_INFO"] = path_info
+    environ["QUERY_STRING"] = query
+    environ["SERVER_NAME"], environ["SERVER_PORT"] = address
+    environ["SERVER_PROTOCOL"] = _header(headers, b"VERSION") or "HTTP/1.0"
+    environ["REQUEST_URI"] = environ["RAW_URI"] = uri
+    environ["wsgi.url_scheme"] = scheme
+    environ["scale0.conn_id"] = request.conn_id
     remote_addr = _header(headers, b"REMOTE_ADDR")
     if remote_addr is not None:
         environ["REMOTE_ADDR"] = remote_addr
-    for key in headers:
-        # Mongrel2 lowercases client names, so any uppercase key is its own (MONGREL2.md);
-        # '_' names are dropped as werkzeug does: they would collide with '-' ones.
-        if key in _UPLOAD_HEADERS or b"_" in key or key.lower() != key:
-            continue
-        name = key.decode("latin-1")
-        if not _TOKEN_RE.fullmatch(name):
-            continue
-        value = _header(headers, key) or ""
-        if name in ("content-type", "content-length"):  # PEP 3333: no HTTP_ prefix
-            if name == "content-type":
-                environ["CONTENT_TYPE"] = value
-            continue
-        environ["HTTP_" + name.upper().replace("-", "_")] = value
+    keys = _ENVIRON_KEYS
+    for key, value in headers.items():
+        environ_key = keys.get(key)
+        if environ_key is None:
+            environ_key = _environ_key(key)
+            if len(keys) < _CACHE_MAX:
+                keys[key] = environ_key
+        if environ_key:
+            if type(value) is bytes:
+                environ[environ_key] = value.decode("latin-1")
+            else:
+                environ[environ_key] = _header(headers, key) or ""
     apply_forwarded(environ, headers, settings.forwarded)  # forwarded.py
     if isinstance(request, UploadDone):
         file = _open_upload(request.upload_path, settings.upload_dir)
@@ -224,9 +271,12 @@ class _Response:
         self.ended = False  # the final bytes went to `last`
         self.head_only = request.method == b"HEAD"
         self.http11 = request.header(b"VERSION") == b"HTTP/1.1"
-        connection = _tokens(_header(request.headers, b"connection"))
-        self.request_close = "close" in connection
-        self.request_keep_alive = "keep-alive" in connection
+        if b"connection" in request.headers:
+            connection = _tokens(_header(request.headers, b"connection"))
+            self.request_close = "close" in connection
+            self.request_keep_alive = "keep-alive" in connection
+        else:
+            self.request_close = self.request_keep_alive = False
         self.status_line: str | None = None  # set by start_response, not yet sent
         self.status = 0
         self.headers: list[tuple[str, str]] = []
@@ -255,19 +305,34 @@ class _Response:
         return self.write
 
     def _set_status(self, status: str, headers: list[tuple[str, str]]) -> None:
-        if not isinstance(status, str) or not _STATUS_RE.fullmatch(status):
+        if not isinstance(status, str):
             raise ApplicationError(f"invalid status {status!r}")
+        code = _STATUS_CODES.get(status)
+        if code is None:
+            if not _STATUS_RE.fullmatch(status):
+                raise ApplicationError(f"invalid status {status!r}")
+            code = int(status[:3])
+            if len(_STATUS_CODES) < _CACHE_MAX:
+                _STATUS_CODES[status] = code
         kept: list[tuple[str, str]] = []
         app_length: int | None = None
         app_close = False
+        names = _HEADER_NAMES
         for item in headers:
             if not (isinstance(item, tuple) and len(item) == 2
-                    and all(isinstance(part, str) for part in item)):
+                    and isinstance(item[0], str) and isinstance(item[1], str)):
                 raise ApplicationError(f"header {item!r} is not a (str, str) tuple")
             name, value = item
-            if not _TOKEN_RE.fullmatch(name) or not _VALUE_RE.fullmatch(value):
+            lname = names.get(name)
+            if lname is None:
+                if not _TOKEN_RE.fullmatch(name):
+                    raise ApplicationError(f"invalid header {name!r}: {value!r}")
+                lname = name.lower()
+                if len(names) < _CACHE_MAX:
+                    names[name] = lname
+            # Printable ASCII (0x20-0x7e) is what _VALUE_RE accepts outside HTAB and 0x80-0xff.
+            if not (value.isascii() and value.isprintable()) and not _VALUE_RE.fullmatch(value):
                 raise ApplicationError(f"invalid header {name!r}: {value!r}")
-            lname = name.lower()
             if lname == "content-length":
                 value = value.strip(" \t")
                 if not (value.isascii() and value.isdigit()):
@@ -286,7 +351,7 @@ class _Response:
             else:
                 kept.append((name, value))
         self.status_line = status
-        self.status = int(status[:3])
+        self.status = code
         self.headers = kept
         self.app_length = app_length
         self.app_close = app_close
@@ -394,9 +459,11 @@ def _drive(app: WSGIApplication, environ: dict[str, Any], response: _Response) -
     try:
         # Every block is already here: send a Content-Length, not chunks (wsgiref does
         # it for one block). Not once write() has sent the headers.
-        if (isinstance(result, list | tuple) and not response.headers_sent
-                and all(isinstance(block, bytes) for block in result)):
-            response.computed_length = sum(len(block) for block in result)
+        if isinstance(result, (list, tuple)) and not response.headers_sent:
+            if len(result) == 1 and type(result[0]) is bytes:
+                response.computed_length = len(result[0])
+            elif all(isinstance(block, bytes) for block in result):
+                response.computed_length = sum(len(block) for block in result)
         for block in result:
             response.write(block)
             if response.truncated:

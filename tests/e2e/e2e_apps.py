@@ -12,6 +12,7 @@ from wsgiref.types import StartResponse, WSGIEnvironment
 from wsgiref.validate import validator
 
 BIG = 10 * 1024 * 1024
+HUGE = 256 * 1024 * 1024
 ENVIRON_KEYS = (
     "REQUEST_METHOD", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "CONTENT_TYPE",
     "CONTENT_LENGTH", "SERVER_NAME", "SERVER_PORT", "SERVER_PROTOCOL", "REMOTE_ADDR",
@@ -44,6 +45,10 @@ def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[byt
         start_response("200 OK", [("Content-Type", "application/octet-stream"),
                                   ("Content-Length", str(BIG))])
         return (block for _ in range(BIG // len(block)))
+    if path.endswith("/huge"):  # far more than socket buffers and credits hold
+        start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                                  ("Content-Length", str(HUGE))])
+        return _huge(os.environ.get("E2E_MARK_DIR"))
     if path.endswith("/blob"):  # one block bigger than Mongrel2's credit window
         size = int(environ.get("QUERY_STRING") or 1)
         start_response("200 OK", [("Content-Type", "application/octet-stream"),
@@ -68,6 +73,20 @@ def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[byt
     body = b"e2e hello\n"
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
+
+
+def _huge(marks: str | None) -> Iterator[bytes]:
+    """HUGE bytes in 64 KiB blocks; with E2E_MARK_DIR, marks how many went out
+    once the server closes the iterable (early, when the client left)."""
+    block = b"h" * 65536
+    sent = 0
+    try:
+        while sent < HUGE:
+            yield block
+            sent += len(block)
+    finally:
+        if marks:
+            Path(marks, f"huge-{os.getpid()}-{sent}").touch()
 
 
 def _stream(n: int) -> Iterator[bytes]:

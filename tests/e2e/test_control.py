@@ -72,14 +72,17 @@ def app_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack,
         s.stop()
 
 
-def test_status_shows_service_route_and_worker_with_growing_served_count(
+def test_status_shows_service_route_and_workers_with_growing_served_count(
         app_stack: tuple[Stack, str]) -> None:
     stack, control = app_stack
     st = status(control)
     (service,) = [s for s in st["services"] if s["name"] == "app"]
-    assert service["routes"] == ["/app"] and service["workers"] == 1
-    (worker,) = st["workers"]
-    assert worker["services"] == ["app"] and worker["capacity"] == 2
+    # --threads 2: two loops, each a worker of capacity 1 labelled host:pid/k.
+    assert service["routes"] == ["/app"] and service["workers"] == 2
+    workers = st["workers"]
+    assert [(w["services"], w["capacity"]) for w in workers] == [(["app"], 1)] * 2
+    assert sorted(w["label"].rpartition("/")[2] for w in workers) == ["0", "1"]
+    assert len({w["label"].rpartition("/")[0] for w in workers}) == 1  # one process
     assert st["broker"]["workers_endpoint"] == stack.broker_endpoints[0]
     assert st["links"][0]["subscribed"] is True
     before = served(control)
@@ -91,8 +94,10 @@ def test_status_shows_service_route_and_worker_with_growing_served_count(
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert any(line.split()[:2] == ["app", "/app"] for line in lines)
-    (row,) = [line.split() for line in lines if line.startswith(worker["label"])]
-    assert row[2:5] == ["app", "0/2", "ready"] and int(row[-1]) == before + 5
+    rows = [line.split() for line in lines
+            if line.startswith(tuple(w["label"] for w in workers))]
+    assert [row[2:5] for row in rows] == [["app", "0/1", "ready"]] * 2
+    assert sum(int(row[-1]) for row in rows) == before + 5
 
 
 def test_routes_add_and_remove_at_run_time(app_stack: tuple[Stack, str]) -> None:
@@ -132,10 +137,11 @@ def test_tap_shows_requests_with_statuses_and_takes_none_from_workers(
         lines = [line.split() for line in tap.popen.stdout.read().decode().splitlines()]
     finally:
         tap.stop()
-    worker = status(control)["workers"][0]["label"]
-    assert [(ln[1], ln[2], ln[4], ln[5]) for ln in lines] == [
-        ("200", "GET", worker, "/app/x?one"), ("500", "GET", worker, "/app/fail"),
-        ("200", "GET", worker, "/app/echo?three")]
+    workers = {w["label"] for w in status(control)["workers"]}
+    assert [(ln[1], ln[2], ln[5]) for ln in lines] == [
+        ("200", "GET", "/app/x?one"), ("500", "GET", "/app/fail"),
+        ("200", "GET", "/app/echo?three")]
+    assert {ln[4] for ln in lines} <= workers  # each line names the loop that served it
 
 
 def test_control_and_tap_sockets_are_private(app_stack: tuple[Stack, str]) -> None:
@@ -197,7 +203,8 @@ def _two_pools(stack: Stack, short_dir: Path, *broker_args: str) -> str:
     stack.start_mongrel2()
     stack.start_broker("--control", control, *broker_args)
     for _ in range(2):
-        stack.start_pool("e2e_apps:app", service="app", routes=("/app",), threads=2)
+        # One thread each: each pool is one worker (a thread is a worker, host:pid/k).
+        stack.start_pool("e2e_apps:app", service="app", routes=("/app",), threads=1)
     wait_for(lambda: len(status(control)["workers"]) == 2, what="two workers")
     stack.wait_ok("/app/pid")
     return control
@@ -248,7 +255,7 @@ def test_recycle_worker_is_replaced_by_its_pool_with_no_failed_request(
     control = _two_pools(fresh_stack, short_dir)
     before = {w["label"] for w in status(control)["workers"]}
     recycled = sorted(before)[0]
-    recycled_pid = int(recycled.rpartition(":")[2])
+    recycled_pid = int(recycled.rpartition(":")[2].partition("/")[0])  # host:pid/k
     with Load(lambda n: fresh_stack.url(f"/app/pid?{n}"), clients=4) as load:
         load.wait_more(40)
         done = ctl(control, "recycle", recycled)

@@ -66,7 +66,7 @@ def web(stack: Stack) -> Iterator[tuple[Stack, Proc]]:
     broker = stack.start_broker("--metrics", "127.0.0.1:0", "--route", "/nobody=nobody")
     # Two single-slot workers: one can be busy while the other is ready.
     stack.start_pool("e2e_apps:app", service="app", routes=("/app",), processes=2, threads=1)
-    stack.start_pool("e2e_apps:app", service="other", routes=("/other",))
+    stack.start_pool("e2e_apps:app", service="other", routes=("/other",))  # 2 loops: 2 workers
     stack.wait_ok("/app/")
     stack.wait_ok("/other/")
     yield stack, broker
@@ -122,7 +122,7 @@ def test_requests_latency_bytes_and_errors_after_real_traffic(
     assert grown["in"] > len(body)  # the POST body, plus every request's headers
     assert grown["out"] > 6 * len("HTTP/1.1 200 OK\r\n")
     assert value(after, "scale0_requests_received_total") >= 12
-    assert value(after, "scale0_workers_connected") == 3
+    assert value(after, "scale0_workers_connected") == 4
     assert value(after, "scale0_worker_slots", service="app") == 2
     assert ("process_resident_memory_bytes", ()) in after
 
@@ -175,7 +175,8 @@ def test_status_json_and_page(web: tuple[Stack, Proc]) -> None:
     base = metrics_url(broker).removesuffix("/metrics")
     doc = requests.get(base + "/status.json", timeout=5).json()
     assert {sv["name"] for sv in doc["services"]} >= {"app", "other", "nobody"}
-    assert sorted(w["services"] for w in doc["workers"]) == [["app"], ["app"], ["other"]]
+    assert sorted(w["services"] for w in doc["workers"]) == [["app"], ["app"], ["other"],
+                                                             ["other"]]
     assert doc["traffic"]["app"]["statuses"]["200"] >= 1
     assert doc["broker"]["endpoint"] == web[0].broker_endpoints[0]
     page = requests.get(base + "/", timeout=5)

@@ -285,7 +285,7 @@ def test_a_heartbeat_mismatch_works_both_ways(fresh_stack: Stack, broker_args: t
     s.wait_ok("/", timeout_s=40)  # a 5 s broker heartbeat: 15 s startup grace
     workers = status(broker)["workers"]
     first = {w["id"] for w in workers}
-    assert len(first) == 2
+    assert len(first) == 4  # 2 processes x 2 threads, each thread a worker
     start_age = min(w["age_s"] for w in workers)
     statuses: list[int] = []
 
@@ -321,7 +321,8 @@ def test_a_killed_broker_behind_a_relay_does_not_leave_its_clients_hanging(
                  threads=4)
     s.wait_ok("/")
     for broker in brokers:
-        wait_for(lambda b=broker: len(status(b)["workers"]) == 1, what="both brokers serve")
+        # --threads 4: four workers (one per thread) at each broker.
+        wait_for(lambda b=broker: len(status(b)["workers"]) == 4, what="both brokers serve")
     result: dict[str, Any] = {}
 
     def slow_request() -> None:

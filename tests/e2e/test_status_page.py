@@ -77,14 +77,15 @@ def test_page_shows_a_new_worker_and_drops_it_when_it_stops(
     stack = fresh_stack
     stack.start_mongrel2()
     broker = stack.start_broker("--metrics", "127.0.0.1:0")
-    stack.start_pool("e2e_apps:app", service="app", routes=("/app",), processes=2)
+    # Two processes of one loop each: two workers (each loop is a worker).
+    stack.start_pool("e2e_apps:app", service="app", routes=("/app",), processes=2, threads=1)
     browser.get(page_url(broker))
     assert browser.title == "Scale0 broker status"
     wait_for(lambda: len(worker_rows(browser)) == 2, 15, "the page to list the two workers")
     assert "live" in browser.find_element(By.ID, "live").text
 
     status_json = page_url(broker) + "status.json"
-    late = stack.start_pool("e2e_apps:app", service="late", routes=("/late",))
+    late = stack.start_pool("e2e_apps:app", service="late", routes=("/late",), threads=1)
 
     def late_label() -> str | None:
         workers = requests.get(status_json, timeout=5).json()["workers"]

@@ -1,14 +1,11 @@
-"""ChildState: the shared-memory report a worker process gives its arbiter;
-and the worker's request age leaving out time blocked on flow control."""
+"""ChildState: the shared-memory report a worker process gives its arbiter.
+(The request age leaving out time blocked on credits: tests/unit/test_reply.py.)"""
 
 from __future__ import annotations
 
 import os
-import threading
-import time
 
 from scale0.childstate import ChildState
-from scale0.worker import _Flow
 
 
 def test_writes_in_a_forked_child_are_seen_by_the_parent() -> None:
@@ -66,21 +63,3 @@ def test_stuck_for_counts_boot_silence_and_the_oldest_request() -> None:
         assert state.stuck_for(now=140.0, started_at=100.0) == 28.0  # both; the longer
     finally:
         state.close()
-
-
-def test_time_blocked_on_credits_is_left_out_of_the_request_age() -> None:
-    flow = _Flow(credits=0, started_s=time.monotonic())
-    started = flow.started_s
-    got: list[int] = []
-    thread = threading.Thread(target=lambda: got.append(flow.acquire(10)))
-    thread.start()
-    deadline = time.monotonic() + 5
-    while not flow.blocked and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert flow.blocked  # the loop leaves a blocked request out of `oldest`
-    time.sleep(0.2)  # the time blocked, to be left out
-    flow.grant(10)
-    thread.join(5)
-    assert got == [10]
-    assert not flow.blocked
-    assert flow.started_s - started >= 0.2
