@@ -116,7 +116,8 @@ def cmd_broker(cfg: config.BrokerConfig, _: argparse.Namespace) -> int:
         route_grace_s=cfg.route_grace, max_workers=cfg.max_workers,
         max_services=cfg.max_services, max_routes=cfg.max_routes,
         eject_after=cfg.eject_after, eject_s=cfg.eject_time,
-        max_peer_heartbeat_s=cfg.max_peer_heartbeat)
+        max_peer_heartbeat_s=cfg.max_peer_heartbeat,
+        websocket_idle_timeout_s=cfg.websocket_idle_timeout)
     broker = Broker(links, cfg.bind, settings, graceful_timeout_s=cfg.graceful_timeout,
                     control="" if cfg.control == "off" else cfg.control,
                     metrics=cfg.metrics)

@@ -355,6 +355,9 @@ class BrokerConfig(PeerConfig):
         30.0, "how long an ejection lasts, times the worker's ejections since its last "
         "reply in time (at most 10x)", POSITIVE_FLOAT, metavar="SECONDS")
     max_peer_heartbeat: float = _max_peer_heartbeat()
+    websocket_idle_timeout: float = setting(
+        300.0, "close a WebSocket (1001) with no frame either way for this long; its "
+        "handshake waits as long for the app's accept", POSITIVE_FLOAT, metavar="SECONDS")
 
     def check(self) -> None:
         if not self.mongrel2 and self.mongrel2_db is None:

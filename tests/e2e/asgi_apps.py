@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.routing import Route, WebSocketRoute
 
 Scope = dict[str, Any]
+_gathered: list[int] = []
 
 
 async def raw(scope: Scope, receive: Any, send: Any) -> None:
@@ -81,6 +82,30 @@ async def raw(scope: Scope, receive: Any, send: Any) -> None:
             sent += n
             await send({"type": "http.response.body", "body": block[:n],
                         "more_body": sent < size})
+    elif path.endswith("/gather"):
+        # Answers once `n` requests are in at once (or "alone" after 30 s): proof that
+        # one process serves them concurrently, without timing anything.
+        n = int(scope["query_string"] or b"20")
+        _gathered.append(1)
+        for _ in range(3000):
+            if len(_gathered) >= n:
+                await _reply(send, 200, b"together\n")
+                return
+            await asyncio.sleep(0.01)
+        await _reply(send, 200, b"alone\n")
+    elif path.endswith("/sse-gated"):
+        # Event 1 is sent only once the client has seen event 0 (it creates the gate
+        # file): a buffered response would never let it through.
+        gate = os.environ["E2E_GATE_FILE"]
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": b"data: 0\n\n", "more_body": True})
+        for _ in range(1000):
+            if os.path.exists(gate):
+                break
+            await asyncio.sleep(0.01)
+        last = b"data: 1\n\n" if os.path.exists(gate) else b"data: buffered\n\n"
+        await send({"type": "http.response.body", "body": last})
     elif path.endswith("/fail-before"):
         raise RuntimeError("boom before the response")
     elif path.endswith("/fail-after"):
@@ -132,6 +157,9 @@ async def _ws(scope: Scope, receive: Any, send: Any) -> None:
             code, _, reason = text[6:].partition(" ")
             await send({"type": "websocket.close", "code": int(code), "reason": reason})
             return
+        if text == "pid":
+            await send({"type": "websocket.send", "text": str(os.getpid())})
+            continue
         if text == "scope":
             await send({"type": "websocket.send", "text": json.dumps({
                 "path": scope["path"], "root_path": scope["root_path"],
