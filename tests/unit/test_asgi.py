@@ -4,8 +4,10 @@ Mongrel2 1.12 sends (tnetstring handler protocol)."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import struct
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -354,3 +356,16 @@ def test_http_flow_control_splits_a_body_within_credits() -> None:
                                         "more_body": False}
         assert await http.receive() == {"type": "http.disconnect"}
     asyncio.run(main())
+
+
+def test_real_mongrel2_handshake_and_frame_capture() -> None:
+    """Captured from Mongrel2 1.12.2 with the websockets client (docs/protocol.md 12)."""
+    lines = (Path(__file__).parent.parent / "fixtures" / "mongrel2-captures"
+             / "websocket.txt").read_text().splitlines()
+    shake, text = (m2.parse_message(ast.literal_eval(line[3:])) for line in lines)
+    assert isinstance(shake, m2.WebSocketHandshake) and len(shake.body) == 28
+    assert shake.header(b"DOWNLOAD_CREDITS") == b"102400"
+    scope = asgi.websocket_scope(shake, "")
+    assert (scope["path"], scope["query_string"], scope["subprotocols"]) == (
+        "/ws/x", b"a=1", ["chat", "v2"])
+    assert isinstance(text, m2.WebSocketFrame) and (text.flags, text.body) == (0x81, b"hello")
