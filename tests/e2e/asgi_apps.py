@@ -106,6 +106,10 @@ async def raw(scope: Scope, receive: Any, send: Any) -> None:
             await asyncio.sleep(0.01)
         last = b"data: 1\n\n" if os.path.exists(gate) else b"data: buffered\n\n"
         await send({"type": "http.response.body", "body": last})
+    elif path.endswith("/block"):
+        import time
+        time.sleep(float(scope["query_string"] or b"30"))  # blocks the event loop
+        await _reply(send, 200, b"unblocked\n")
     elif path.endswith("/fail-before"):
         raise RuntimeError("boom before the response")
     elif path.endswith("/fail-after"):

@@ -232,3 +232,48 @@ def test_reload_by_sighup_keeps_serving(fresh_stack: Stack) -> None:
              what="the reloaded process to replace the old one")
     for _ in range(20):
         assert requests.get(s.url("/"), timeout=10).status_code == 200
+
+
+def test_worker_reconnects_to_a_restarted_broker(fresh_stack: Stack) -> None:
+    s = fresh_stack
+    s.start_mongrel2()
+    s.start_broker("--heartbeat", "0.2")
+    port = int(s.broker_endpoints[0].rsplit(":", 1)[1])
+    s.start_asgi("asgi_apps:raw", "--heartbeat", "0.2", service="raw")
+    s.wait_ok("/")
+    broker = next(p for p in s.procs if p.name == "broker0")
+    broker.stop()
+    s.procs.remove(broker)
+    s.start_broker("--heartbeat", "0.2", port=port)
+    assert s.wait_ok("/", timeout_s=30).text == "hello from asgi\n"
+
+
+def test_max_requests_recycles_the_process_without_failures(fresh_stack: Stack) -> None:
+    s = fresh_stack
+    s.start_mongrel2()
+    s.start_broker()
+    s.start_asgi("asgi_apps:raw", "--max-requests", "10", service="raw")
+    s.wait_ok("/")
+    first = _labels(s, "raw")
+    statuses = []
+    for _ in range(15):
+        statuses.append(requests.get(s.url("/"), timeout=10).status_code)
+    wait_for(lambda: (labels := _labels(s, "raw")) and not labels & first,
+             what="a replacement process after 10 requests")
+    assert statuses == [200] * 15
+
+
+def test_timeout_replaces_a_process_whose_loop_is_blocked(fresh_stack: Stack) -> None:
+    s = fresh_stack
+    s.start_mongrel2()
+    s.start_broker()
+    s.start_asgi("asgi_apps:raw", "--timeout", "2", service="raw")
+    s.wait_ok("/")
+    first = _labels(s, "raw")
+    # The app blocks the event loop for 60 s: the arbiter sees no beat and kills it.
+    # Its request fails: 502 if the kill is seen first, 503 if the broker expired
+    # the silent worker first (the GET is retried, and no other worker is left).
+    assert requests.get(s.url("/block?60"), timeout=30).status_code in (502, 503)
+    wait_for(lambda: (labels := _labels(s, "raw")) and not labels & first,
+             what="a replacement process")
+    assert s.wait_ok("/").text == "hello from asgi\n"
