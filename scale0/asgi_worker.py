@@ -325,6 +325,11 @@ class _WebSocket(_Conn):
         self._parts_text = False
         self._close_code = asgi.CLOSE_ABNORMAL
         self.offered: list[str] = []
+        self._writes: list[asyncio.Task[None]] = []  # frames written on the app's behalf
+
+    def _later(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._writes = [t for t in self._writes if not t.done()]
+        self._writes.append(self.worker.spawn(coro))
 
     async def receive(self) -> Message:
         if self.state == "closed" and self.events.empty():
@@ -392,7 +397,7 @@ class _WebSocket(_Conn):
             return
         op, fin, body = event.flags & 0x0F, bool(event.flags & 0x80), event.body
         if op == asgi.OP_PING:
-            self.worker.spawn(self._quiet(self.write(asgi.frame(asgi.OP_PONG, body))))
+            self._later(self._quiet(self.write(asgi.frame(asgi.OP_PONG, body))))
         elif op == asgi.OP_PONG:
             pass
         elif op == asgi.OP_CLOSE:
@@ -401,13 +406,13 @@ class _WebSocket(_Conn):
             echo = code if asgi.valid_close_code(code) else asgi.CLOSE_NORMAL
             if code == asgi.CLOSE_NO_STATUS:
                 echo = asgi.CLOSE_NO_STATUS  # an empty close is answered empty
-            self.worker.spawn(self._quiet(self.write(asgi.close_frame(echo), last=True,
+            self._later(self._quiet(self.write(asgi.close_frame(echo), last=True,
                                                     close=True)))
         elif op in (asgi.OP_TEXT, asgi.OP_BINARY, asgi.OP_CONT):
             if (op == asgi.OP_CONT) != bool(self._parts):
                 # Mongrel2 reassembles fragmented messages itself (seen with 1.12);
                 # a stray continuation or an interleaved start is a protocol error.
-                self.worker.spawn(self._close(asgi.CLOSE_PROTOCOL, "bad fragmentation"))
+                self._later(self._close(asgi.CLOSE_PROTOCOL, "bad fragmentation"))
                 return
             if op != asgi.OP_CONT:
                 self._parts_text = op == asgi.OP_TEXT
@@ -415,7 +420,7 @@ class _WebSocket(_Conn):
             self._parts_size += len(body)
             if self._parts_size > self.worker.settings.websocket_max_size:
                 self._parts.clear()
-                self.worker.spawn(self._close(asgi.CLOSE_TOO_BIG, "message too big"))
+                self._later(self._close(asgi.CLOSE_TOO_BIG, "message too big"))
                 return
             if fin:
                 data = b"".join(self._parts)
@@ -425,13 +430,13 @@ class _WebSocket(_Conn):
                     try:
                         text = data.decode("utf-8")
                     except UnicodeDecodeError:
-                        self.worker.spawn(self._close(asgi.CLOSE_INVALID_DATA, "invalid UTF-8"))
+                        self._later(self._close(asgi.CLOSE_INVALID_DATA, "invalid UTF-8"))
                         return
                     self.events.put_nowait({"type": "websocket.receive", "text": text})
                 else:
                     self.events.put_nowait({"type": "websocket.receive", "bytes": data})
         else:
-            self.worker.spawn(self._close(asgi.CLOSE_PROTOCOL, "unknown opcode"))
+            self._later(self._close(asgi.CLOSE_PROTOCOL, "unknown opcode"))
 
     @staticmethod
     async def _quiet(write: Awaitable[None]) -> None:
@@ -444,7 +449,7 @@ class _WebSocket(_Conn):
 
     def shutdown(self) -> None:
         if self.state == "open":
-            self.worker.spawn(self._close(asgi.CLOSE_GOING_AWAY, "server shutting down"))
+            self._later(self._close(asgi.CLOSE_GOING_AWAY, "server shutting down"))
         else:
             self.cancel()
 
@@ -472,8 +477,9 @@ class _WebSocket(_Conn):
                                          last=True, close=True)
                 elif self.state == "open":
                     await self._close(asgi.CLOSE_NORMAL)
-            async with self._lock:  # a close frame being written goes first
-                self.end(close=True)
+            if self._writes:  # a pong or close echo still being written goes first
+                await asyncio.wait(self._writes)
+            self.end(close=True)
 
 
 class AsgiWorker:
@@ -814,11 +820,12 @@ class AsgiWorker:
 
         self.spawn(run())
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """A task of a request or WebSocket, kept referenced until it is done."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
 
 def event_loop_policy() -> str:

@@ -83,6 +83,7 @@ def test_close_codes_both_ways(ws_stack: Stack) -> None:
     flag.unlink(missing_ok=True)
     with connect(ws_url(ws_stack, "/a/ws"), open_timeout=10) as ws:
         ws.close(4002, "client done")
+    assert ws.close_code == 4002  # the server echoed the close frame (RFC 6455 5.5.1)
     wait_for(lambda: flag.exists() and flag.read_text() == "4002\n",
              what="the app to get websocket.disconnect 4002")
 

@@ -232,8 +232,10 @@ class FakeWorker:
     def send(self, link: _Link, frames: list[bytes]) -> None:
         self.sent.append(frames)
 
-    def spawn(self, coro: Any) -> None:
-        self.tasks.append(asyncio.get_running_loop().create_task(coro))
+    def spawn(self, coro: Any) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.append(task)
+        return task
 
     def replies(self) -> list[tuple[bytes, list[bytes]]]:
         """(flag, reply bodies) of each REPLY sent."""
