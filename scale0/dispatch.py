@@ -571,27 +571,18 @@ class Dispatcher:
             self.counters.bad_mongrel2 += 1
             log.warning("unanswerable sender %r on link %d", sender, link)
             return
-        key = (link, conn_id)
         match = self.routes.lookup(event.header(b"host"), event.path)
-        service = self.services[match.service] if match is not None else None
-        refused, text = 0, ""
-        if match is None or service is None:
+        if match is None:
             self.counters.no_route += 1
-            refused = 404
-        elif service.workers and not all(w.websocket for w in service.workers.values()):
+            self._refuse_handshake(link, raw, event, 404, "", now)
+            return
+        service = self.services[match.service]
+        if service.workers and not all(w.websocket for w in service.workers.values()):
             # A WSGI worker would take the handshake for a plain GET.
             self.counters.websocket_refused += 1
-            refused, text = 400, "this service does not take WebSockets"
-        if refused:
-            # Answered at once, even behind pipelined requests: the connection
-            # is closed, so nothing can be answered out of order on it.
-            self._reply_error(link, sender, conn_id, refused, text, close=True)
-            if self.record:
-                self.done.append(Done(link, conn_id, "GET", (event.header(b"URI") or event.path)
-                                      .decode("latin-1"), "", "", refused, len(raw), 0, now,
-                                      now, 0))
+            self._refuse_handshake(link, raw, event, 400, "this service does not take "
+                                   "WebSockets", now)
             return
-        assert match is not None and service is not None
         self.counters.websockets += 1
         rid = self._next_rid
         self._next_rid = rid + 1
@@ -600,12 +591,23 @@ class Dispatcher:
         if self.record:
             r.uri = event.header(b"URI") or event.path
         self.requests[rid] = r
+        key = (link, conn_id)
         on_conn = self.connections.get(key)
         if on_conn is not None:
             on_conn.append(r)
             return
         self.connections[key] = deque((r,))
         self._route(r, now)
+
+    def _refuse_handshake(self, link: int, raw: bytes, event: m2.WebSocketHandshake,
+                          status: int, text: str, now: float) -> None:
+        """Answered at once and closed, even behind pipelined requests: with the
+        connection closed, nothing can be answered out of order on it."""
+        self._reply_error(link, event.sender, event.conn_id, status, text, close=True)
+        if self.record:
+            uri = (event.header(b"URI") or event.path).decode("latin-1")
+            self.done.append(Done(link, event.conn_id, "GET", uri, "", "", status, len(raw), 0,
+                                  now, now, 0))
 
     def _ws_service(self, service: Service) -> Service:
         twin = self._ws_services.get(service.name)

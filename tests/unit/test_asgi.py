@@ -362,8 +362,8 @@ def test_http_flow_control_splits_a_body_within_credits() -> None:
 
 def test_real_mongrel2_handshake_and_frame_capture() -> None:
     """Captured from Mongrel2 1.12.2 with the websockets client (docs/protocol.md 12)."""
-    lines = (Path(__file__).parent.parent / "fixtures" / "mongrel2-captures"
-             / "websocket.txt").read_text().splitlines()
+    lines = (Path(__file__).parent.parent / "fixtures"
+             / "mongrel2-websocket-capture.txt").read_text().splitlines()
     shake, text = (m2.parse_message(ast.literal_eval(line[3:])) for line in lines)
     assert isinstance(shake, m2.WebSocketHandshake) and len(shake.body) == 28
     assert shake.header(b"DOWNLOAD_CREDITS") == b"102400"
