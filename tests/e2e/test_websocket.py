@@ -10,7 +10,10 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import requests
@@ -149,13 +152,16 @@ def test_a_thousand_concurrent_websockets_on_one_process(ws_stack: Stack) -> Non
     assert len(pids) == 1  # one process held them all
 
 
-def _workers(stack: Stack, service: str) -> list[dict[str, object]]:
-    import subprocess
-    import sys
+def _status(stack: Stack, broker: int = 0) -> dict[str, Any]:
     out = subprocess.run([sys.executable, "-m", "scale0.cli", "ctl", "--broker",
-                          stack.broker_endpoints[0], "--json", "status"],
+                          stack.broker_endpoints[broker], "--json", "status"],
                          capture_output=True, text=True, timeout=10, check=True)
-    return [w for w in json.loads(out.stdout)["workers"] if service in w["services"]]
+    status: dict[str, Any] = json.loads(out.stdout)
+    return status
+
+
+def _workers(stack: Stack, service: str) -> list[dict[str, object]]:
+    return [w for w in _status(stack)["workers"] if service in w["services"]]
 
 
 def _in_flight(stack: Stack, service: str) -> int:
@@ -228,3 +234,30 @@ def test_graceful_drain_closes_open_websockets_with_1001(fresh_stack: Stack) -> 
                     ws.recv(20)
             assert ws.close_code == 1001
     assert pool.popen.wait(30) == 0
+
+
+def test_websockets_through_a_relay_with_two_brokers(fresh_stack: Stack) -> None:
+    """Each connection's frames stay on the broker that took its handshake, and
+    that broker sends them to the one worker process that accepted it."""
+    s = fresh_stack
+    s.start_mongrel2()
+    s.start_relay()
+    s.start_broker()
+    s.start_broker()
+    s.start_asgi("asgi_apps:raw", service="raw", processes=2)
+    s.wait_ok("/")
+    wait_for(lambda: len(_workers(s, "raw")) == 2, what="both processes at broker 0")
+    with contextlib.ExitStack() as opened:
+        clients = [opened.enter_context(connect(ws_url(s, "/ws"), open_timeout=10))
+                   for _ in range(12)]
+        pids = set()
+        for round_ in range(5):
+            for i, ws in enumerate(clients):
+                ws.send(f"{i}.{round_}")
+                assert ws.recv(10) == f"{i}.{round_}"
+        for ws in clients:
+            ws.send("pid")
+            pids.add(ws.recv(10))
+        # Both brokers took handshakes (the relay deals new connections round).
+        assert all(_status(s, b)["counters"]["websockets"] > 0 for b in (0, 1))
+    assert len(pids) == 2  # spread over both processes, each kept its own connections
