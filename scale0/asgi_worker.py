@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -717,10 +718,14 @@ class AsgiWorker:
         sock = link.socket
         if sock is not None:
             try:
-                # No HWM: never blocks; the returned future is already done.
-                sock.send_multipart([p.VERSION, *frames], flags=zmq.NOBLOCK)
+                # No HWM: it never blocks, so the future is done at once; a failure
+                # would be set on it rather than raised.
+                sent = sock.send_multipart([p.VERSION, *frames], flags=zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 log.warning("broker %s not accepting messages: %s", link.endpoint, exc)
+                return
+            asyncio.ensure_future(sent).add_done_callback(
+                functools.partial(_log_send_failure, link.endpoint))
 
     async def _read(self, link: _Link, sock: zmq.asyncio.Socket) -> None:
         while True:
@@ -826,6 +831,11 @@ class AsgiWorker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+def _log_send_failure(endpoint: str, sent: asyncio.Future[Any]) -> None:
+    if not sent.cancelled() and sent.exception() is not None:
+        log.warning("broker %s not accepting messages: %s", endpoint, sent.exception())
 
 
 def event_loop_policy() -> str:

@@ -244,12 +244,20 @@ def test_websockets_through_a_relay_with_two_brokers(fresh_stack: Stack) -> None
     s.start_relay()
     s.start_broker()
     s.start_broker()
-    s.start_asgi("asgi_apps:raw", service="raw", processes=2)
+    s.start_asgi("asgi_apps:raw", service="raw", processes=2, concurrency=500)
     s.wait_ok("/")
     wait_for(lambda: len(_workers(s, "raw")) == 2, what="both processes at broker 0")
     with contextlib.ExitStack() as opened:
-        clients = [opened.enter_context(connect(ws_url(s, "/ws"), open_timeout=10))
-                   for _ in range(12)]
+        clients = []
+
+        def both_brokers_hold_some() -> bool:
+            # A broker joins the relay when its startup grace ends: open more
+            # WebSockets until each broker has taken handshakes.
+            clients.append(opened.enter_context(connect(ws_url(s, "/ws"), open_timeout=10)))
+            return len(clients) >= 12 and all(
+                _status(s, b)["counters"]["websockets"] > 0 for b in (0, 1))
+
+        wait_for(both_brokers_hold_some, 30, "handshakes at both brokers", interval_s=0.1)
         pids = set()
         for round_ in range(5):
             for i, ws in enumerate(clients):
@@ -258,6 +266,4 @@ def test_websockets_through_a_relay_with_two_brokers(fresh_stack: Stack) -> None
         for ws in clients:
             ws.send("pid")
             pids.add(ws.recv(10))
-        # Both brokers took handshakes (the relay deals new connections round).
-        assert all(_status(s, b)["counters"]["websockets"] > 0 for b in (0, 1))
     assert len(pids) == 2  # spread over both processes, each kept its own connections
