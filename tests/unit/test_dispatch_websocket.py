@@ -6,6 +6,8 @@ keep-alives, refusals. Byte fixtures are shaped like Mongrel2 1.12's
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from scale0 import mongrel2 as m2
 from scale0 import protocol as p
@@ -208,3 +210,71 @@ def test_frames_of_a_queued_handshake_are_dropped() -> None:
     h.m2(ws_frame(3, b"early"))
     h.quiet()
     assert len(h.d.services["app"].queue) == 1
+
+
+ACTIONS = st.lists(st.tuples(
+    st.sampled_from(("handshake", "frame", "request", "disconnect", "accept", "close",
+                     "bye", "hello", "tick", "drain")),
+    st.integers(1, 6)), max_size=60)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(ACTIONS)
+def test_random_websocket_traffic_keeps_the_invariants(actions: list[tuple[str, int]]) -> None:
+    """Handshakes, frames, plain requests, disconnects, accepts, closes, workers
+    leaving and joining, time: the dispatcher's invariants hold after every step,
+    nothing is written to a connection after its disconnect, and every
+    handshake sent to a worker went to one that announced the feature."""
+    h = Harness(websocket_idle_timeout_s=5.0, keepalive_s=2.0, request_timeout_s=4.0)
+    gone: set[int] = set()
+    at_worker: dict[int, Sent] = {}  # conn id -> its REQUEST at a worker
+    capable = {b"w1": True, b"w2": True}
+    for ident in capable:
+        hello_ws(h, ident)
+
+    def drain_outboxes() -> None:
+        for msg in h.take_workers():
+            if msg.command == Cmd.REQUEST:
+                sent = Sent(msg.ident, *msg.args)
+                if sent.event.method == b"WEBSOCKET_HANDSHAKE":
+                    assert capable.get(msg.ident)
+                at_worker[sent.conn_id] = sent
+        out, h.d.to_mongrel2 = h.d.to_mongrel2, []
+        for _, raw in out:
+            for conn_id in m2.parse_reply(raw).conn_ids:
+                assert conn_id not in gone, f"write to gone connection {conn_id}"
+
+    for action, n in actions:
+        if action == "handshake" and n not in gone:
+            h.m2(handshake(n))
+        elif action == "frame" and n not in gone:  # Mongrel2 sends none after a disconnect
+            h.m2(ws_frame(n, b"x"))
+        elif action == "request" and n not in gone:
+            h.request(n)
+        elif action == "disconnect":
+            h.m2(m2_message(SENDER, n, b"@*", {b"METHOD": b"JSON"}, b'{"type":"disconnect"}'))
+            gone.add(n)
+        elif action == "accept" and n in at_worker and at_worker[n].ident in h.d.workers:
+            sent = at_worker[n]
+            h.reply(sent, m2.reply(SENDER, n, b"HTTP/1.1 101 Switching Protocols\r\n\r\n"),
+                    last=False)
+        elif action == "close" and n in at_worker and at_worker[n].ident in h.d.workers:
+            h.reply(at_worker.pop(n), m2.close_reply(SENDER, n))
+        elif action == "bye":
+            ident = (b"w1", b"w2")[n % 2]
+            h.worker(ident, Cmd.BYE)
+            at_worker = {c: s for c, s in at_worker.items() if s.ident != ident}
+        elif action == "hello":
+            ident = (b"w1", b"w2")[n % 2]
+            hello = p.Hello((p.ServiceSpec("app", ("/app",)),), n % 3 + 1, ident.decode(),
+                            features=(p.FEATURE_WEBSOCKET,))
+            at_worker = {c: s for c, s in at_worker.items() if s.ident != ident}
+            h.worker(ident, Cmd.HELLO, hello.encode())
+        elif action == "tick":
+            h.tick(h.now + n)
+        elif action == "drain":
+            w = h.d.workers.get((b"w1", b"w2")[n % 2])
+            if w is not None:
+                h.d.drain_worker(w)
+        h.d.check_invariants()
+        drain_outboxes()
