@@ -267,3 +267,20 @@ def test_websockets_through_a_relay_with_two_brokers(fresh_stack: Stack) -> None
             ws.send("pid")
             pids.add(ws.recv(10))
     assert len(pids) == 2  # spread over both processes, each kept its own connections
+
+
+def test_a_stopping_broker_closes_open_websockets_with_1001(fresh_stack: Stack) -> None:
+    s = fresh_stack
+    s.start_mongrel2()
+    broker = s.start_broker("--graceful-timeout", "1")
+    s.start_asgi("asgi_apps:raw", service="raw")
+    s.wait_ok("/")
+    with connect(ws_url(s, "/ws"), open_timeout=10) as ws:
+        ws.send("x")
+        assert ws.recv(10) == "x"
+        broker.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed):
+            while True:
+                ws.recv(20)
+    assert ws.close_code == 1001 and ws.close_reason == "broker shutting down"
+    assert broker.popen.wait(20) == 0
