@@ -980,12 +980,14 @@ class Dispatcher:
         """ctl keep-alive for every request waiting longer than keepalive_s.
         O(requests waiting), once per keepalive_s."""
         oldest = now - self.settings.keepalive_s
-        for service in (*self.services.values(), *self._ws_services.values()):
-            for pending in (service.queue, service.active):
-                for r in pending.values():
-                    if r.received_at <= oldest and not r.cancelled:
-                        self.to_mongrel2.append(
-                            (r.link, m2.keep_alive_reply(r.sender, r.conn_id)))
+        pendings = [pending for service in self.services.values()
+                    for pending in (service.queue, service.active)]
+        # WebSockets: a twin's queue is its service's, its `active` its own.
+        pendings += [twin.active for twin in self._ws_services.values()]
+        for pending in pendings:
+            for r in pending.values():
+                if r.received_at <= oldest and not r.cancelled:
+                    self.to_mongrel2.append((r.link, m2.keep_alive_reply(r.sender, r.conn_id)))
 
     def shutdown(self, now: float) -> int:
         """Answer every request still held (503, or a close if its reply had
@@ -1001,10 +1003,13 @@ class Dispatcher:
     def next_deadline(self) -> float:
         """When on_tick next has work. O(services); the loop calls it once per wake-up."""
         deadline = min(self._next_heartbeat, self._next_keepalive, self.book.next_deadline())
-        for service in (*self.services.values(), *self._ws_services.values()):
+        for service in self.services.values():
             for pending in (service.queue, service.active):
                 if pending:
                     deadline = min(deadline, _head(pending).deadline)
+        for twin in self._ws_services.values():
+            if twin.active:
+                deadline = min(deadline, _head(twin.active).deadline)
         return deadline
 
     # ---- helpers -------------------------------------------------------

@@ -278,3 +278,15 @@ def test_random_websocket_traffic_keeps_the_invariants(actions: list[tuple[str, 
                 h.d.drain_worker(w)
         h.d.check_invariants()
         drain_outboxes()
+
+
+def test_a_queued_handshake_gets_one_keep_alive_per_round() -> None:
+    h = Harness(keepalive_s=30.0, queue_timeout_s=100.0)
+    hello_ws(h, b"w1", capacity=1)
+    h.request(1)
+    h.take_one_request()
+    h.m2(handshake(3))  # waits in the queue its service shares with its twin
+    h.tick(31.0)  # one keep-alive round
+    ctl = [m2.parse_reply(raw) for _, raw in h.d.to_mongrel2]
+    assert sorted(r.conn_ids[0] for r in ctl) == [1, 3]  # once each, not twice for 3
+    assert h.d.next_deadline() <= 100.0
