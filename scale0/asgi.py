@@ -25,6 +25,8 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
+from .forwarded import LOOPBACK, Trust
+from .forwarded import apply as apply_forwarded
 from .mongrel2 import Message
 from .routing import normalize_path, split_script_name
 
@@ -85,11 +87,24 @@ def _paths(message: Message, script_name: str) -> tuple[str, str]:
     return root + rest, root
 
 
+def _peer(message: Message, trusted: Trust) -> tuple[bool, str | None]:
+    """(secure, client address): Mongrel2's, or a trusted front's proxy headers
+    (forwarded.py, the same rules as the WSGI environ)."""
+    secure = (message.header(b"URL_SCHEME") or b"http").lower() == b"https"
+    environ: dict[str, Any] = {"wsgi.url_scheme": "https" if secure else "http",
+                               "HTTP_HOST": _text(message, b"host")}
+    remote = _text(message, b"REMOTE_ADDR")
+    if remote is not None:
+        environ["REMOTE_ADDR"] = remote
+    apply_forwarded(environ, message.headers, trusted)
+    return environ["wsgi.url_scheme"] == "https", environ.get("REMOTE_ADDR")
+
+
 def _common(message: Message, script_name: str, state: Mapping[str, Any] | None,
-            secure: bool) -> dict[str, Any]:
+            trusted: Trust) -> tuple[dict[str, Any], bool]:
     path, root = _paths(message, script_name)
     version = _text(message, b"VERSION") or "HTTP/1.1"
-    remote = _text(message, b"REMOTE_ADDR")
+    secure, remote = _peer(message, trusted)
     scope: dict[str, Any] = {
         "http_version": version[5:] if version.startswith("HTTP/") else "1.1",
         "path": path,
@@ -103,31 +118,25 @@ def _common(message: Message, script_name: str, state: Mapping[str, Any] | None,
     }
     if state is not None:
         scope["state"] = dict(state)  # a shallow copy per connection (ASGI lifespan "state")
-    return scope
+    return scope, secure
 
 
-def is_secure(message: Message) -> bool:
-    return (message.header(b"URL_SCHEME") or b"http").lower() == b"https"
-
-
-def http_scope(message: Message, script_name: str,
-               state: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def http_scope(message: Message, script_name: str, state: Mapping[str, Any] | None = None,
+               trusted: Trust = LOOPBACK) -> dict[str, Any]:
     """The ASGI HTTP connection scope of a Mongrel2 request (or upload-done)."""
-    secure = is_secure(message)
-    scope = {"type": "http", "asgi": dict(ASGI_VERSION),
-             "method": (message.header(b"METHOD") or b"GET").decode("latin-1"),
-             "scheme": "https" if secure else "http",
-             **_common(message, script_name, state, secure)}
-    return scope
+    common, secure = _common(message, script_name, state, trusted)
+    return {"type": "http", "asgi": dict(ASGI_VERSION),
+            "method": (message.header(b"METHOD") or b"GET").decode("latin-1"),
+            "scheme": "https" if secure else "http", **common}
 
 
 def websocket_scope(message: Message, script_name: str,
-                    state: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                    state: Mapping[str, Any] | None = None,
+                    trusted: Trust = LOOPBACK) -> dict[str, Any]:
     """The ASGI WebSocket connection scope of a Mongrel2 WEBSOCKET_HANDSHAKE."""
-    secure = is_secure(message)
+    common, secure = _common(message, script_name, state, trusted)
     scope = {"type": "websocket", "asgi": dict(WEBSOCKET_VERSION),
-             "scheme": "wss" if secure else "ws",
-             **_common(message, script_name, state, secure)}
+             "scheme": "wss" if secure else "ws", **common}
     offered = message.headers.get(b"sec-websocket-protocol")
     values = offered if isinstance(offered, list) else [offered] if offered else []
     scope["subprotocols"] = [p.strip().decode("latin-1") for v in values for p in v.split(b",")

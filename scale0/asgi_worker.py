@@ -16,11 +16,12 @@ A WebSocket holds its slot from its handshake to its close. The worker
 announces the `websocket` feature, so brokers send it handshakes and the
 FRAMEs of its accepted connections (docs/protocol.md section 12).
 
-Flow control (`_Flow`, as in the threaded worker): with DOWNLOAD_CREDITS a
-reply message's body is at most the credits left, and at most 8 messages
-are unacknowledged; a writer awaits credits, so a slow client slows the app
-(Mongrel2 closes a connection sent more than its credits, seen with a
-200 KB WebSocket frame). WebSocket frames count like HTTP bytes.
+Flow control (`_Flow`, as in the threaded worker): with a window (the
+REQUEST's window frame, else DOWNLOAD_CREDITS) a reply message's body is at
+most the credits left, and at most 8 messages are unacknowledged; a writer
+awaits credits, so a slow client slows the app (Mongrel2 closes a connection
+sent more than its credits, seen with a 200 KB WebSocket frame). WebSocket
+frames count like HTTP bytes.
 
 Lifespan: `lifespan.startup` runs before the first HELLO; a failed startup
 exits with supervise.BOOT_FAILED (the pool does not respawn it). An app
@@ -56,6 +57,7 @@ from . import asgi
 from . import mongrel2 as m2
 from . import protocol as p
 from .childstate import ChildState
+from .forwarded import LOOPBACK, Trust
 from .supervise import BOOT_FAILED
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,7 @@ class AsgiSettings:
     upload_dir: str | None = None
     websocket_max_size: int = 16 << 20
     lifespan: str = "auto"  # "auto": run it if the app supports it; "on": must; "off"
+    forwarded: Trust = LOOPBACK  # whose X-Forwarded-Proto / client address to believe
 
 
 class _Flow:
@@ -163,13 +166,15 @@ class _Conn:
     websocket = False
 
     def __init__(self, worker: AsgiWorker, link: _Link, rid: bytes, event: m2.Message,
-                 script_name: str, now: float) -> None:
+                 script_name: str, now: float, window: bytes | None = None) -> None:
         self.worker = worker
         self.link = link
         self.rid = rid
         self.event = event
         self.script_name = script_name
-        credits = event.header(b"DOWNLOAD_CREDITS")
+        # The broker's window frame wins: Mongrel2 announces DOWNLOAD_CREDITS on a
+        # connection's first request only, and the window is the connection's.
+        credits = window if window is not None else event.header(b"DOWNLOAD_CREDITS")
         self.flow = _Flow(int(credits) if credits is not None and credits.isdigit() else None,
                           now)
         self.ended = False
@@ -276,7 +281,8 @@ class _Http(_Conn):
         from .wsgi import BadRequest, _open_upload
 
         event = self.event
-        scope = asgi.http_scope(event, self.script_name, self.worker.app_state)
+        scope = asgi.http_scope(event, self.script_name, self.worker.app_state,
+                                self.worker.settings.forwarded)
         try:
             if isinstance(event, m2.UploadDone):
                 try:
@@ -455,7 +461,8 @@ class _WebSocket(_Conn):
             self.cancel()
 
     async def run(self, app: App) -> None:
-        scope = asgi.websocket_scope(self.event, self.script_name, self.worker.app_state)
+        scope = asgi.websocket_scope(self.event, self.script_name, self.worker.app_state,
+                                     self.worker.settings.forwarded)
         self.offered = scope["subprotocols"]
         try:
             await app(scope, self.receive, self.send)
@@ -589,7 +596,9 @@ class AsgiWorker:
             log.error("%s: not serving", exc)
             return BOOT_FAILED
         self._hello = p.Hello(s.services, s.concurrency, self.label, int(s.heartbeat_s * 1000),
-                              {"pid": str(os.getpid()), "interface": "asgi"},
+                              {"pid": str(os.getpid()), "interface": "asgi",
+                               # It opens Mongrel2's spooled files itself (protocol.md 4.5).
+                               **({"uploads": "file"} if s.upload_dir else {})},
                               (p.FEATURE_WEBSOCKET,)).encode()
         self._ctx = zmq.asyncio.Context()
         self._links = [_Link(i, ep) for i, ep in enumerate(s.connect)]
@@ -753,8 +762,9 @@ class AsgiWorker:
                     conn.on_frame(m2.parse_message(frames[3]))
                 except m2.Mongrel2ProtocolError as exc:
                     log.warning("unparseable frame from broker: %s", exc)
-        elif command == p.Command.REQUEST and len(frames) == 6:
-            self._start(link, frames[2], frames[4], frames[5], now)
+        elif command == p.Command.REQUEST and len(frames) in (6, 7):
+            window = frames[6] if len(frames) == 7 else None
+            self._start(link, frames[2], frames[4], frames[5], window, now)
         elif command == p.Command.CREDIT and len(frames) == 4:
             conn = self._conns.get((link.index, frames[2]))
             if conn is not None and frames[3].isdigit():
@@ -792,7 +802,7 @@ class AsgiWorker:
             log.warning("unexpected command %#x from broker %s", command, link.endpoint)
 
     def _start(self, link: _Link, rid: bytes, script_name: bytes, raw: bytes,
-               now: float) -> None:
+               window: bytes | None, now: float) -> None:
         self.requests_started += 1
         if self._max_requests and self.requests_started >= self._max_requests:
             assert self.state is not None
@@ -811,7 +821,7 @@ class AsgiWorker:
         else:
             self.send(link, [p.CMD[p.Command.REPLY], rid, p.FLAG_LAST])
             return
-        conn = kind(self, link, rid, event, script_name.decode("latin-1"), now)
+        conn = kind(self, link, rid, event, script_name.decode("latin-1"), now, window)
         key = (link.index, rid)
         self._conns[key] = conn
 

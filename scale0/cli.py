@@ -248,19 +248,22 @@ def cmd_wsgi(cfg: config.WsgiConfig, _: argparse.Namespace) -> int:
 def cmd_asgi(cfg: config.AsgiConfig, _: argparse.Namespace) -> int:
     from .asgi_worker import AsgiSettings, AsgiWorker, event_loop_policy
     from .childstate import current as child_state
+    from .forwarded import trust
     from .supervise import BOOT_FAILED, Pool
 
+    # Relative paths in settings mean the working directory they were given in.
+    upload_dir = os.path.abspath(cfg.upload_dir) if cfg.upload_dir else None
     if cfg.chdir:
         os.chdir(cfg.chdir)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    service = cfg.service or cfg.app.partition(":")[0].rsplit(".", 1)[-1]
+    service = cfg.service or config.default_service(cfg.app)
     settings = AsgiSettings(
         connect=cfg.connect, services=(p.ServiceSpec(service, cfg.route),),
         concurrency=cfg.concurrency, heartbeat_s=cfg.heartbeat, liveness=cfg.liveness,
-        graceful_timeout_s=cfg.graceful_timeout,
-        upload_dir=os.path.abspath(cfg.upload_dir) if cfg.upload_dir else None,
-        websocket_max_size=cfg.websocket_max_size, lifespan=cfg.lifespan)
+        graceful_timeout_s=cfg.graceful_timeout, upload_dir=upload_dir,
+        websocket_max_size=cfg.websocket_max_size, lifespan=cfg.lifespan,
+        forwarded=trust(cfg.forwarded_allow_ips, cfg.client_address_header))
 
     def serve() -> int:
         try:

@@ -565,6 +565,10 @@ class Dispatcher:
             return
         self.counters.requests += 1
         sender, conn_id = event.sender, event.conn_id
+        if link not in self.link_credits:  # as in _on_request: the link's window size
+            window = event.header(b"DOWNLOAD_CREDITS")
+            if window is not None and window.isdigit():
+                self.link_credits[link] = int(window)
         try:
             prefix = m2.reply_prefix(sender, conn_id)
         except ValueError:

@@ -371,3 +371,19 @@ def test_real_mongrel2_handshake_and_frame_capture() -> None:
     assert (scope["path"], scope["query_string"], scope["subprotocols"]) == (
         "/ws/x", b"a=1", ["chat", "v2"])
     assert isinstance(text, m2.WebSocketFrame) and (text.flags, text.body) == (0x81, b"hello")
+
+
+def test_proxy_headers_from_a_trusted_front_only() -> None:
+    from scale0.forwarded import trust
+    headers = {b"x-forwarded-proto": b"https", b"x-real-ip": b"203.0.113.9",
+               b"host": b"example.com"}
+    trusted = asgi.http_scope(request(extra=headers), "")
+    assert (trusted["scheme"], trusted["client"], trusted["server"]) == (
+        "https", ["203.0.113.9", 0], ["example.com", 443])
+    ws = asgi.websocket_scope(handshake(), "", None, trust("127.0.0.1"))
+    assert ws["scheme"] == "ws"
+    other = asgi.http_scope(request(extra={**headers, b"REMOTE_ADDR": b"10.0.0.9"}), "")
+    assert (other["scheme"], other["client"]) == ("http", ["10.0.0.9", 0])
+    anyone = asgi.http_scope(request(extra={**headers, b"REMOTE_ADDR": b"10.0.0.9"}), "",
+                             None, trust("*"))
+    assert anyone["scheme"] == "https"
