@@ -32,8 +32,9 @@ def ws_frame(conn_id: int, body: bytes, flags: bytes = b"0x81", path: bytes = b"
 
 def hello_ws(h: Harness, ident: bytes, capacity: int = 2, websocket: bool = True) -> None:
     features = (p.FEATURE_WEBSOCKET,) if websocket else ()
+    # Configured alike: the worker announces the broker's own heartbeat interval.
     hello = p.Hello((p.ServiceSpec("app", ("/app",)),), capacity, ident.decode(),
-                    features=features)
+                    heartbeat_ms=int(h.d.settings.heartbeat_s * 1000), features=features)
     h.worker(ident, Cmd.HELLO, hello.encode())
     (welcome,) = h.take_workers()
     assert welcome.command == Cmd.WELCOME
@@ -267,6 +268,7 @@ def test_random_websocket_traffic_keeps_the_invariants(actions: list[tuple[str, 
         elif action == "hello":
             ident = (b"w1", b"w2")[n % 2]
             hello = p.Hello((p.ServiceSpec("app", ("/app",)),), n % 3 + 1, ident.decode(),
+                            heartbeat_ms=int(h.d.settings.heartbeat_s * 1000),
                             features=(p.FEATURE_WEBSOCKET,))
             at_worker = {c: s for c, s in at_worker.items() if s.ident != ident}
             h.worker(ident, Cmd.HELLO, hello.encode())
