@@ -54,7 +54,7 @@ def _ready(line: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Every flag of broker, wsgi and up is generated from its settings class
+    """Every flag of broker, wsgi, asgi and up is generated from its settings class
     (config.py); `main` merges them with the --config file and SCALE0_* env."""
     parser = argparse.ArgumentParser(prog="scale0", description=__doc__)
     parser.add_argument("--version", action="version", version=f"scale0 {__version__}")
@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("wsgi", help="serve a WSGI app as Scale0 workers")
     config.add_arguments(w, config.WsgiConfig)
     w.set_defaults(func=cmd_wsgi, settings=config.WsgiConfig)
+
+    a = sub.add_parser("asgi", help="serve an ASGI app (HTTP, lifespan, WebSockets) as "
+                                    "Scale0 workers")
+    config.add_arguments(a, config.AsgiConfig)
+    a.set_defaults(func=cmd_asgi, settings=config.AsgiConfig)
 
     ctl.add_parser(sub)  # `scale0 ctl`: a client, not a settings-driven process
 
@@ -111,7 +116,8 @@ def cmd_broker(cfg: config.BrokerConfig, _: argparse.Namespace) -> int:
         route_grace_s=cfg.route_grace, max_workers=cfg.max_workers,
         max_services=cfg.max_services, max_routes=cfg.max_routes,
         eject_after=cfg.eject_after, eject_s=cfg.eject_time,
-        max_peer_heartbeat_s=cfg.max_peer_heartbeat)
+        max_peer_heartbeat_s=cfg.max_peer_heartbeat,
+        websocket_idle_timeout_s=cfg.websocket_idle_timeout)
     broker = Broker(links, cfg.bind, settings, graceful_timeout_s=cfg.graceful_timeout,
                     control="" if cfg.control == "off" else cfg.control,
                     metrics=cfg.metrics)
@@ -181,7 +187,7 @@ def load_app(spec: str) -> Any:
         if obj is not None:
             obj = obj() if call else obj
             if not callable(obj):
-                raise TypeError(f"{spec}: {name} is not a WSGI callable")
+                raise TypeError(f"{spec}: {name} is not callable")
             return obj
     raise AttributeError(f"{spec}: no {' or '.join(names)} in module {module_name}")
 
@@ -236,6 +242,43 @@ def cmd_wsgi(cfg: config.WsgiConfig, _: argparse.Namespace) -> int:
            f"processes={cfg.processes} threads={cfg.threads}")
     return Pool(serve, cfg.processes, graceful_timeout_s=cfg.graceful_timeout + 5,
                 name=f"wsgi[{service}]", max_requests=cfg.max_requests,
+                max_requests_jitter=cfg.max_requests_jitter, timeout_s=cfg.timeout).run()
+
+
+def cmd_asgi(cfg: config.AsgiConfig, _: argparse.Namespace) -> int:
+    from .asgi_worker import AsgiSettings, AsgiWorker, event_loop_policy
+    from .childstate import current as child_state
+    from .forwarded import trust
+    from .supervise import BOOT_FAILED, Pool
+
+    # Relative paths in settings mean the working directory they were given in.
+    upload_dir = os.path.abspath(cfg.upload_dir) if cfg.upload_dir else None
+    if cfg.chdir:
+        os.chdir(cfg.chdir)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    service = cfg.service or config.default_service(cfg.app)
+    settings = AsgiSettings(
+        connect=cfg.connect, services=(p.ServiceSpec(service, cfg.route),),
+        concurrency=cfg.concurrency, heartbeat_s=cfg.heartbeat, liveness=cfg.liveness,
+        graceful_timeout_s=cfg.graceful_timeout, upload_dir=upload_dir,
+        websocket_max_size=cfg.websocket_max_size, lifespan=cfg.lifespan,
+        forwarded=trust(cfg.forwarded_allow_ips, cfg.client_address_header))
+
+    def serve() -> int:
+        try:
+            app = load_app(cfg.app)
+        except Exception:
+            log.exception("cannot load %s", cfg.app)
+            return BOOT_FAILED
+        loop = event_loop_policy()
+        log.debug("ASGI worker on the %s event loop", loop)
+        return AsgiWorker(app, settings, state=child_state()).run()
+
+    _ready(f"READY asgi pid={os.getpid()} app={cfg.app} service={service} "
+           f"processes={cfg.processes} concurrency={cfg.concurrency}")
+    return Pool(serve, cfg.processes, graceful_timeout_s=cfg.graceful_timeout + 5,
+                name=f"asgi[{service}]", max_requests=cfg.max_requests,
                 max_requests_jitter=cfg.max_requests_jitter, timeout_s=cfg.timeout).run()
 
 

@@ -92,6 +92,12 @@ def _non_negative(value: int | float) -> int | float:
     return value
 
 
+def _capacity(value: int) -> int:
+    if not 1 <= value <= 10_000:  # protocol.MAX_CAPACITY: what a HELLO may announce
+        raise ValueError(value)
+    return value
+
+
 def _text(value: str) -> str:
     if not value:
         raise ValueError(value)
@@ -188,6 +194,7 @@ def _access_format(text: str) -> str:
 POSITIVE_INT = Kind("an integer > 0", (int,), int, _positive)
 POSITIVE_FLOAT = Kind("a number > 0", (int, float), float, lambda v: float(_positive(v)))
 NON_NEGATIVE_INT = Kind("an integer >= 0", (int,), int, _non_negative)
+CAPACITY = Kind("an integer from 1 to 10000", (int,), int, _capacity)
 NON_NEGATIVE_FLOAT = Kind("a number >= 0", (int, float), float,
                           lambda v: float(_non_negative(v)))
 def _heartbeat_s(value: int | float) -> float:
@@ -348,6 +355,9 @@ class BrokerConfig(PeerConfig):
         30.0, "how long an ejection lasts, times the worker's ejections since its last "
         "reply in time (at most 10x)", POSITIVE_FLOAT, metavar="SECONDS")
     max_peer_heartbeat: float = _max_peer_heartbeat()
+    websocket_idle_timeout: float = setting(
+        300.0, "close a WebSocket (1001) with no frame either way for this long; its "
+        "handshake waits as long for the app's accept", POSITIVE_FLOAT, metavar="SECONDS")
 
     def check(self) -> None:
         if not self.mongrel2 and self.mongrel2_db is None:
@@ -358,10 +368,9 @@ class BrokerConfig(PeerConfig):
 
 
 @dataclass(frozen=True, slots=True)
-class WsgiConfig(PeerConfig):
-    app: str = setting("", "the WSGI app: module:attr, module:factory() or module "
-                       "(its `application` or `app`)", positional=True, required=True,
-                       metavar="MODULE:APP")
+class PoolConfig(PeerConfig):
+    """The settings `scale0 wsgi` and `scale0 asgi` share."""
+
     connect: tuple[str, ...] = setting((), "broker endpoint", repeat=True,
                                        required=True, metavar="ENDPOINT")
     service: str | None = setting(None, "service name", metavar="NAME",
@@ -370,8 +379,6 @@ class WsgiConfig(PeerConfig):
         (), "a route this service serves ('/api' means any host)", ROUTE,
         repeat=True, metavar="[HOST]/PATH")
     processes: int = setting(1, "pre-forked worker processes", POSITIVE_INT, metavar="N")
-    threads: int = setting(1, "requests handled at once per process", POSITIVE_INT,
-                           metavar="N")
     upload_dir: str | None = setting(
         None, "Mongrel2's upload.temp_store folder, for large request bodies", metavar="DIR")
     graceful_timeout: float = setting(30.0, "time to finish in-flight requests on SIGTERM",
@@ -401,6 +408,30 @@ def default_service(app: str) -> str:
     """The service name of a pool given none: the app's module, last part
     ('pkg.web:app' -> 'web')."""
     return app.partition(":")[0].rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class WsgiConfig(PoolConfig):
+    app: str = setting("", "the WSGI app: module:attr, module:factory() or module "
+                       "(its `application` or `app`)", positional=True, required=True,
+                       metavar="MODULE:APP")
+    threads: int = setting(1, "requests handled at once per process", POSITIVE_INT,
+                           metavar="N")
+
+
+@dataclass(frozen=True, slots=True)
+class AsgiConfig(PoolConfig):
+    app: str = setting("", "the ASGI app: module:attr, module:factory() or module "
+                       "(its `application` or `app`)", positional=True, required=True,
+                       metavar="MODULE:APP")
+    concurrency: int = setting(
+        100, "requests and WebSockets in flight at once per process (the capacity "
+        "announced to brokers)", CAPACITY, metavar="N")
+    lifespan: str = setting("auto", "ASGI lifespan: 'auto' runs it if the app supports it, "
+                            "'on' requires it, 'off' skips it", choices=("auto", "on", "off"))
+    websocket_max_size: int = setting(
+        16 << 20, "largest WebSocket message taken from a client, in bytes (a bigger one "
+        "closes the WebSocket with 1009)", POSITIVE_INT, metavar="BYTES")
 
 
 @dataclass(frozen=True, slots=True)
@@ -652,7 +683,8 @@ def _reason(spec: Spec, exc: ValueError, value: Any) -> str:
 # -- documentation ----------------------------------------------------------
 
 COMMANDS: dict[str, type[CommonConfig]] = {
-    "broker": BrokerConfig, "wsgi": WsgiConfig, "relay": RelayConfig, "up": UpConfig}
+    "broker": BrokerConfig, "wsgi": WsgiConfig, "asgi": AsgiConfig, "relay": RelayConfig,
+    "up": UpConfig}
 
 
 def markdown() -> str:

@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 SAFE_TO_RETRY = frozenset({b"GET", b"HEAD", b"OPTIONS"})
-_REFUSED_TEXT = {400: "bad request"}
+_REFUSED_TEXT = {400: "bad request", 426: "a WebSocket handshake needs Sec-WebSocket-Key "
+                                          "and Sec-WebSocket-Version: 13"}
 _CREDITS_TAIL = b'{"type":"credits"},'
 # Connections with reply bytes not yet credited by Mongrel2, at most; the oldest
 # is forgotten past this (only one whose credits never came: its client left).
@@ -108,6 +109,8 @@ class DispatchSettings:
     # A worker is expired after its own HELLO heartbeat_ms x liveness, that
     # interval clamped to at most this (or our own heartbeat, if longer).
     max_peer_heartbeat_s: float = 30.0
+    # A WebSocket with no frame either way for this long is closed (1001).
+    websocket_idle_timeout_s: float = 300.0
 
 
 @dataclass(slots=True, eq=False)
@@ -162,6 +165,7 @@ class Worker:
     timeouts_in_row: int = 0  # request timeouts since its last good reply
     ejections: int = 0  # since its last good reply
     ejected_until: float = 0.0  # ejected (no new requests) until then; 0.0: not ejected
+    websocket: bool = False  # announced protocol.FEATURE_WEBSOCKET
 
 
 @dataclass(slots=True, eq=False)
@@ -222,6 +226,10 @@ class Counters:
     hello_limits: int = 0  # HELLOs refused: max_workers, max_services or max_routes
     ejections: int = 0  # workers ejected after eject_after timeouts in a row
     routes_forgotten: int = 0  # announced routes dropped after their workers left
+    websockets: int = 0  # handshakes taken
+    websocket_refused: int = 0  # upgrades to a service that does not take them, or malformed
+    websocket_timeouts: int = 0  # closed for idleness
+    websocket_strays: int = 0  # frames of a connection with no WebSocket here: closed
 
 
 class Dispatcher:
@@ -279,6 +287,8 @@ class Dispatcher:
         self._next_keepalive = s.keepalive_s
         self._timeouts = dict(s.service_timeouts)
         self._maintenance = dict(s.maintenance_pages)
+        # Per service, its WebSocket twin (see on_websocket).
+        self._ws_services: dict[str, Service] = {}
         for spec, service in s.routes:
             self.book.configure(parse_route(spec), service)
             self._service(service)
@@ -317,7 +327,9 @@ class Dispatcher:
             self._on_credits(link, event.conn_id, event.credits)
         elif isinstance(event, m2.UploadStart):
             self._on_request(link, raw, event, now)
-        else:  # WebSocket and JSON socket messages: not served (yet)
+        elif isinstance(event, (m2.WebSocketHandshake, m2.WebSocketFrame)):
+            self.on_websocket(link, raw, event, now)
+        else:  # JSON socket messages: not served
             self._reply_error(link, event.sender, event.conn_id, 501, close=True)
 
     def _on_request(self, link: int, raw: bytes,
@@ -374,6 +386,11 @@ class Dispatcher:
         elif isinstance(req, m2.UploadStart):
             self._on_upload_start(link, req)
             return
+        elif b"upgrade" in req.headers and _websocket_upgrade(req):
+            # Mongrel2 passes an upgrade it does not take as a handshake (no key or
+            # version) as a plain GET: no app may answer it as one.
+            self.counters.websocket_refused += 1
+            refused, close = 426, True
         else:
             match = self.routes.lookup(req.header(b"host"), req.path)
             if match is None:
@@ -528,6 +545,116 @@ class Dispatcher:
         self.to_unlink.append(req.upload_path)
         return True
 
+    # ---- WebSockets (docs/protocol.md section 12) ------------------------
+
+    def on_websocket(self, link: int, raw: bytes,
+                     event: m2.WebSocketHandshake | m2.WebSocketFrame, now: float) -> None:
+        """A WebSocket is one long request: its handshake takes a slot at a worker
+        that announced the feature, every later frame of the connection goes to
+        that worker (FRAME), and the slot frees on the worker's LAST.
+
+        Its Request belongs to the service's WebSocket twin: a Service sharing
+        the real one's ready LRU, workers and queue, with an `active` of its own
+        whose timeout is the idle timeout. A frame either way pushes the deadline
+        to now + that timeout (for the worker's replies, _on_reply's streaming
+        rule does it), so the twin's `active` stays in deadline order, and the
+        request paths need no WebSocket test.
+        """
+        if isinstance(event, m2.WebSocketFrame):
+            self._on_ws_frame(link, raw, event, now)
+            return
+        self.counters.requests += 1
+        sender, conn_id = event.sender, event.conn_id
+        if link not in self.link_credits:  # as in _on_request: the link's window size
+            window = event.header(b"DOWNLOAD_CREDITS")
+            if window is not None and window.isdigit():
+                self.link_credits[link] = int(window)
+        try:
+            prefix = m2.reply_prefix(sender, conn_id)
+        except ValueError:
+            self.counters.bad_mongrel2 += 1
+            log.warning("unanswerable sender %r on link %d", sender, link)
+            return
+        match = self.routes.lookup(event.header(b"host"), event.path)
+        if match is None:
+            self.counters.no_route += 1
+            self._refuse_handshake(link, raw, event, 404, "", now)
+            return
+        service = self.services[match.service]
+        if service.workers and not all(w.websocket for w in service.workers.values()):
+            # A WSGI worker would take the handshake for a plain GET.
+            self.counters.websocket_refused += 1
+            self._refuse_handshake(link, raw, event, 400, "this service does not take "
+                                   "WebSockets", now)
+            return
+        self.counters.websockets += 1
+        rid = self._next_rid
+        self._next_rid = rid + 1
+        r = Request(rid, link, sender, conn_id, event.method, raw, self._ws_service(service),
+                    match.script_name.encode("latin-1"), now, True, reply_prefix=prefix)
+        if self.record:
+            r.uri = event.header(b"URI") or event.path
+        self.requests[rid] = r
+        key = (link, conn_id)
+        on_conn = self.connections.get(key)
+        if on_conn is not None:
+            on_conn.append(r)
+            return
+        self.connections[key] = deque((r,))
+        self._route(r, now)
+
+    def _refuse_handshake(self, link: int, raw: bytes, event: m2.WebSocketHandshake,
+                          status: int, text: str, now: float) -> None:
+        """Answered at once and closed, even behind pipelined requests: with the
+        connection closed, nothing can be answered out of order on it."""
+        self._reply_error(link, event.sender, event.conn_id, status, text, close=True)
+        if self.record:
+            uri = (event.header(b"URI") or event.path).decode("latin-1")
+            self.done.append(Done(link, event.conn_id, "GET", uri, "", "", status, len(raw), 0,
+                                  now, now, 0))
+
+    def _ws_service(self, service: Service) -> Service:
+        twin = self._ws_services.get(service.name)
+        if twin is None:
+            twin = self._ws_services[service.name] = Service(
+                service.name, service.name_bytes, ready=service.ready,
+                timeout_s=self.settings.websocket_idle_timeout_s, queue=service.queue,
+                workers=service.workers)
+        return twin
+
+    def _on_ws_frame(self, link: int, raw: bytes, event: m2.WebSocketFrame, now: float) -> None:
+        on_conn = self.connections.get((link, event.conn_id))
+        r = on_conn[0] if on_conn else None
+        if r is None or r.method != _HANDSHAKE:
+            # No WebSocket of ours (its worker left, a broker restart, a timeout):
+            # close it, so that the client is not left waiting.
+            self.counters.websocket_strays += 1
+            try:
+                self.to_mongrel2.append((link, m2.close_reply(event.sender, event.conn_id)))
+            except ValueError:
+                pass
+            return
+        w = r.worker
+        if w is None:  # still queued: a client must wait for the 101 before sending
+            return
+        r.deadline = now + r.service.timeout_s
+        r.service.active.move_to_end(r.rid)
+        self.to_workers.append([w.ident, p.VERSION, p.CMD[p.Command.FRAME],
+                                p.encode_request_id(r.rid), raw])
+
+    def _ws_idle(self, r: Request) -> None:
+        """The idle timeout: a close frame (1001) if the WebSocket was accepted."""
+        self.counters.websocket_timeouts += 1
+        if r.reply_started:
+            self._ws_close_frame(r, 1001, "idle timeout")
+        self._fail(r, 504, "the WebSocket was not accepted in time", close=True)
+
+    def _ws_close_frame(self, r: Request, code: int, reason: str) -> None:
+        if not r.cancelled:
+            payload = code.to_bytes(2, "big") + reason.encode()
+            self.to_mongrel2.append(
+                (r.link, m2.reply(r.sender, r.conn_id, bytes((0x88, len(payload))) + payload)))
+
     # ---- worker side ---------------------------------------------------
 
     def on_worker(self, ident: bytes, frames: list[bytes], now: float) -> None:
@@ -601,7 +728,8 @@ class Dispatcher:
         w = Worker(ident, label, services, hello.capacity, now, now + expiry_s,
                    routes=tuple(route for route, _ in routes), expiry_s=expiry_s,
                    beat_s=beat_s, next_beat=now + beat_s,
-                   reads_uploads=hello.meta.get("uploads") == "file")
+                   reads_uploads=hello.meta.get("uploads") == "file",
+                   websocket=p.FEATURE_WEBSOCKET in hello.features)
         w.draining = w.held = self._operator_drained(w)  # kept over a reconnect
         self.workers[ident] = w
         for service in services:
@@ -796,6 +924,9 @@ class Dispatcher:
                 self._fail(r, 504, "worker did not answer in time", close=r.reply_started)
                 if timed_out is not None:
                     self._on_worker_timeout(timed_out, now)
+        for twin in self._ws_services.values():
+            while twin.active and _head(twin.active).deadline <= now:
+                self._ws_idle(twin.active.popitem(last=False)[1])
         if now >= self._next_keepalive:
             self._next_keepalive = now + self.settings.keepalive_s
             self._keep_alive(now)
@@ -867,12 +998,14 @@ class Dispatcher:
         """ctl keep-alive for every request waiting longer than keepalive_s.
         O(requests waiting), once per keepalive_s."""
         oldest = now - self.settings.keepalive_s
-        for service in self.services.values():
-            for pending in (service.queue, service.active):
-                for r in pending.values():
-                    if r.received_at <= oldest and not r.cancelled:
-                        self.to_mongrel2.append(
-                            (r.link, m2.keep_alive_reply(r.sender, r.conn_id)))
+        pendings = [pending for service in self.services.values()
+                    for pending in (service.queue, service.active)]
+        # WebSockets: a twin's queue is its service's, its `active` its own.
+        pendings += [twin.active for twin in self._ws_services.values()]
+        for pending in pendings:
+            for r in pending.values():
+                if r.received_at <= oldest and not r.cancelled:
+                    self.to_mongrel2.append((r.link, m2.keep_alive_reply(r.sender, r.conn_id)))
 
     def shutdown(self, now: float) -> int:
         """Answer every request still held (503, or a close if its reply had
@@ -880,6 +1013,8 @@ class Dispatcher:
         self._now = now
         left = [r for r in self.requests.values() if not r.cancelled]
         for r in left:
+            if r.reply_started and r.method == _HANDSHAKE:
+                self._ws_close_frame(r, 1001, "broker shutting down")
             self._fail(r, 503, "broker shutting down", close=True)
         return len(left)
 
@@ -890,6 +1025,9 @@ class Dispatcher:
             for pending in (service.queue, service.active):
                 if pending:
                     deadline = min(deadline, _head(pending).deadline)
+        for twin in self._ws_services.values():
+            if twin.active:
+                deadline = min(deadline, _head(twin.active).deadline)
         return deadline
 
     # ---- helpers -------------------------------------------------------
@@ -1190,7 +1328,8 @@ class Dispatcher:
             ordered(service.queue, f"{service.name} queue")
             ordered(service.active, f"{service.name} active")
             for r in service.queue.values():
-                if r.worker is not None or r.cancelled or r.service is not service:
+                if r.worker is not None or r.cancelled or r.service not in (
+                        service, self._ws_services.get(service.name)):
                     raise AssertionError("queued request is also elsewhere")
                 if self.connections.get((r.link, r.conn_id), (None,))[0] is not r:
                     raise AssertionError(f"queued request {r.rid} not first on its connection")
@@ -1264,6 +1403,17 @@ def _wants_close(req: m2.Message) -> bool:
     if req.header(b"VERSION") == b"HTTP/1.0":
         return connection is None or connection.lower() != b"keep-alive"
     return connection is not None and b"close" in connection.lower()
+
+
+_HANDSHAKE = b"WEBSOCKET_HANDSHAKE"
+
+
+def _websocket_upgrade(req: m2.Message) -> bool:
+    """An HTTP request asking for a WebSocket (RFC 6455 4.1) that Mongrel2 did not
+    take as a handshake: it lacks a valid key or version."""
+    value = req.headers.get(b"upgrade")
+    values = value if isinstance(value, list) else [value] if value else []
+    return any(b"websocket" in v.lower() for v in values)
 
 
 def _status_of(message: bytes, offset: int) -> int:

@@ -29,6 +29,7 @@ class Command(IntEnum):
     CREDIT = 0x08  # B->W [request_id, decimal bytes]: Mongrel2 wrote these bytes
     WELCOME = 0x09  # B->W [json {"broker": id, "heartbeat_ms": n}]
     ERROR = 0x0A  # B->W [decimal code, text]: the last message was refused
+    FRAME = 0x0B  # B->W [request_id, mongrel2 message]: a later message of a WebSocket
 
 
 # One-byte frames, built once: the hot path compares and sends these.
@@ -71,6 +72,7 @@ MAX_SERVICES = 64
 MAX_ROUTES = 256
 MAX_NAME_LEN = 128
 MAX_CAPACITY = 10_000
+FEATURE_WEBSOCKET = "websocket"  # HELLO features: takes WebSocket handshakes and FRAMEs
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,18 +90,19 @@ class Hello:
     worker: str = ""  # human-readable label, e.g. "host:pid"
     heartbeat_ms: int = 1000
     meta: dict[str, str] = field(default_factory=dict)
+    features: tuple[str, ...] = ()  # e.g. FEATURE_WEBSOCKET; unknown ones are ignored
 
     def encode(self) -> bytes:
-        return json.dumps(
-            {
-                "services": [{"name": s.name, "routes": list(s.routes)} for s in self.services],
-                "capacity": self.capacity,
-                "worker": self.worker,
-                "heartbeat_ms": self.heartbeat_ms,
-                "meta": self.meta,
-            },
-            separators=(",", ":"),
-        ).encode()
+        data: dict[str, object] = {
+            "services": [{"name": s.name, "routes": list(s.routes)} for s in self.services],
+            "capacity": self.capacity,
+            "worker": self.worker,
+            "heartbeat_ms": self.heartbeat_ms,
+            "meta": self.meta,
+        }
+        if self.features:
+            data["features"] = list(self.features)
+        return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, payload: bytes) -> Hello:
@@ -144,7 +147,12 @@ class Hello:
             isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
         ):
             raise WireError("HELLO meta must map strings to strings")
-        return cls(tuple(services), capacity, worker, heartbeat_ms, meta)
+        features = data.get("features", [])
+        if not isinstance(features, list) or len(features) > 64 or not all(
+            isinstance(f, str) and len(f) <= 64 for f in features
+        ):
+            raise WireError("HELLO features must be a list of at most 64 short strings")
+        return cls(tuple(services), capacity, worker, heartbeat_ms, meta, tuple(features))
 
 
 def _valid_name(name: str) -> bool:

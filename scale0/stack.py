@@ -36,6 +36,7 @@ from typing import Any
 
 from . import lifeline
 from .config import (
+    AsgiConfig,
     BrokerConfig,
     CommonConfig,
     ConfigError,
@@ -97,7 +98,8 @@ class Stack:
     def from_dict(cls, data: dict[str, Any], base: Path, source: str = "<config>") -> Stack:
         """Each [[broker]] and [[pool]] table holds settings of `scale0 broker` /
         `scale0 wsgi` (config.py, checked here so that a typo names this file and
-        key) plus the stack's own keys: `routes` and `args` (extra arguments)."""
+        key) plus the stack's own keys: `routes` and `args` (extra arguments), and
+        for a pool `interface`: "wsgi" (the default) or "asgi" (`scale0 asgi`)."""
         def need(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
             value = table.get(key)
             if not isinstance(value, kind):
@@ -154,12 +156,17 @@ class Stack:
             stack.procs.append(_Proc(f"broker-{i}", argv, base, stop_order=1))
         for i, pool in enumerate(need(data, "pool", list, "") if "pool" in data else []):
             where = f"pool[{i}]"
-            settings = _settings(WsgiConfig, pool, f"{source}: {where}", POOL_OWN_KEYS, base)
+            interface = pool.get("interface", "wsgi") if isinstance(pool, dict) else "wsgi"
+            if interface not in POOL_INTERFACES:
+                raise StackError(f"{source}: {where}.interface must be one of "
+                                 f"{', '.join(POOL_INTERFACES)}, got {interface!r}")
+            pool_cls = POOL_INTERFACES[interface]
+            settings = _settings(pool_cls, pool, f"{source}: {where}", POOL_OWN_KEYS, base)
             need(pool, "app", str, where)
             need(pool, "connect", list, where)
             # Stack defaults first: the table's own settings come later and win.
-            argv = [*scale0, "wsgi", f"--upload-dir={server.upload_dir}",
-                    *to_argv(WsgiConfig, settings)]
+            argv = [*scale0, interface, f"--upload-dir={server.upload_dir}",
+                    *to_argv(pool_cls, settings)]
             paths: list[Any] = need(pool, "routes", list, where) if "routes" in pool else []
             argv += [f"--route={route}" for route in paths]
             argv += _args(pool, where, source)
@@ -269,7 +276,9 @@ STACK_KEYS = ("graceful_timeout", "mongrel2", "relay", "broker", "pool")
 RELAY_OWN_KEYS = ("args",)
 MONGREL2_KEYS = ("config", "runtime_dir", "http", "uuid")
 BROKER_OWN_KEYS = ("routes", "args")  # routes: {"[HOST]/PATH" = "SERVICE"}
-POOL_OWN_KEYS = ("routes", "args")  # routes: ["[HOST]/PATH", ...]
+POOL_OWN_KEYS = ("routes", "args", "interface")  # routes: ["[HOST]/PATH", ...]
+# interface: which command runs the pool, so which settings its table takes.
+POOL_INTERFACES: dict[str, type[CommonConfig]] = {"wsgi": WsgiConfig, "asgi": AsgiConfig}
 
 
 def _known_keys(table: dict[str, Any], known: tuple[str, ...], where: str) -> None:

@@ -204,6 +204,26 @@ class Stack:
         proc.wait_ready()
         return proc
 
+    def start_asgi(self, app: str, *args: str, service: str | None = None,
+                   routes: tuple[str, ...] = ("/",), processes: int = 1,
+                   concurrency: int = 50, env: dict[str, str] | None = None) -> Proc:
+        """A `scale0 asgi` pool (apps from tests/e2e/asgi_apps.py)."""
+        argv = [sys.executable, "-m", "scale0.cli", "asgi", app, "--processes", str(processes),
+                "--concurrency", str(concurrency), "--upload-dir", str(self.m2.upload_dir),
+                *args]
+        for endpoint in self.broker_endpoints:
+            argv += ["--connect", endpoint]
+        if service:
+            argv += ["--service", service]
+        for route in routes:
+            argv += ["--route", route]
+        env = {"PYTHONPATH": f"{APPS_DIR}{os.pathsep}{ROOT}", **(env or {})}
+        proc = Proc(f"asgi-{service or app.replace(':', '-')}-{len(self.procs)}", argv,
+                    self.tmp, env)
+        self.procs.append(proc)
+        proc.wait_ready()
+        return proc
+
     def wait_ok(self, path: str, timeout_s: float = 15.0) -> requests.Response:
         def ok() -> requests.Response | None:
             try:

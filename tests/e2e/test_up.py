@@ -148,13 +148,14 @@ def test_make_run_answers_curl_and_sigterm_stops_everything() -> None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        def curl_ok() -> bool:
+        def curl_ok(path: str = "/") -> bool:
             out = subprocess.run(["curl", "-s", "-m", "2", "-o", "/dev/null", "-w",
-                                  "%{http_code}", "http://127.0.0.1:6767/"],
+                                  "%{http_code}", "http://127.0.0.1:6767" + path],
                                  capture_output=True, text=True)
             return out.stdout == "200"
 
         wait_for(curl_ok, 60, "make run to answer curl")
+        wait_for(lambda: curl_ok("/chat"), 60, "make run to serve the ASGI chat page")
         metrics = requests.get("http://127.0.0.1:6790/metrics", timeout=5)
         assert metrics.status_code == 200 and "scale0_requests_total" in metrics.text
         tree = descendants(make.pid)

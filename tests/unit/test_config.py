@@ -373,3 +373,27 @@ routes = ["/other"]
         ["--route=/web=web", "--route=example.com/=web", "--route=/other=other"],
         ["--route=/api=api", "--route=/other=other"],  # a bind on every interface
     ]
+
+
+def test_stack_pool_interface_asgi_takes_asgi_settings(tmp_path: Path) -> None:
+    s = stack(tmp_path, "", "interface = 'asgi'\nconcurrency = 300\nlifespan = 'on'")
+    pool = s.procs[-1].argv[3:]
+    assert pool[0] == "asgi" and "--concurrency=300" in pool
+    cfg = resolve(pool)
+    assert isinstance(cfg, config.AsgiConfig) and cfg.concurrency == 300
+    assert cfg.lifespan == "on"
+    with pytest.raises(StackError, match=r"pool\[0\]: unknown setting 'threads'"):
+        stack(tmp_path, "", "interface = 'asgi'\nthreads = 2")
+    with pytest.raises(StackError, match=r"pool\[0\].interface must be one of wsgi, asgi"):
+        stack(tmp_path, "", "interface = 'rsgi'")
+
+
+def test_asgi_shares_the_pool_settings_and_bounds_concurrency() -> None:
+    cfg = resolve(["asgi", "m:create_app()", "--connect", "tcp://a:1", "--processes", "3",
+                   "--max-requests", "9", "--timeout", "5", "--graceful-timeout", "2"])
+    assert isinstance(cfg, config.AsgiConfig)
+    assert (cfg.app, cfg.processes, cfg.max_requests, cfg.timeout, cfg.graceful_timeout,
+            cfg.concurrency) == ("m:create_app()", 3, 9, 5.0, 2.0, 100)
+    with pytest.raises(ConfigError, match="SCALE0_CONCURRENCY: expected an integer from 1 "
+                                          "to 10000"):
+        resolve(["asgi", "m:app", "--connect", "tcp://a:1"], {"SCALE0_CONCURRENCY": "10001"})

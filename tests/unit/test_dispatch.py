@@ -1221,12 +1221,15 @@ def test_request_with_unanswerable_sender_is_dropped_not_raised() -> None:
     assert h.d.counters.bad_mongrel2 == 1
 
 
-def test_websocket_and_json_messages_are_501() -> None:
+def test_json_messages_are_501_and_a_stray_websocket_frame_is_closed() -> None:
     h = Harness()
     h.m2(m2_message(SENDER, 4, b"@chat", {b"METHOD": b"JSON"}, b'{"type":"msg"}'))
     h.take_error(501, 4, close=True)
+    # WebSockets are served now (test_dispatch_websocket.py); a frame of a
+    # connection with no WebSocket here is closed.
     h.m2(m2_message(SENDER, 5, b"/ws", {b"METHOD": b"WEBSOCKET", b"FLAGS": b"0x81"}, b"hi"))
-    h.take_error(501, 5, close=True)
+    (close,) = h.take_mongrel2()
+    assert close.conn_id == 5 and close.is_close
 
 
 def test_wrong_version_gets_an_error_frame() -> None:
