@@ -66,6 +66,11 @@ CRASH_LOOP = 5
 CHECK_EVERY_S = 1.0
 
 
+# What the arbiter handles itself; a forked child resets them before anything else.
+_ARBITER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
+                    signal.SIGTTIN, signal.SIGTTOU)
+
+
 @dataclass(slots=True)
 class _Slot:
     crashes: int = 0
@@ -174,6 +179,12 @@ class Pool:
             limit += random.randint(0, self.max_requests_jitter)
         state = ChildState(limit, self._wake_w)
         arbiter = os.getpid()
+        # Blocked across the fork: a SIGTERM sent to a child that has just been
+        # forked (a second SIGHUP stops the processes of the reload it cuts
+        # short) must not reach the arbiter's handlers, still installed in the
+        # child until it resets them; it would only set a flag in the child's
+        # copy of this Pool, and the child would run on, deaf to that stop.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _ARBITER_SIGNALS)
         pid = os.fork()
         if pid == 0:  # child: default signals, run, never return into the arbiter
             code = 1
@@ -183,6 +194,7 @@ class Pool:
                             signal.SIGTTOU):
                     signal.signal(sig, signal.SIG_DFL)
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)  # HUP is the arbiter's
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending TERM acts now
                 # After the defaults: SIGTERM (the graceful stop) if the arbiter
                 # dies, even by SIGKILL, or exit now if it already has.
                 die_with_parent(arbiter)
@@ -197,6 +209,7 @@ class Pool:
                 log.exception("%s worker process crashed", self.name)
             finally:
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         now = time.monotonic()
         self._children[pid] = _Child(pid, slot, state, now)
         log.info("%s: started process %d (slot %d%s)", self.name, pid, slot,
