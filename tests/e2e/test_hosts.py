@@ -87,7 +87,7 @@ class Hosts:
     def worker(self, host: str, name: str, service: str, route: str, key: str | None,
                *args: str, env: dict[str, str] | None = None) -> Proc:
         argv = ["wsgi", "e2e_apps:app", "--connect", f"tcp://{self.front}:6780",
-                "--service", service, "--route", route, "--threads", "4", *args]
+                "--service", service, "--route", route, "--threads", "1", *args]
         if key is not None and not name.startswith("rogue"):
             argv += ["--connect", f"tcp://{self.b2}:6780"]
         if key is not None:
@@ -165,7 +165,7 @@ class Hosts:
         return [w for w in self.status(control)["workers"] if "remote" in w["services"]]
 
     def host_of(self, worker: dict[str, Any]) -> str:
-        pid = int(worker["label"].rpartition(":")[2])
+        pid = int(worker["label"].rpartition(":")[2].partition("/")[0])  # host:pid/loop
         return next(host for host in ("w1", "w2", "front") if pid in self.net.pids(host))
 
     def get(self, path: str, timeout_s: float = 20) -> Any:
