@@ -1,6 +1,8 @@
 # Scale0: `make run` starts the whole stack, `make test` runs the suite.
 # Both install what is missing: the .venv, and Debian's mongrel2-core (as root);
-# `make test` also Debian's chromium and chromium-driver, for the status page test.
+# `make test` also Debian's chromium and chromium-driver, for the status page test,
+# and nftables, for the packet-loss case of the many-hosts tests (as root only:
+# those tests need root for network namespaces and skip without it).
 # `make bench` (docs/benchmarks.md) also installs Debian's wrk and nginx and the
 # `bench` extras (gunicorn, granian, py-spy); `make bench-long` runs the memory
 # and connection checks, `make profile` profiles the hot path with py-spy.
@@ -12,18 +14,18 @@ STAMP  := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 CONFIG ?= scale0.toml
 
-.PHONY: run test unit e2e lint bench bench-long profile deps mongrel2 browser wrk nginx clean
+.PHONY: run test unit e2e lint bench bench-long profile deps mongrel2 browser nftables wrk nginx clean
 
 run: deps
 	$(BIN)/scale0 up --config $(CONFIG) --exit-with-parent
 
-test: deps browser
+test: deps browser nftables
 	$(BIN)/python -m pytest -q tests
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
-e2e: deps browser
+e2e: deps browser nftables
 	$(BIN)/python -m pytest -q tests/e2e
 
 lint: $(STAMP)
@@ -63,6 +65,9 @@ mongrel2:
 # chromium-driver depends on chromium, so one install brings both.
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || $(MAKE) --no-print-directory apt-chromium-driver
+
+nftables:
+	@command -v nft >/dev/null || [ "$$(id -u)" != 0 ] || $(MAKE) --no-print-directory apt-nftables
 
 wrk:
 	@command -v wrk >/dev/null || $(MAKE) --no-print-directory apt-wrk

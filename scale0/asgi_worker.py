@@ -58,6 +58,7 @@ from . import mongrel2 as m2
 from . import protocol as p
 from .childstate import ChildState
 from .forwarded import LOOPBACK, Trust
+from .keys import CurveKeys
 from .supervise import BOOT_FAILED
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class AsgiSettings:
     websocket_max_size: int = 16 << 20
     lifespan: str = "auto"  # "auto": run it if the app supports it; "on": must; "off"
     forwarded: Trust = LOOPBACK  # whose X-Forwarded-Proto / client address to believe
+    curve: CurveKeys | None = None  # our key pair and the brokers' public key (keys.py)
 
 
 class _Flow:
@@ -688,6 +690,8 @@ class AsgiWorker:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 500)
             sock.setsockopt(zmq.SNDHWM, 0)  # a LAST is never dropped (see worker.py)
+            if self.settings.curve is not None:  # CURVE client of the broker
+                self.settings.curve.client_socket(sock)
             sock.connect(link.endpoint)
             link.socket = sock
             link.welcomed = link.drain_acked = False

@@ -43,6 +43,8 @@ from .control import ControlServer, default_endpoint
 from .dispatch import Dispatcher, DispatchSettings, Done
 from .frames import recv_frames, recv_one, send_frames, send_one
 from .handover import HANDOVER_TIMEOUT_S, MongrelPull
+from .keys import CurveKeys
+from .zap import CurveServer, HelloGate
 
 if TYPE_CHECKING:
     from .status import StatusServer
@@ -129,7 +131,8 @@ class Broker:
                  settings: DispatchSettings | None = None,
                  context: zmq.Context[zmq.Socket[bytes]] | None = None, *,
                  graceful_timeout_s: float = 30.0, startup_grace_s: float | None = None,
-                 control: str = "", metrics: tuple[str, int] | None = None) -> None:
+                 control: str = "", metrics: tuple[str, int] | None = None,
+                 curve: CurveServer | None = None, relay_curve: CurveKeys | None = None) -> None:
         if not links:
             raise ValueError("a broker needs at least one Mongrel2 link")
         self.link_specs = links
@@ -166,6 +169,10 @@ class Broker:
         # Where to serve /metrics and the status page (status.py); None: nowhere.
         self.metrics_address = metrics
         self.status_server: StatusServer | None = None
+        # CURVE (keys.py, zap.py): on the worker port, and as a client of relay+tcp links.
+        self.curve = curve
+        self.relay_curve = relay_curve
+        self._hello_gate = HelloGate(curve.authorizer) if curve is not None else None
 
     def add_done_sink(self, sink: Callable[[list[Done]], None], *,
                       wanted: Callable[[], bool] | None = None) -> None:
@@ -191,7 +198,16 @@ class Broker:
         router.setsockopt(zmq.SNDHWM, 0)
         router.setsockopt(zmq.RCVHWM, 0)
         router.setsockopt(zmq.MAXMSGSIZE, MAX_WORKER_FRAME_BYTES)
-        router.bind(self.bind)
+        try:
+            if self.curve is not None:  # ZAP first: a CURVE port never runs without it
+                self.curve.start(ctx)
+                self.curve.secure(router)
+            router.bind(self.bind)
+        except Exception:
+            router.close(0)
+            if self.curve is not None:
+                self.curve.close()
+            raise
         self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._router = router
         try:  # before linking to Mongrel2: a broker that cannot start takes no request
@@ -218,6 +234,8 @@ class Broker:
                 # HEARTBEAT are sent again anyway (see _relay_send).
                 pull.setsockopt(zmq.IMMEDIATE, 1)
                 pull.setsockopt(zmq.SNDHWM, 100)
+                if self.relay_curve is not None:
+                    self.relay_curve.client_socket(pull)
                 pull.connect(spec.send_spec)
             else:
                 mongrel2 = MongrelPull(ctx, spec.send_spec)
@@ -260,6 +278,8 @@ class Broker:
                 link.pub.close()  # LINGER 2 s: replies still queued go out first
         if self._router is not None:
             self._router.close(0)
+        if self.curve is not None:
+            self.curve.close()
         if self._control is not None:
             self._control.close()
         if self._context is None:
@@ -277,6 +297,8 @@ class Broker:
         self._wakeup_w.setblocking(False)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stop())
+        # SIGHUP: re-read the authorized keys (in the ZAP thread); else nothing.
+        signal.signal(signal.SIGHUP, lambda *_: self.curve.reload() if self.curve else None)
 
     # ---- the loop ------------------------------------------------------
 
@@ -384,7 +406,7 @@ class Broker:
                 self._pass_done()
             if self.publish_snapshots and now >= next_snapshot:
                 next_snapshot = now + SNAPSHOT_EVERY_S
-                self.snapshot = d.snapshot(now)
+                self.snapshot = {**d.snapshot(now), "keys": self.key_status()}
         left = d.shutdown(monotonic())  # whatever the grace period did not finish
         self._flush(router)
         self._pass_done()
@@ -560,12 +582,14 @@ class Broker:
 
     def _read_workers(self, router: zmq.Socket[bytes], now: float) -> None:
         d = self.dispatcher
+        gate = self._hello_gate  # CURVE: a HELLO is checked against its key's services
         for _ in range(BATCH):
             try:
-                frames = recv_frames(router)
+                frames = recv_frames(router) if gate is None else gate.recv(router)
             except zmq.Again:
                 return
-            d.on_worker(frames[0], frames[1:], now)
+            if frames:  # [] : a refused HELLO, answered by the gate
+                d.on_worker(frames[0], frames[1:], now)
 
     def _read_subscriptions(self, link: _Link) -> None:
         assert link.pub is not None
@@ -694,6 +718,13 @@ class Broker:
     @property
     def stopping(self) -> bool:
         return self._stopping
+
+    def key_status(self) -> dict[str, Any]:
+        status: dict[str, Any] = {"curve": False}
+        if self.curve is not None and self._hello_gate is not None:
+            status = {**self.curve.status(), "hellos_refused": self._hello_gate.refused,
+                      "revoked_messages": self._hello_gate.revoked}
+        return status
 
     def link_status(self) -> list[dict[str, Any]]:
         return [{"send_spec": str(link.spec).split(",")[0], "recv_spec": link.spec.recv_spec,

@@ -19,6 +19,8 @@ from . import protocol as p
 from .accesslog import AccessLog, AccessLogError
 from .broker import Broker, LinkSpec
 from .dispatch import DispatchSettings
+from .keys import CurveKeys, KeyFileError, generate
+from .zap import CurveServer
 
 log = logging.getLogger("scale0")
 
@@ -75,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     ctl.add_parser(sub)  # `scale0 ctl`: a client, not a settings-driven process
 
+    k = sub.add_parser("keygen", help="write a CURVE key pair: DIR/NAME.key (public, for "
+                                      "--authorized-keys, --broker-key, --relay-key) and "
+                                      "DIR/NAME.key_secret (for --curve-secret)")
+    k.add_argument("name", metavar="NAME", help="the key's name (shown in logs and refusals)")
+    k.add_argument("--dir", required=True, metavar="DIR", help="where to write the two files")
+    k.add_argument("--services", metavar="A,B", default="",
+                   help="the only services a worker with this key may announce "
+                        "(default: any)")
+    k.set_defaults(func=cmd_keygen, settings=None, log_level="warning")
+
     r = sub.add_parser("relay", help="share one Mongrel2 handler between brokers, losing "
                                      "nothing when a broker leaves (see scale0/relay.py)")
     config.add_arguments(r, config.RelayConfig)
@@ -118,9 +130,16 @@ def cmd_broker(cfg: config.BrokerConfig, _: argparse.Namespace) -> int:
         eject_after=cfg.eject_after, eject_s=cfg.eject_time,
         max_peer_heartbeat_s=cfg.max_peer_heartbeat,
         websocket_idle_timeout_s=cfg.websocket_idle_timeout)
+    try:
+        curve = (CurveServer.from_files(cfg.curve_secret, cfg.authorized_keys, b"workers")
+                 if cfg.curve_secret else None)
+        relay_curve = (CurveKeys.load(cfg.curve_secret, cfg.relay_key)
+                       if cfg.curve_secret and cfg.relay_key else None)
+    except KeyFileError as exc:
+        return _usage_error("broker", str(exc))
     broker = Broker(links, cfg.bind, settings, graceful_timeout_s=cfg.graceful_timeout,
                     control="" if cfg.control == "off" else cfg.control,
-                    metrics=cfg.metrics)
+                    metrics=cfg.metrics, curve=curve, relay_curve=relay_curve)
     if upload_dir is not None and cfg.inline_body_max:  # spool.py: bodies into requests
         broker.dispatcher.read_spooled = partial(_read_spooled, upload_dir)
     access: AccessLog | None = None
@@ -142,9 +161,14 @@ def cmd_relay(cfg: config.RelayConfig, _: argparse.Namespace) -> int:
     from .relay import Relay
 
     recv_spec, recv_ident = cfg.mongrel2_recv or ("", b"")
+    try:
+        curve = (CurveServer.from_files(cfg.curve_secret, cfg.authorized_keys, b"brokers")
+                 if cfg.curve_secret else None)
+    except KeyFileError as exc:
+        return _usage_error("relay", str(exc))
     return _serve(Relay(cfg.mongrel2, cfg.bind, heartbeat_s=cfg.heartbeat,
                         liveness=cfg.liveness, recv_spec=recv_spec, recv_ident=recv_ident,
-                        max_peer_heartbeat_s=cfg.max_peer_heartbeat), "relay")
+                        max_peer_heartbeat_s=cfg.max_peer_heartbeat, curve=curve), "relay")
 
 
 class _Service(Protocol):
@@ -212,10 +236,15 @@ def cmd_wsgi(cfg: config.WsgiConfig, _: argparse.Namespace) -> int:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     service = cfg.service or config.default_service(cfg.app)
+    try:
+        curve = (CurveKeys.load(cfg.curve_secret, cfg.broker_key)
+                 if cfg.curve_secret and cfg.broker_key else None)
+    except KeyFileError as exc:
+        return _usage_error("wsgi", str(exc))
     worker_settings = WorkerSettings(
         connect=cfg.connect, services=(p.ServiceSpec(service, cfg.route),),
         capacity=cfg.threads, heartbeat_s=cfg.heartbeat, liveness=cfg.liveness,
-        graceful_timeout_s=cfg.graceful_timeout,
+        graceful_timeout_s=cfg.graceful_timeout, curve=curve,
         # It reads spooled bodies from Mongrel2's disk: the broker need not inline them.
         meta=(("uploads", "file"),) if upload_dir else ())
     wsgi_settings = WsgiSettings(
@@ -258,12 +287,17 @@ def cmd_asgi(cfg: config.AsgiConfig, _: argparse.Namespace) -> int:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     service = cfg.service or config.default_service(cfg.app)
+    try:
+        curve = (CurveKeys.load(cfg.curve_secret, cfg.broker_key)
+                 if cfg.curve_secret and cfg.broker_key else None)
+    except KeyFileError as exc:
+        return _usage_error("asgi", str(exc))
     settings = AsgiSettings(
         connect=cfg.connect, services=(p.ServiceSpec(service, cfg.route),),
         concurrency=cfg.concurrency, heartbeat_s=cfg.heartbeat, liveness=cfg.liveness,
         graceful_timeout_s=cfg.graceful_timeout, upload_dir=upload_dir,
         websocket_max_size=cfg.websocket_max_size, lifespan=cfg.lifespan,
-        forwarded=trust(cfg.forwarded_allow_ips, cfg.client_address_header))
+        forwarded=trust(cfg.forwarded_allow_ips, cfg.client_address_header), curve=curve)
 
     def serve() -> int:
         try:
@@ -280,6 +314,16 @@ def cmd_asgi(cfg: config.AsgiConfig, _: argparse.Namespace) -> int:
     return Pool(serve, cfg.processes, graceful_timeout_s=cfg.graceful_timeout + 5,
                 name=f"asgi[{service}]", max_requests=cfg.max_requests,
                 max_requests_jitter=cfg.max_requests_jitter, timeout_s=cfg.timeout).run()
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    services = [s.strip() for s in args.services.split(",") if s.strip()]
+    try:
+        public, secret = generate(args.name, args.dir, services)
+    except (KeyFileError, OSError) as exc:
+        return _usage_error("keygen", str(exc))
+    print(f"{public}\n{secret}")
+    return 0
 
 
 def cmd_up(cfg: config.UpConfig, args: argparse.Namespace) -> int:

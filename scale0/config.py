@@ -230,6 +230,36 @@ FORWARDED_ALLOW = Kind("IP addresses or networks, comma-separated, or *", (str,)
 HEADER_NAME = Kind("a header name", (str,), _header_name, _header_name)
 
 
+def _key_file(secret: bool) -> Callable[[str], str]:
+    """A certificate path, checked now so that a bad key stops the start."""
+    def check(path: str) -> str:
+        from .keys import KeyFileError, load_public, load_secret
+
+        try:
+            load_secret(path) if secret else load_public(path)
+        except KeyFileError as exc:
+            raise Invalid(str(exc)) from exc
+        return path
+    return check
+
+
+def _key_dir(path: str) -> str:
+    from .keys import KeyFileError
+    from .zap import Authorizer
+
+    try:
+        Authorizer(path).load()
+    except KeyFileError as exc:
+        raise Invalid(str(exc)) from exc
+    return path
+
+
+SECRET_KEY = Kind("a .key_secret file (scale0 keygen)", (str,), _key_file(True),
+                  _key_file(True))
+PUBLIC_KEY = Kind("a .key file (scale0 keygen)", (str,), _key_file(False), _key_file(False))
+KEY_DIR = Kind("a folder of .key files", (str,), _key_dir, _key_dir)
+
+
 @dataclass(frozen=True, slots=True)
 class Spec:
     """The metadata `setting()` stores on a dataclass field."""
@@ -279,7 +309,33 @@ class PeerConfig(CommonConfig):
 
 
 @dataclass(frozen=True, slots=True)
-class BrokerConfig(PeerConfig):
+class CurveServerConfig(PeerConfig):
+    """A process whose --bind port may face other hosts (broker, relay)."""
+
+    curve_secret: str | None = setting(
+        None, "this process's own key (a .key_secret from `scale0 keygen`): CURVE on its "
+        "--bind port", SECRET_KEY, metavar="FILE")
+    authorized_keys: str | None = setting(
+        None, "with curve_secret: folder of the public .key files of the peers that may "
+        "connect, re-read on SIGHUP (none: no key may)", KEY_DIR, metavar="DIR")
+    insecure: bool = setting(
+        False, "allow --bind on an address other hosts reach without CURVE", BOOL)
+
+    def check(self) -> None:
+        bind = getattr(self, "bind", "")
+        if self.curve_secret is None and self.authorized_keys is not None:
+            raise ConfigError("authorized_keys (--authorized-keys) needs curve_secret "
+                              "(--curve-secret)")
+        if self.curve_secret is None and not self.insecure:
+            from .keys import insecure_bind_error
+
+            error = insecure_bind_error("bind", bind, "--curve-secret")
+            if error:
+                raise ConfigError(error)
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig(CurveServerConfig):
     mongrel2: tuple[LinkSpec, ...] = setting(
         (), "a Mongrel2 handler to serve; relay+ENDPOINT alone: through a relay that "
         "also carries the replies (docs/protocol.md Appendix B)", LINK, repeat=True,
@@ -358,8 +414,15 @@ class BrokerConfig(PeerConfig):
     websocket_idle_timeout: float = setting(
         300.0, "close a WebSocket (1001) with no frame either way for this long; its "
         "handshake waits as long for the app's accept", POSITIVE_FLOAT, metavar="SECONDS")
+    relay_key: str | None = setting(
+        None, "the relay's public .key: CURVE on relay+tcp:// links, with curve_secret as "
+        "this broker's key", PUBLIC_KEY, metavar="FILE")
 
     def check(self) -> None:
+        CurveServerConfig.check(self)
+        if self.relay_key is not None and self.curve_secret is None:
+            raise ConfigError("relay_key (--relay-key) needs curve_secret (--curve-secret): "
+                              "this broker's own key")
         if not self.mongrel2 and self.mongrel2_db is None:
             raise ConfigError("no Mongrel2 to serve: set mongrel2 (--mongrel2, "
                               "SCALE0_MONGREL2) or mongrel2_db (--mongrel2-db)")
@@ -368,7 +431,24 @@ class BrokerConfig(PeerConfig):
 
 
 @dataclass(frozen=True, slots=True)
-class PoolConfig(PeerConfig):
+class WorkerCurveConfig(PeerConfig):
+    """Every worker command (`scale0 wsgi`, an ASGI one): CURVE to its brokers."""
+
+    curve_secret: str | None = setting(
+        None, "this worker's own key (a .key_secret from `scale0 keygen`): CURVE to the "
+        "brokers", SECRET_KEY, metavar="FILE")
+    broker_key: str | None = setting(
+        None, "the brokers' public .key; needed with curve_secret", PUBLIC_KEY,
+        metavar="FILE")
+
+    def check(self) -> None:
+        if (self.curve_secret is None) != (self.broker_key is None):
+            raise ConfigError("curve_secret (--curve-secret) and broker_key (--broker-key) "
+                              "go together")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig(WorkerCurveConfig):
     """The settings `scale0 wsgi` and `scale0 asgi` share."""
 
     connect: tuple[str, ...] = setting((), "broker endpoint", repeat=True,
@@ -435,7 +515,7 @@ class AsgiConfig(PoolConfig):
 
 
 @dataclass(frozen=True, slots=True)
-class RelayConfig(PeerConfig):
+class RelayConfig(CurveServerConfig):
     mongrel2: str = setting("", "the Mongrel2 handler's send_spec to PULL from", required=True,
                             metavar="SEND_SPEC")
     bind: str = setting("tcp://127.0.0.1:6781", "ROUTER endpoint brokers connect to, as "

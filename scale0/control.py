@@ -73,6 +73,8 @@ class Controlled(Protocol):
 
     def link_status(self) -> list[dict[str, Any]]: ...
 
+    def key_status(self) -> dict[str, Any]: ...
+
 
 # ---- where ---------------------------------------------------------------
 
@@ -192,6 +194,7 @@ def _status(server: ControlServer, args: list[str], now: float) -> Any:
                    "workers_endpoint": b.endpoint, "control": server.endpoint,
                    "tap": server.tap_endpoint},
         "links": b.link_status(),
+        "keys": b.key_status(),
         **b.dispatcher.snapshot(now),
     }
 

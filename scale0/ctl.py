@@ -227,6 +227,13 @@ def render_status(st: dict[str, Any]) -> str:
         parts.append("")
     counters = st["counters"]
     parts.append("counters: " + " ".join(f"{k}={v}" for k, v in counters.items()))
+    keys = st.get("keys", {})
+    if keys.get("curve"):
+        parts.append(f"CURVE: {keys['keys']} authorized keys in {keys['authorized_keys']} "
+                     f"(reloaded {keys['reloads']} times), handshakes accepted="
+                     f"{keys['accepted']} refused={keys['refused']}, HELLOs refused="
+                     f"{keys['hellos_refused']}, messages of revoked keys dropped="
+                     f"{keys['revoked_messages']}")
     return "\n".join(parts)
 
 

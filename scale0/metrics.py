@@ -170,6 +170,7 @@ class BrokerCollector(Collector):
         snap = self.snapshot()
         yield from self._state(snap)
         yield from self._counters(snap.get("counters", {}))
+        yield from self._keys(snap.get("keys", {}))
 
     def _traffic(self, totals: dict[str, ServiceTotals]) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -247,6 +248,26 @@ class BrokerCollector(Collector):
         yield GaugeMetricFamily("scale0_client_connections",
                                 "Client connections with a request in progress.",
                                 value=snap.get("connections", 0))
+
+    def _keys(self, keys: dict[str, Any]) -> Iterator[Metric]:
+        """CURVE on the worker port (keys.py, zap.py); nothing when it is off."""
+        if not keys.get("curve"):
+            return
+        yield GaugeMetricFamily("scale0_curve_authorized_keys",
+                                "Worker keys in the broker's authorized_keys folder.",
+                                value=keys["keys"])
+        handshakes = CounterMetricFamily(
+            "scale0_curve_handshakes", "CURVE handshakes on the worker port, by the ZAP "
+            "answer: accepted (a known key) or refused (unknown key).", labels=["result"])
+        handshakes.add_metric(["accepted"], keys["accepted"])
+        handshakes.add_metric(["refused"], keys["refused"])
+        yield handshakes
+        yield CounterMetricFamily(
+            "scale0_curve_hellos_refused", "HELLOs answered ERROR 403: a service the worker's key "
+            "may not announce.", value=keys["hellos_refused"])
+        yield CounterMetricFamily(
+            "scale0_curve_revoked_messages", "Worker messages dropped: their key was removed from "
+            "authorized_keys since the handshake.", value=keys["revoked_messages"])
 
     def _counters(self, counters: dict[str, int]) -> Iterator[Metric]:
         for name, text, key in _SIMPLE_COUNTERS:

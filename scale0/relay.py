@@ -59,6 +59,7 @@ from . import mongrel2 as m2
 from .frames import recv_frames, recv_one, send_frames
 from .handover import HANDOVER_TIMEOUT_S, MongrelPull
 from .ratelog import RateLimitedLog
+from .zap import CurveServer
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +392,7 @@ class Relay:
 
     def __init__(self, send_spec: str, bind: str, *, heartbeat_s: float = 1.0,
                  liveness: int = 3, recv_spec: str = "", recv_ident: bytes = b"",
-                 max_peer_heartbeat_s: float = 30.0) -> None:
+                 max_peer_heartbeat_s: float = 30.0, curve: CurveServer | None = None) -> None:
         self.send_spec = send_spec
         self.bind = bind
         # Mongrel2's recv_spec (and recv_ident), "" for none: where the relay
@@ -399,6 +400,7 @@ class Relay:
         # brokers linked as relay+ENDPOINT alone send it.
         self.recv_spec = recv_spec
         self.recv_ident = recv_ident
+        self.curve = curve  # CURVE on the broker port (keys.py, zap.py)
         self.core = RelayCore(heartbeat_s, liveness, max_peer_heartbeat_s=max_peer_heartbeat_s,
                               close_lost=bool(recv_spec))
         self.endpoint = ""
@@ -423,6 +425,9 @@ class Relay:
         router.setsockopt(zmq.RCVHWM, 0)
         router.setsockopt(zmq.MAXMSGSIZE, MAX_BROKER_REPLY_FRAME_BYTES if self.recv_spec
                           else MAX_BROKER_MESSAGE_BYTES)
+        if self.curve is not None:  # ZAP first: a CURVE port never runs without it
+            self.curve.start(ctx)
+            self.curve.secure(router)
         router.bind(self.bind)
         self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._router, self._mongrel2 = router, MongrelPull(ctx, self.send_spec)
@@ -444,6 +449,8 @@ class Relay:
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stop())
+        # SIGHUP: re-read the authorized keys (in the ZAP thread); else nothing.
+        signal.signal(signal.SIGHUP, lambda *_: self.curve.reload() if self.curve else None)
 
     def run(self) -> None:
         if self._router is None:
@@ -607,6 +614,8 @@ class Relay:
             self._mongrel2.close()
         if self._router is not None:
             self._router.close()
+        if self.curve is not None:
+            self.curve.close()
         if self._ctx is not None:
             self._ctx.term()
         self._wake_r.close()

@@ -10,7 +10,8 @@ supervisor itself dies (even by SIGKILL), every child gets SIGTERM from the
 kernel (lifeline.py: PR_SET_PDEATHSIG; Mongrel2 as root through the lifeline
 watcher) and stops. SIGHUP reloads every worker pool (forwarded to each
 pool's arbiter, which starts new processes and then retires the old ones,
-supervise.py); brokers and Mongrel2 keep running.
+supervise.py) and the authorized keys of every broker and relay (forwarded
+to them); they and Mongrel2 keep running.
 
 A process that dies is restarted with a delay that doubles per quick crash
 (0.5 s up to MAX_BACKOFF_S); CRASH_LOOP quick crashes in a row are logged as
@@ -208,10 +209,13 @@ class Stack:
         self._reloads += 1
 
     def _reload(self) -> None:
-        """SIGHUP to each pool's arbiter only: its workers ignore HUP, and a
-        signal to the whole group would reach them too."""
+        """SIGHUP to each pool's arbiter (not its group: its workers ignore HUP,
+        and a signal to the group would reach them too), and to each broker
+        and relay: they re-read their authorized keys (zap.py) and go on.
+        Never to Mongrel2."""
         for proc in self.procs:
-            if _is_pool(proc) and proc.popen is not None and proc.popen.poll() is None:
+            if proc.name != "mongrel2" and proc.popen is not None \
+                    and proc.popen.poll() is None:
                 log.info("reloading %s (SIGHUP to pid %d)", proc.name, proc.popen.pid)
                 proc.popen.send_signal(signal.SIGHUP)
 
@@ -378,10 +382,6 @@ def _kill_group(pgid: int) -> None:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-
-
-def _is_pool(proc: _Proc) -> bool:
-    return proc.name.startswith("pool-")  # from_dict names the [[pool]] processes so
 
 
 def _accepts(addr: tuple[str, int]) -> bool:

@@ -61,6 +61,7 @@ import zmq
 
 from . import protocol as p
 from .childstate import ChildState
+from .keys import CurveKeys
 from .reply import MAX_MESSAGE_BYTES, MAX_OUTSTANDING_MESSAGES, Cancelled, ReplyStream
 from .worker_loop import BrokerConn, Handler, Loop
 
@@ -85,6 +86,7 @@ class WorkerSettings:
     reconnect_max_s: float = 10.0
     label: str = ""
     meta: tuple[tuple[str, str], ...] = ()  # more HELLO meta, e.g. ("uploads", "file")
+    curve: CurveKeys | None = None  # our key pair and the brokers' public key
 
 
 class Worker:

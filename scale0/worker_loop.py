@@ -219,8 +219,10 @@ class Loop:
                     next_timer = min(next_timer, c.retry_at)
                     continue
             elif now - c.last_seen > c.expiry_s:
-                log.warning("broker %s silent for %.1fs: reconnecting", c.endpoint,
-                            now - c.last_seen)
+                log.warning("broker %s silent for %.1fs: reconnecting%s", c.endpoint,
+                            now - c.last_seen, " (CURVE: is our key among its authorized "
+                            "keys, and --broker-key its key?)"
+                            if worker.settings.curve and not c.welcomed else "")
                 self._disconnect(c, retry_at=now + c.backoff_s)
                 c.backoff_s = min(c.backoff_s * 2, worker.settings.reconnect_max_s)
                 next_timer = min(next_timer, c.retry_at)
@@ -268,6 +270,8 @@ class Loop:
         # while the broker is connected. Memory stays bounded by the flow
         # window (at most 8 messages per request) and one request per loop.
         sock.setsockopt(zmq.SNDHWM, 0)
+        if s.curve is not None:  # CURVE client of the broker (keys.py)
+            s.curve.client_socket(sock)
         sock.connect(c.endpoint)
         c.socket = sock
         c.welcomed = c.drain_acked = False

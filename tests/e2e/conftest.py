@@ -155,14 +155,15 @@ class Stack:
         wait_for(accepts, what="Mongrel2 to accept connections")
         return proc
 
-    def start_relay(self, port: int | None = None, *, replies: bool = False) -> Proc:
+    def start_relay(self, port: int | None = None, *, replies: bool = False,
+                    args: tuple[str, ...] = ()) -> Proc:
         """A relay in front of this stack's Mongrel2; brokers started after it
         take their requests from the relay. `replies`: they send their replies
         through it too (linked as relay+ENDPOINT alone)."""
         endpoint = f"tcp://127.0.0.1:{port or free_port()}"
         also = ["--mongrel2-recv", self.recv_spec] if replies else []
         proc = Proc("relay", [sys.executable, "-m", "scale0.cli", "relay", "--mongrel2",
-                              self.send_spec, "--bind", endpoint, *also], self.tmp)
+                              self.send_spec, "--bind", endpoint, *also, *args], self.tmp)
         self.procs.append(proc)
         proc.wait_ready()
         self.link = f"relay+{endpoint}" if replies else f"relay+{endpoint},{self.recv_spec}"

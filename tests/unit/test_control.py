@@ -44,6 +44,9 @@ class FakeBroker:
                  "connected": True, "subscribed": True, "held": 0, "replies": 3,
                  "closed": False}]
 
+    def key_status(self) -> dict[str, Any]:
+        return {"curve": False}
+
 
 def hello(d: Dispatcher, ident: bytes, label: str, service: str = "app",
           routes: tuple[str, ...] = ("/app",), capacity: int = 1) -> None:

@@ -306,3 +306,16 @@ def test_request_stats_keep_a_bounded_number_of_services() -> None:
     assert value(s, "scale0_requests_total", service="s1", status="200") == 1
     assert value(s, "scale0_requests_total", service="_other", status="200") == 4
     assert sorted(stats.totals()) == ["_other", "s0", "s1"]
+
+
+def test_curve_counters_only_when_curve_is_on() -> None:
+    keys = {"curve": True, "authorized_keys": "/k", "keys": 3, "accepted": 5, "refused": 2,
+            "reloads": 1, "hellos_refused": 4, "revoked_messages": 6}
+    s = scrape(RequestStats(), {**SNAPSHOT, "keys": keys})
+    assert value(s, "scale0_curve_authorized_keys") == 3
+    assert value(s, "scale0_curve_handshakes_total", result="accepted") == 5
+    assert value(s, "scale0_curve_handshakes_total", result="refused") == 2
+    assert value(s, "scale0_curve_hellos_refused_total") == 4
+    assert value(s, "scale0_curve_revoked_messages_total") == 6
+    off = scrape(RequestStats(), {**SNAPSHOT, "keys": {"curve": False}})
+    assert not any(name.startswith("scale0_curve") for name, _ in off)
