@@ -253,8 +253,9 @@ class Loop:
             return
         for c in self.conns:
             if c is not current.conn and c.socket is not None:
-                if c.welcomed:
-                    self.send(c, _CMD_BYE)
+                # BYE even before its WELCOME was read (the app may have started
+                # first): the broker registered us at our HELLO.
+                self.send(c, _CMD_BYE)
                 log.debug("loop %d leaves broker %s while a long request runs",
                           self.index, c.endpoint)
                 self._disconnect(c, retry_at=0.0)

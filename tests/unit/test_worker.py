@@ -57,7 +57,10 @@ class FakeBroker:
     def send(self, ident: bytes, command: p.Command, *args: bytes) -> None:
         self.router.send_multipart([ident, p.VERSION, p.CMD[command], *args])
 
-    def welcome(self, ident: bytes, heartbeat_ms: int = 1000) -> None:
+    def welcome(self, ident: bytes, heartbeat_ms: int = 60_000) -> None:
+        # This fake never heartbeats: it announces a long interval, so the
+        # worker (which expires a broker by WELCOME's interval x liveness) does
+        # not drop it and say HELLO again while a test runs on a loaded machine.
         self.send(ident, Cmd.WELCOME, json.dumps({"broker": "fake",
                                                   "heartbeat_ms": heartbeat_ms}).encode())
 
