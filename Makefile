@@ -41,7 +41,7 @@ bench-long: deps wrk $(BENCH_STAMP)
 profile: deps wrk $(BENCH_STAMP)
 	$(BIN)/python -m bench.profile
 
-# gunicorn, granian (the peers) and py-spy: only the benchmarks need them.
+# gunicorn, granian, uvicorn (the peers) and py-spy: only the benchmarks need them.
 $(BENCH_STAMP): pyproject.toml $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,bench]'
 	@touch $@

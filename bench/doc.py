@@ -8,11 +8,32 @@ A section is the text between `<!-- section NAME -->` and `<!-- end NAME -->`.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from .report import Settings
 
 SECTIONS = ("long", "profile", "profile-previous")
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How much load the run planned: measured runs, warm-ups, seconds."""
+
+    cells: int  # measured runs of all scenarios
+    warmups: int
+    load_s: int  # with this run's settings
+    default_load_s: int  # with the defaults (5 s, 3 runs)
+    ws_connections: int
+
+
+@dataclass(frozen=True, slots=True)
+class AsgiTables:
+    ratios: str
+    results: str
+    cpu: str
+    ws: str
+    ws_cpu: str
 
 HEADER = """\
 # Scale0 benchmarks
@@ -45,6 +66,11 @@ by the bench and stopped at its end, all in the same run:
   `mongrel2/mongrel2.conf` has.
 - **scale0+relay fc-off**: scale0+relay with Mongrel2's
   `download.flow_control=0`: the difference is what flow control costs.
+- **scale0+relay-replies**: scale0+relay with the replies through the relay
+  too: the broker is linked as `relay+tcp://HOST:PORT` alone and the relay
+  runs with `--mongrel2-recv RECV_SPEC`, so replies go broker -> relay ->
+  Mongrel2, the path of a broker on another host than Mongrel2. Hello cases
+  only; its cost against scale0+relay is in the ratios table.
 - **gunicorn**: nginx -> gunicorn `-w 2 -k sync{no_control_socket}`
   `examples.hello:app`.
 - **granian**: nginx -> granian `--interface wsgi --workers 2 --no-ws`
@@ -84,31 +110,56 @@ Content-Length, HTTP/1.1 keep-alive from the client.
 - Knobs: `BENCH_DURATION` (seconds per run, default 5), `BENCH_RUNS`
   (default 3), `BENCH_WRK_THREADS` (default 2), `BENCH_SCENARIOS` (a
   comma-separated subset of the scenario names). With these settings and
-  all six scenarios: {cells} measured runs of {duration} s and {warmups}
-  warm-ups, about {planned} min of load plus about a minute of start-up and
-  sampling (the defaults, 5 s and 3 runs: 672 s of load, about 12 min in
-  all; estimated from shorter runs on this 2-core machine).
+  all scenarios: {cells} measured runs of {duration} s and {warmups}
+  warm-ups, about {planned} min of load plus start-up and sampling (the
+  defaults, 5 s and 3 runs: {default_load_s} s of load; `make bench` prints
+  its plan when it starts).
+
+ASGI scenarios (own section below), all serving `examples/asgi_hello.py`, a
+plain ASGI app (`GET /` is the same 19 bytes, a WebSocket on `/ws` echoes each
+message), hello cases only plus one WebSocket echo case:
+
+- **scale0 asgi**: Mongrel2 -> `scale0 relay` -> `scale0 broker` -> `scale0
+  asgi examples.asgi_hello:app --processes 2 --concurrency 100`
+  (`download.flow_control=1`).
+- **uvicorn**: nginx -> `uvicorn --workers 2 --no-access-log --ws websockets`.
+- **granian asgi**: nginx -> `granian --interface asgi --workers 2`.
+- Both peers sit behind nginx like the WSGI peers (as scale0 sits behind
+  Mongrel2); their nginx has a `location /ws` passing the WebSocket upgrade
+  through (`proxy_http_version 1.1`, `Upgrade`/`Connection` headers).
+- **WebSocket echo**: `bench/ws_echo.py` (the `websockets` library, asyncio,
+  one process): {ws_connections} connections, each sending a 23-byte text
+  message and awaiting its echo, then the next, for {duration} s. Messages/s
+  counts echoes equal to what was sent; p50/p99 are of the round trips; a
+  wrong echo or a dropped connection is an error. CPU per message is counted
+  like CPU per request (the client's own CPU as `wrk (client)`). Every server
+  is checked to echo before measuring.
 
 Absolute numbers move between machines and between runs; the **ratios within
 one run** are what count.
 """
 
 
-def render(*, machine: str, settings: Settings, cpus: str, cells: int,
+def render(*, machine: str, settings: Settings, cpus: str, plan: Plan,
            no_control_socket: bool, summary: str, ratios: str, results: str, cpu: str,
-           runs: str, memory: str, runtime_s: float) -> str:
-    warmups = cells // settings.runs
-    load_s = cells * settings.duration_s + warmups * settings.warmup_s
+           runs: str, memory: str, runtime_s: float, asgi: AsgiTables) -> str:
     header = HEADER.format(machine=machine, threads=settings.wrk_threads,
                            duration=settings.duration_s, warmup=settings.warmup_s,
-                           runs=settings.runs, cpus=cpus, cells=cells, warmups=warmups,
-                           planned=f"{load_s / 60:.0f}",
+                           runs=settings.runs, cpus=cpus, cells=plan.cells,
+                           warmups=plan.warmups, planned=f"{plan.load_s / 60:.0f}",
+                           default_load_s=plan.default_load_s,
+                           ws_connections=plan.ws_connections,
                            no_control_socket=" --no-control-socket" if no_control_socket else "")
     return (f"{header}\n## Results\n\nThis run took {runtime_s / 60:.1f} min in all.\n\n"
             f"### Targets of issue 9, judged on this run\n\n{summary}\n\n"
             f"### Ratios: scale0+relay's req/s against each\n\n{ratios}\n\n"
             f"### Throughput, latency, errors\n\n{results}\n\n"
             f"### CPU µs per request, every process (median over runs)\n\n{cpu}\n\n"
+            f"## ASGI\n\n### Ratios: scale0 asgi's req/s (msg/s) against each\n\n"
+            f"{asgi.ratios}\n\n### ASGI: throughput, latency, errors\n\n{asgi.results}\n\n"
+            f"### ASGI: CPU µs per request, every process\n\n{asgi.cpu}\n\n"
+            f"### WebSocket echo\n\n{asgi.ws}\n\n"
+            f"### WebSocket echo: CPU µs per message, every process\n\n{asgi.ws_cpu}\n\n"
             f"### Requests/s of each run (outliers show here)\n\n{runs}\n\n"
             f"### Memory (RSS after the runs)\n\n{memory}\n")
 

@@ -1,4 +1,5 @@
-"""The peers Scale0 is measured against: nginx -> gunicorn and nginx -> granian.
+"""The peers Scale0 is measured against: nginx -> gunicorn and nginx -> granian
+(WSGI); nginx -> uvicorn and nginx -> granian --interface asgi (ASGI).
 
 Both serve the same `examples.hello:app` WSGI app as the Scale0 pools, from
 the repository root, on free loopback ports:
@@ -6,6 +7,9 @@ the repository root, on free loopback ports:
 - gunicorn: `-w 2 -k sync` (two sync workers, gunicorn's default worker
   class), `--no-control-socket` where the installed gunicorn has that flag.
 - granian: `--interface wsgi --workers 2 --no-ws`.
+- uvicorn: `--workers 2 --no-access-log --ws websockets` and granian
+  `--interface asgi --workers 2`, both serving `examples.asgi_hello:app`; their
+  nginx also has a `location /ws` passing WebSocket upgrades through.
 - nginx in front of each: `worker_processes auto`, a plain
   `proxy_pass http://127.0.0.1:PORT;` (nginx's defaults: HTTP/1.0 to the
   upstream, a new upstream connection per request, response buffering),
@@ -30,6 +34,7 @@ from .procs import BenchError, Proc, free_port
 from .scenarios import ROOT, Scenario
 
 APP = "examples.hello:app"
+ASGI_APP = "examples.asgi_hello:app"
 WORKERS = 2
 NGINX_TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
@@ -61,6 +66,12 @@ def require_peers() -> None:
     _venv_tool("granian")
 
 
+def require_asgi_peers() -> None:
+    nginx_binary()
+    _venv_tool("uvicorn")
+    _venv_tool("granian")
+
+
 def _output(argv: list[str]) -> str:
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
@@ -78,12 +89,28 @@ def versions() -> list[tuple[str, str]]:
     dpkg = _output(["dpkg-query", "-W", "-f", "${Version}", "nginx"])
     gunicorn = _output([_venv_tool("gunicorn"), "--version"]).removeprefix("gunicorn ")
     granian = _output([_venv_tool("granian"), "--version"]).removeprefix("granian ")
-    return [("nginx", nginx + (f" (Debian {dpkg})" if dpkg else "")),
+    uvicorn = _output([_venv_tool("uvicorn"), "--version"]).split(" with ")[0]
+    return [("uvicorn", uvicorn.removeprefix("Running uvicorn ") or "unknown"),
+            ("nginx", nginx + (f" (Debian {dpkg})" if dpkg else "")),
             ("gunicorn", gunicorn.strip("()").removeprefix("version ") or "unknown"),
             ("granian", granian or "unknown")]
 
 
-def nginx_conf(prefix: Path, port: int, upstream_port: int) -> str:
+# `websocket`: a `location /ws` that passes WebSocket upgrades through
+# (HTTP/1.1 upstream with the Upgrade and Connection headers, nginx's own recipe).
+WS_LOCATION = """\
+        location /ws {{
+            proxy_pass http://127.0.0.1:{upstream_port};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_read_timeout 300s;
+        }}
+"""
+
+
+def nginx_conf(prefix: Path, port: int, upstream_port: int, websocket: bool = False) -> str:
+    ws = WS_LOCATION.format(upstream_port=upstream_port) if websocket else ""
     temp = "\n".join(f"    {kind}_temp_path {prefix / kind};" for kind in NGINX_TEMP_DIRS)
     return f"""\
 worker_processes auto;
@@ -99,7 +126,7 @@ http {{
     keepalive_requests 1000000;
     server {{
         listen 127.0.0.1:{port};
-        location / {{
+{ws}        location / {{
             proxy_pass http://127.0.0.1:{upstream_port};
         }}
     }}
@@ -107,7 +134,8 @@ http {{
 """
 
 
-def _start_nginx(scenario: Scenario, tmp: Path, upstream_port: int) -> None:
+def _start_nginx(scenario: Scenario, tmp: Path, upstream_port: int,
+                 websocket: bool = False) -> None:
     prefix = tmp / "nginx"
     for kind in NGINX_TEMP_DIRS:
         (prefix / kind).mkdir(parents=True, exist_ok=True)
@@ -117,7 +145,7 @@ def _start_nginx(scenario: Scenario, tmp: Path, upstream_port: int) -> None:
     for folder in (tmp, prefix):
         folder.chmod(0o755)
     conf = prefix / "nginx.conf"
-    conf.write_text(nginx_conf(prefix, scenario.http_port, upstream_port))
+    conf.write_text(nginx_conf(prefix, scenario.http_port, upstream_port, websocket))
     argv = [nginx_binary(), "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
     check = subprocess.run([*argv, "-t"], capture_output=True, text=True, timeout=30)
     if check.returncode != 0:
@@ -155,6 +183,42 @@ def start_granian(tmp: Path) -> Scenario:
                 "--no-ws", "--host", "127.0.0.1", "--port", str(upstream), APP]
         scenario.procs.append(Proc("granian", argv, ROOT, tmp, child_role="granian worker"))
         _start_nginx(scenario, tmp, upstream)
+        scenario.wait_ready()
+        scenario.wait_children("granian", WORKERS)
+    except BaseException:
+        scenario.stop()
+        raise
+    return scenario
+
+
+def start_uvicorn(tmp: Path) -> Scenario:
+    """nginx -> uvicorn --workers 2 serving ASGI_APP (HTTP and the /ws echo)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    scenario = Scenario("uvicorn", free_port())
+    try:
+        upstream = free_port()
+        argv = [_venv_tool("uvicorn"), "--workers", str(WORKERS), "--host", "127.0.0.1",
+                "--port", str(upstream), "--no-access-log", "--ws", "websockets", ASGI_APP]
+        scenario.procs.append(Proc("uvicorn", argv, ROOT, tmp, child_role="uvicorn worker"))
+        _start_nginx(scenario, tmp, upstream, websocket=True)
+        scenario.wait_ready()
+        scenario.wait_children("uvicorn", WORKERS)
+    except BaseException:
+        scenario.stop()
+        raise
+    return scenario
+
+
+def start_granian_asgi(tmp: Path) -> Scenario:
+    """nginx -> granian --interface asgi --workers 2 serving ASGI_APP."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    scenario = Scenario("granian asgi", free_port())
+    try:
+        upstream = free_port()
+        argv = [_venv_tool("granian"), "--interface", "asgi", "--workers", str(WORKERS),
+                "--host", "127.0.0.1", "--port", str(upstream), ASGI_APP]
+        scenario.procs.append(Proc("granian", argv, ROOT, tmp, child_role="granian worker"))
+        _start_nginx(scenario, tmp, upstream, websocket=True)
         scenario.wait_ready()
         scenario.wait_children("granian", WORKERS)
     except BaseException:

@@ -110,10 +110,12 @@ def _not_wrk(role: str) -> bool:
     return role != WRK_ROLE
 
 
-def results_table(results: Results, cases: list[Case], scenarios: list[str]) -> str:
-    """One row per case and scenario: medians of req/s, p50, p99; errors; server CPU."""
-    lines = ["| payload | c | scenario | req/s | p50 ms | p99 ms | errors "
-             "| server CPU µs/req |",
+def results_table(results: Results, cases: list[Case], scenarios: list[str],
+                  unit: str = "req") -> str:
+    """One row per case and scenario: medians of req/s, p50, p99; errors; server CPU.
+    `unit` "msg" for WebSocket echoes: messages/s, round trips, CPU per message."""
+    lines = [f"| payload | c | scenario | {unit}/s | p50 ms | p99 ms | errors "
+             f"| server CPU µs/{unit} |",
              "|---|---:|---|---:|---:|---:|---|---:|"]
     for case in cases:
         for name in scenarios:

@@ -15,6 +15,7 @@ import os
 import resource
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from scale0.m2server import Mongrel2Error
 
-from . import doc, peers, targets, wrk
+from . import doc, peers, targets, wrk, ws_echo
 from .procs import BenchError, cpu_seconds, http_get, rss_kib
 from .report import (
     DOC_PATH,
@@ -41,12 +42,18 @@ from .report import (
     runs_table,
 )
 from .scenarios import Scenario, start_direct, start_scale0
+from .wrk import WrkResult
+
+REPLIES, ASGI = targets.REPLIES, targets.ASGI
 
 PAYLOADS = (("hello (19 B)", "/", b"Hello from Scale0!\n"),
             ("64 KiB", "/bytes/65536", b"x" * 65536),
             ("1 MiB", "/bytes/1048576", b"x" * 1048576))
 CONNECTIONS = {"/": (1, 16, 128), "/bytes/65536": (1, 16), "/bytes/1048576": (1, 16)}
 CASES = [Case(label, path, c) for label, path, _ in PAYLOADS for c in CONNECTIONS[path]]
+HELLO_CASES = [c for c in CASES if c.path == "/"]
+WS_CONNECTIONS = 16
+WS_CASES = [Case(f"ws echo ({len(ws_echo.MESSAGE)} B)", "/ws", WS_CONNECTIONS)]
 
 STARTERS: dict[str, Callable[[Path], Scenario]] = {
     "direct": start_direct,
@@ -54,10 +61,34 @@ STARTERS: dict[str, Callable[[Path], Scenario]] = {
     "scale0+relay": lambda tmp: start_scale0(tmp, relay=True),
     "scale0+relay fc-off": lambda tmp: start_scale0(tmp, relay=True, flow_control=False,
                                                     name="scale0+relay fc-off"),
+    REPLIES: lambda tmp: start_scale0(tmp, relay=True, replies=True, name=REPLIES),
     "gunicorn": peers.start_gunicorn,
     "granian": peers.start_granian,
+    ASGI: lambda tmp: start_scale0(tmp, relay=True, asgi=True, name=ASGI),
+    "uvicorn": peers.start_uvicorn,
+    "granian asgi": peers.start_granian_asgi,
 }
 PEERS = ("gunicorn", "granian")
+ASGI_NAMES = (ASGI, "uvicorn", "granian asgi")
+# The HTTP cases each scenario runs: replies-through-the-relay and the ASGI
+# servers only the hello ones (the cost of the path shows there; it keeps
+# `make bench` short). The ASGI servers also run WS_CASES.
+CASES_OF: dict[str, list[Case]] = {n: HELLO_CASES if n == REPLIES or n in ASGI_NAMES else CASES
+                                   for n in STARTERS}
+
+
+def cases_of(name: str) -> list[Case]:
+    return CASES_OF[name]
+
+
+def ws_cases_of(name: str) -> list[Case]:
+    return WS_CASES if name in ASGI_NAMES else []
+
+
+def planned_load_s(names: list[str], settings: Settings) -> int:
+    """Seconds of load (measured runs and warm-ups) the scenarios `names` will take."""
+    cells = sum(len(cases_of(n)) + len(ws_cases_of(n)) for n in names)
+    return cells * (settings.runs * settings.duration_s + settings.warmup_s)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -69,9 +100,13 @@ def _env_int(name: str, default: int) -> int:
     return int(raw)
 
 
+DEFAULTS = Settings(duration_s=5, runs=3, wrk_threads=2)
+
+
 def settings_from_env() -> Settings:
-    return Settings(duration_s=_env_int("BENCH_DURATION", 5), runs=_env_int("BENCH_RUNS", 3),
-                    wrk_threads=_env_int("BENCH_WRK_THREADS", 2))
+    return Settings(duration_s=_env_int("BENCH_DURATION", DEFAULTS.duration_s),
+                    runs=_env_int("BENCH_RUNS", DEFAULTS.runs),
+                    wrk_threads=_env_int("BENCH_WRK_THREADS", DEFAULTS.wrk_threads))
 
 
 def scenario_names_from_env() -> list[str]:
@@ -93,7 +128,10 @@ def log(text: str) -> None:
 def check_answers(scenarios: list[Scenario]) -> None:
     """Every scenario must answer each benchmarked path with the same, expected bytes."""
     for scenario in scenarios:
+        paths = {c.path for c in cases_of(scenario.name)}
         for _, path, expected in PAYLOADS:
+            if path not in paths:
+                continue
             try:
                 status, body = http_get(scenario.http_port, path, timeout_s=10.0)
             except OSError as exc:
@@ -102,6 +140,8 @@ def check_answers(scenarios: list[Scenario]) -> None:
                 raise BenchError(f"{scenario.name}: GET {path} gave {status} and "
                                  f"{len(body)} bytes ({body[:40]!r}), not the expected "
                                  f"200 and {len(expected)} bytes")
+        for case in ws_cases_of(scenario.name):
+            ws_echo.check(scenario.ws_url(case.path))
 
 
 def _cpu(processes: list[tuple[str, int]]) -> dict[int, float]:
@@ -118,12 +158,33 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def ws_run(url: str, connections: int, duration_s: int) -> WrkResult:
+    """One bench.ws_echo run in a child process (its CPU is the client's, like
+    wrk's), as a WrkResult: messages for requests, echo errors as socket errors."""
+    cmd = [sys.executable, "-m", "bench.ws_echo", url, "--connections", str(connections),
+           "--duration", str(duration_s)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 30,
+                              cwd=Path(__file__).resolve().parents[1])
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"bench.ws_echo did not finish: {' '.join(cmd)}") from exc
+    if done.returncode != 0:
+        raise BenchError(f"{' '.join(cmd)} exited with {done.returncode}:\n{done.stderr}")
+    echo = ws_echo.parse(done.stdout)
+    return WrkResult(requests_per_s=echo.messages_per_s, p50_ms=echo.p50_ms,
+                     p99_ms=echo.p99_ms, requests=echo.messages, non_2xx=0,
+                     socket_errors=echo.errors)
+
+
 def measured_run(scenario: Scenario, case: Case, settings: Settings, duration_s: int) -> Run:
     """One wrk run, with the CPU every process of the scenario (and wrk) spent in it."""
     processes = scenario.processes()
     before, wrk_before = _cpu(processes), _children_cpu()
-    result = wrk.run(scenario.url(case.path), case.connections,
-                     settings.threads(case.connections), duration_s)
+    if case.path in {c.path for c in WS_CASES}:
+        result = ws_run(scenario.ws_url(case.path), case.connections, duration_s)
+    else:
+        result = wrk.run(scenario.url(case.path), case.connections,
+                         settings.threads(case.connections), duration_s)
     after, wrk_after = _cpu(processes), _children_cpu()
     scenario.check_alive()  # a crash during the run fails loudly, with the logs
     per_request: dict[str, float] = {}
@@ -138,13 +199,17 @@ def measured_run(scenario: Scenario, case: Case, settings: Settings, duration_s:
 def measure(scenarios: list[Scenario], settings: Settings) -> Results:
     for scenario in scenarios:
         log(f"warming up {scenario.name} ({settings.warmup_s} s per case)")
-        for case in CASES:
+        for case in [*cases_of(scenario.name), *ws_cases_of(scenario.name)]:
             measured_run(scenario, case, settings, settings.warmup_s)
-    results: Results = {(case, s.name): [] for case in CASES for s in scenarios}
-    total, done = settings.runs * len(CASES) * len(scenarios), 0
+    all_cases = [*CASES, *WS_CASES]
+    results: Results = {(case, s.name): [] for s in scenarios
+                        for case in [*cases_of(s.name), *ws_cases_of(s.name)]}
+    total, done = settings.runs * len(results), 0
     for run in range(settings.runs):
-        for case in CASES:
+        for case in all_cases:
             for scenario in scenarios:
+                if (case, scenario.name) not in results:
+                    continue
                 one = measured_run(scenario, case, settings, settings.duration_s)
                 results[case, scenario.name].append(one)
                 done += 1
@@ -166,25 +231,45 @@ def memory(scenarios: list[Scenario]) -> Memory:
 def report(results: Results, mem: Memory, settings: Settings, names: list[str],
            runtime_s: float) -> None:
     subject = targets.SUBJECT
-    others = [n for n in ("granian", "gunicorn", "direct", "scale0", targets.FC_OFF)
+    others = [n for n in ("granian", "gunicorn", "direct", "scale0", targets.FC_OFF, REPLIES)
               if n != subject]
+    wsgi_names = [n for n in names if n not in ASGI_NAMES]
+    asgi_names = [n for n in names if n in ASGI_NAMES]
     summary = targets.summary(results, CASES, doc.section_body(DOC_PATH, "long"))
     ratios = ratio_table(results, CASES, subject, others) if subject in names else "-"
-    table = results_table(results, CASES, names)
-    cpu = cpu_table(results, CASES, names)
-    per_run = runs_table(results, CASES, names)
+    table = results_table(results, CASES, wsgi_names)
+    cpu = cpu_table(results, CASES, wsgi_names)
+    asgi_others = [n for n in ASGI_NAMES if n != ASGI]
+    asgi = doc.AsgiTables(
+        ratios=ratio_table(results, [*HELLO_CASES, *WS_CASES], ASGI, asgi_others)
+        if ASGI in names else "-",
+        results=results_table(results, HELLO_CASES, asgi_names) if asgi_names else "-",
+        cpu=cpu_table(results, HELLO_CASES, asgi_names) if asgi_names else "-",
+        ws=results_table(results, WS_CASES, asgi_names, unit="msg") if asgi_names else "-",
+        ws_cpu=cpu_table(results, WS_CASES, asgi_names) if asgi_names else "-")
+    per_run = runs_table(results, [*CASES, *WS_CASES], names)
     mem_table = memory_table(mem)
-    print(f"\n{summary}\n\n{ratios}\n\n{table}\n\n{cpu}\n\n{mem_table}\n")
-    has_peers = any(n in names for n in PEERS)
+    print(f"\n{summary}\n\n{ratios}\n\n{table}\n\n{cpu}\n\n{asgi.ratios}\n\n"
+          f"{asgi.results}\n\n{asgi.ws}\n\n{mem_table}\n")
+    has_peers = any(n in names for n in (*PEERS, *asgi_others))
     extra = peers.versions() if has_peers else []
     text = doc.render(machine=machine_table(extra), settings=settings,
                       cpus=str(len(os.sched_getaffinity(0))),
-                      cells=settings.runs * len(CASES) * len(STARTERS),
+                      plan=doc.Plan(cells=settings.runs * len(results_cells(list(STARTERS))),
+                                    warmups=len(results_cells(list(STARTERS))),
+                                    load_s=planned_load_s(list(STARTERS), settings),
+                                    default_load_s=planned_load_s(list(STARTERS), DEFAULTS),
+                                    ws_connections=WS_CONNECTIONS),
                       no_control_socket=has_peers and peers.gunicorn_has_no_control_socket(),
                       summary=summary, ratios=ratios, results=table, cpu=cpu, runs=per_run,
-                      memory=mem_table, runtime_s=runtime_s)
+                      memory=mem_table, runtime_s=runtime_s, asgi=asgi)
     doc.write(DOC_PATH, main=text)
     log(f"wrote {DOC_PATH}")
+
+
+def results_cells(names: list[str]) -> list[tuple[Case, str]]:
+    """Every (case, scenario) the scenarios `names` measure."""
+    return [(c, n) for n in names for c in [*cases_of(n), *ws_cases_of(n)]]
 
 
 def _raise_interrupt(*_: object) -> None:
@@ -201,6 +286,8 @@ def main() -> int:
             raise BenchError("mongrel2/m2sh not found: apt-get install mongrel2-core")
         if any(n in names for n in PEERS):
             peers.require_peers()
+        if any(n in names for n in ASGI_NAMES if n != ASGI):
+            peers.require_asgi_peers()
     except BenchError as exc:
         log(f"bench: {exc}")
         return 2
@@ -210,6 +297,10 @@ def main() -> int:
     scenarios: list[Scenario] = []
     keep_logs = False
     try:
+        load_s = planned_load_s(names, settings)
+        log(f"planned: {len(results_cells(names))} scenario/case cells x {settings.runs} runs "
+            f"of {settings.duration_s} s + {settings.warmup_s} s warm-up each = {load_s} s "
+            f"of load (~{load_s / 60:.1f} min), plus start-up and sampling")
         log(f"starting {', '.join(names)} in {tmp}")
         for name in names:
             scenarios.append(STARTERS[name](tmp / name.replace(" ", "-").replace("+", "-")))

@@ -8,6 +8,10 @@
 - scale0+relay: the same with `scale0 relay` between Mongrel2 and the broker,
   the shape of scale0.toml's hello stack (what `make run` starts).
 - scale0+relay fc-off: the same with Mongrel2's download.flow_control=0.
+- scale0+relay-replies: scale0+relay with the replies through the relay too
+  (broker linked as relay+ENDPOINT alone, relay started with --mongrel2-recv).
+- scale0 asgi: Mongrel2 -> relay -> broker -> `scale0 asgi
+  examples.asgi_hello:app --processes 2 --concurrency 100`.
 
 The peers (nginx -> gunicorn, nginx -> granian) are in bench.peers.
 """
@@ -38,6 +42,7 @@ M2_UUID = "5ca1e000-0000-4000-8000-00000000be0a"
 READY_TIMEOUT_S = 30.0
 POOL_PROCESSES = 2
 POOL_THREADS = 4
+ASGI_CONCURRENCY = 100  # per process: above the 128 connections / 2 processes of the top case
 
 
 @dataclass(slots=True)
@@ -48,6 +53,9 @@ class Scenario:
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.http_port}{path}"
+
+    def ws_url(self, path: str) -> str:
+        return f"ws://127.0.0.1:{self.http_port}{path}"
 
     def check_alive(self) -> None:
         for proc in self.procs:
@@ -134,7 +142,12 @@ def start_direct(tmp: Path) -> Scenario:
 
 
 def start_scale0(tmp: Path, *, relay: bool = False, flow_control: bool = True,
-                 name: str = "", m2_settings: dict[str, int] | None = None) -> Scenario:
+                 name: str = "", m2_settings: dict[str, int] | None = None,
+                 replies: bool = False, asgi: bool = False) -> Scenario:
+    """`replies`: the broker is linked as relay+ENDPOINT alone and the relay
+    gets `--mongrel2-recv`, so replies go broker -> relay -> Mongrel2 (how a
+    broker on another host reaches Mongrel2). `asgi`: the pool is `scale0 asgi
+    examples.asgi_hello:app --processes 2 --concurrency ASGI_CONCURRENCY`."""
     tmp.mkdir(parents=True, exist_ok=True)
     scenario = Scenario(name or ("scale0+relay" if relay else "scale0"), free_port())
     try:
@@ -145,16 +158,20 @@ def start_scale0(tmp: Path, *, relay: bool = False, flow_control: bool = True,
         link = f"{send_spec},{recv_spec}"
         if relay:
             relay_at = f"tcp://127.0.0.1:{free_port()}"
+            also = ["--mongrel2-recv", recv_spec] if replies else []
             scenario.procs.append(Proc("relay", [*cli, "relay", "--mongrel2", send_spec,
-                                                 "--bind", relay_at], ROOT, tmp))
-            link = f"relay+{relay_at},{recv_spec}"
+                                                 "--bind", relay_at, *also], ROOT, tmp))
+            link = f"relay+{relay_at}" if replies else f"relay+{relay_at},{recv_spec}"
         scenario.procs.append(Proc("broker", [*cli, "broker", "--bind", broker,
                                               "--mongrel2", link], ROOT, tmp))
+        if asgi:
+            kind = ["asgi", "examples.asgi_hello:app", "--concurrency", str(ASGI_CONCURRENCY)]
+        else:
+            kind = ["wsgi", "examples.hello:app", "--threads", str(POOL_THREADS)]
         scenario.procs.append(Proc("pool", [
-            *cli, "wsgi", "examples.hello:app", "--connect", broker, "--service", "hello",
+            *cli, *kind, "--connect", broker, "--service", "hello",
             "--route", "/", "--processes", str(POOL_PROCESSES),
-            "--threads", str(POOL_THREADS), "--upload-dir", str(upload_dir)], ROOT, tmp,
-            child_role="pool worker"))
+            "--upload-dir", str(upload_dir)], ROOT, tmp, child_role="pool worker"))
         scenario.wait_ready(expected_workers=POOL_PROCESSES)
     except BaseException:
         scenario.stop()

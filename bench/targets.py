@@ -13,6 +13,8 @@ from .report import Case, Results, cpu_us, p50_ms, rps
 
 SUBJECT = "scale0+relay"  # the shape `make run` starts, flow control on
 FC_OFF = "scale0+relay fc-off"
+REPLIES = "scale0+relay-replies"  # replies broker -> relay -> Mongrel2 (issue 12)
+ASGI = "scale0 asgi"  # Mongrel2 -> relay -> broker -> scale0 asgi (issue 13)
 DIRECT, GRANIAN, GUNICORN = "direct", "granian", "gunicorn"
 
 HELLO, KIB64, MIB1 = "/", "/bytes/65536", "/bytes/1048576"

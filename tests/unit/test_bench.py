@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from bench import doc, targets
+import math
+
+import pytest
+
+from bench import doc, run, targets, ws_echo
+from bench.procs import BenchError
 from bench.profile import parse_raw
-from bench.report import Case, Results, Run, cpu_table
+from bench.report import Case, Results, Run, Settings, cpu_table, ratio_table, results_table
 from bench.wrk import WrkResult
 
 HELLO = {c: Case("hello (19 B)", "/", c) for c in (1, 16, 128)}
@@ -91,3 +96,64 @@ def test_parse_raw_counts_own_and_inclusive_samples() -> None:
                            ("loop (a.py)", 1)]
     assert ("main (a.py)", 10) not in profile.inclusive  # on every stack: an entry point
     assert profile.inclusive[0] == ("poll (zmq/sugar/poll.py)", 6)
+
+
+def test_ws_echo_summary_rate_and_nearest_rank_percentiles() -> None:
+    result = ws_echo.summarize([float(n) for n in range(100, 0, -1)], 2.0, errors=3)
+    assert result == ws_echo.EchoResult(messages=100, messages_per_s=50.0, p50_ms=50.0,
+                                         p99_ms=99.0, errors=3)
+    empty = ws_echo.summarize([], 1.0, errors=1)
+    assert empty.messages == 0 and empty.messages_per_s == 0.0 and math.isnan(empty.p50_ms)
+
+
+def test_ws_echo_result_line_round_trips_and_bad_output_is_an_error() -> None:
+    result = ws_echo.EchoResult(messages=7, messages_per_s=3.5, p50_ms=1.25, p99_ms=4.0,
+                                errors=0)
+    assert ws_echo.parse("noise\n" + ws_echo.to_line(result) + "\n") == result
+    with pytest.raises(BenchError, match="no result"):
+        ws_echo.parse("Traceback ...\n")
+    with pytest.raises(BenchError, match="cannot read"):
+        ws_echo.parse('{"messages": 1}\n')
+
+
+def test_new_scenarios_run_only_the_hello_cases_and_asgi_the_ws_echo() -> None:
+    hello = [c for c in run.CASES if c.path == "/"]
+    assert [c.connections for c in hello] == [1, 16, 128]
+    for name in (targets.REPLIES, targets.ASGI, "uvicorn", "granian asgi"):
+        assert run.cases_of(name) == hello
+    assert run.cases_of(targets.SUBJECT) == run.CASES
+    assert run.ws_cases_of(targets.ASGI) == run.WS_CASES and not run.ws_cases_of("granian")
+    settings = Settings(duration_s=5, runs=3, wrk_threads=2)
+    # 3 hello cases + 1 ws echo case, each 3 runs of 5 s + 1 s warm-up
+    assert run.planned_load_s([targets.ASGI], settings) == 4 * 16
+    assert run.planned_load_s([targets.SUBJECT, targets.REPLIES], settings) == (7 + 3) * 16
+
+
+def test_ratio_against_a_scenario_without_the_case_is_a_dash() -> None:
+    results: Results = {(case, targets.SUBJECT): [_run(1000)] for case in CASES}
+    results[HELLO[16], targets.REPLIES] = [_run(800)]
+    lines = ratio_table(results, CASES, targets.SUBJECT, [targets.REPLIES]).splitlines()
+    assert lines[0] == "| payload | c | scale0+relay req/s | / scale0+relay-replies |"
+    assert lines[3] == "| hello (19 B) | 16 | 1,000 | 1.25x |"
+    assert lines[2].endswith("| - |") and lines[5].endswith("| - |")
+
+
+def test_ws_results_table_counts_messages_and_the_doc_has_the_asgi_section() -> None:
+    ws = Case("ws echo (23 B)", "/ws", 16)
+    results: Results = {(ws, targets.ASGI): [_run(2000, 5.0, {"broker": 40.0})]}
+    table = results_table(results, [ws], [targets.ASGI, "uvicorn"], unit="msg")
+    assert table.splitlines()[0].startswith("| payload | c | scenario | msg/s |")
+    assert table.splitlines()[0].endswith("| server CPU µs/msg |")
+    assert table.splitlines()[2] == ("| ws echo (23 B) | 16 | scale0 asgi | 2,000 | 5.00 "
+                                     "| 10.0 | 0 | 40 |")
+    asgi = doc.AsgiTables(ratios="RATIOS", results="ASGI-RESULTS", cpu="ASGI-CPU",
+                          ws=table, ws_cpu="WS-CPU")
+    text = doc.render(machine="M", settings=Settings(1, 1, 2), cpus="2",
+                      plan=doc.Plan(cells=33, warmups=33, load_s=66, default_load_s=528,
+                                    ws_connections=16),
+                      no_control_socket=False, summary="S", ratios="R", results="T", cpu="C",
+                      runs="RUNS", memory="MEM", runtime_s=90.0, asgi=asgi)
+    assert "528 s of load" in text and "16 connections" in text
+    after = text.split("## ASGI\n", 1)[1]
+    assert after.index("RATIOS") < after.index("ASGI-RESULTS") < after.index("ASGI-CPU")
+    assert after.index("### WebSocket echo\n\n" + table) < after.index("WS-CPU")
