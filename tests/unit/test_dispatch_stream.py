@@ -189,4 +189,4 @@ def test_upload_chunks_parse_as_mongrel2_sends_them() -> None:
     start = m2.parse_message(stream_start(7, b"ab"))
     assert isinstance(start, m2.HttpRequest) and m2.streamed_body(start.headers)
     assert m2.upload_credits_reply(SENDER, 7, 5) == (
-        SENDER + b" 3:X 7, 26:3:ctl,16:7:credits,1:5#}]")
+        SENDER + b" 3:X 7, 24:3:ctl,14:7:credits,1:5#}]")
