@@ -212,7 +212,7 @@ def test_max_body_is_413_at_the_start_and_once_a_chunked_body_passes_it(
 def _status(s: Stack) -> dict[str, object]:
     out = subprocess.run(
         [sys.executable, "-m", "scale0.cli", "ctl", "--broker", s.broker_endpoints[0],
-         "status", "--json"], capture_output=True, text=True, timeout=20, cwd=s.tmp)
+         "--json", "status"], capture_output=True, text=True, timeout=20, cwd=s.tmp)
     return json.loads(out.stdout) if out.returncode == 0 else {}
 
 
