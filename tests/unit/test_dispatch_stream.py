@@ -15,7 +15,8 @@ Cmd = p.Command
 def hello(h: Harness, ident: bytes, *, streams: bool = True) -> None:
     meta = {"bodies": "stream"} if streams else {}
     h.worker(ident, Cmd.HELLO, p.Hello((p.ServiceSpec("app", ("/app",)),), 1,
-                                       worker=ident.decode(), meta=meta).encode())
+                                       worker=ident.decode(), heartbeat_ms=600_000,
+                                       meta=meta).encode())
     h.take_workers()  # the WELCOME
 
 
