@@ -152,7 +152,16 @@ class BodyInput:
         self.reader = reader
         self._wait = wait
         self._grant = grant
-        self._credit()
+        self.error: BodyError | None = None  # the pieces broke the body: raised to the app
+        self.aborted: BaseException | None = None  # what wait() raised: the request is over
+
+    def feed(self, data: bytes, end: bool) -> None:
+        """A BODY piece for this request (from the worker's loop)."""
+        if self.error is None:
+            try:
+                self.reader.feed(data, end)
+            except BodyError as exc:
+                self.error = exc
 
     def _credit(self) -> None:
         n = self.reader.credit()
@@ -164,14 +173,24 @@ class BodyInput:
         out: list[bytes] = []
         got = 0
         while True:
+            if self.aborted is not None:
+                raise self.aborted
             data = reader.take(-1 if size < 0 else size - got, line=line)
             if data:
                 out.append(data)
                 got += len(data)
-                self._credit()
-            if (size >= 0 and got >= size) or reader.eof or (line and data.endswith(b"\n")):
+            done = ((size >= 0 and got >= size) or reader.eof
+                    or (line and data.endswith(b"\n")))
+            if self.error is not None and not done:
+                raise self.error
+            self._credit()  # the window refills as the app takes
+            if done:
                 return b"".join(out)
-            self._wait()
+            try:
+                self._wait()
+            except BaseException as exc:
+                self.aborted = exc
+                raise
 
     def read(self, size: int | None = -1) -> bytes:
         return self._collect(-1 if size is None or size < 0 else size, line=False)

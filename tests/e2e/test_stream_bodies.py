@@ -84,6 +84,27 @@ def test_a_5mb_post_and_a_chunked_300kb_post_arrive_intact(streamed: Stack,
     assert spooled(streamed) == []  # streamed: Mongrel2 wrote nothing to disk
 
 
+class Generated:
+    """`size` bytes made on the fly from `block`, read by requests like a file
+    (it sends a Content-Length from __len__)."""
+
+    def __init__(self, block: bytes, size: int) -> None:
+        self.block, self.size, self.left, self.pos = block, size, size, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, n: int = -1) -> bytes:
+        n = min(self.left, len(self.block) if n < 0 else n)
+        out = bytearray()
+        while len(out) < n:
+            take = min(n - len(out), len(self.block) - self.pos)
+            out += self.block[self.pos:self.pos + take]
+            self.pos = (self.pos + take) % len(self.block)
+        self.left -= n
+        return bytes(out)
+
+
 def test_a_200mb_upload_stays_out_of_every_memory(streamed: Stack) -> None:
     """200 MB generated on the fly; the RSS of the relay, the broker and the
     worker is sampled during the upload and must not grow by anything like it."""
@@ -96,9 +117,7 @@ def test_a_200mb_upload_stays_out_of_every_memory(streamed: Stack) -> None:
     result: dict[str, object] = {}
 
     def upload() -> None:
-        gen = (block for _ in range(size // len(block)))
-        r = requests.post(streamed.url("/hash"), data=gen, timeout=120,
-                          headers={"Content-Length": str(size)})
+        r = requests.post(streamed.url("/hash"), data=Generated(block, size), timeout=120)
         result["r"] = r
 
     thread = threading.Thread(target=upload)
@@ -171,10 +190,11 @@ def test_a_slow_app_paces_the_client(streamed: Stack, tmp_path: Path) -> None:
     flag = tmp_path / "go"
     sock = _raw_upload(streamed, f"/slow?{flag}", size)
     with sock:
-        wait_for(lambda: Path(f"{flag}.read").exists(), 30, "the app to read its first 64 KiB")
         sent = _send_until_blocked(sock, block, size)
+        wait_for(lambda: Path(f"{flag}.read").exists(), 30, "the app to read its first 64 KiB")
         # Blocked: what is on its way is one credit window plus the kernel's
         # socket buffers (a few MiB on loopback), nowhere near the 64 MiB.
+        print("sent before the client blocked:", sent)
         assert sent < 24 << 20, sent
         flag.touch()
         sock.settimeout(60)
@@ -235,8 +255,8 @@ def test_a_worker_killed_mid_upload_and_a_client_gone_mid_upload(tmp_path: Path)
         flag = tmp_path / "never"
         sock = _raw_upload(s, f"/slow?{flag}", 50 << 20)
         with sock:
-            wait_for(lambda: Path(f"{flag}.read").exists(), 30, "the app to read")
             _send_until_blocked(sock, b"k" * 65536, 50 << 20)
+            wait_for(lambda: Path(f"{flag}.read").exists(), 30, "the app to read")
             os.kill(int(Path(f"{flag}.read").read_text()), signal.SIGKILL)
             assert _response(sock)[0] == 502
         assert spooled(s) == []
@@ -249,8 +269,8 @@ def test_a_worker_killed_mid_upload_and_a_client_gone_mid_upload(tmp_path: Path)
         flag2 = tmp_path / "go2"
         sock = _raw_upload(s, f"/slow?{flag2}", 50 << 20)
         with sock:
-            wait_for(lambda: Path(f"{flag2}.read").exists(), 30, "the app to read")
             _send_until_blocked(sock, b"g" * 65536, 50 << 20)
+            wait_for(lambda: Path(f"{flag2}.read").exists(), 30, "the app to read")
             assert _in_flight(s) == 1
         flag2.touch()  # the app reads on, finds the body cut short, and ends
         wait_for(lambda: _in_flight(s) == 0, 30, "the request to end at the worker")
