@@ -247,7 +247,7 @@ def test_a_worker_killed_mid_upload_and_a_client_gone_mid_upload(tmp_path: Path)
     s = Stack(tmp_path, m2_settings=STREAM)
     try:
         s.start_mongrel2()
-        s.start_broker("--request-timeout", "30")
+        s.start_broker("--request-timeout", "120")
         s.start_pool(APP, service="app", routes=("/",), threads=1, upload_dir=False)
         s.wait_ok("/hash")
         # The worker is SIGKILLed while it reads: the client gets 502, the
@@ -266,6 +266,7 @@ def test_a_worker_killed_mid_upload_and_a_client_gone_mid_upload(tmp_path: Path)
         assert r.status_code == 200 and r.json()["sha256"] == hashlib.sha256(body).hexdigest()
         # The client leaves mid-body: its request ends at the worker (the slot
         # is free again) and nothing is left on disk.
+        gone_before = _status(s)["counters"]["client_gone"]  # type: ignore[index]
         flag2 = tmp_path / "go2"
         sock = _raw_upload(s, f"/slow?{flag2}", 50 << 20)
         with sock:
@@ -274,6 +275,10 @@ def test_a_worker_killed_mid_upload_and_a_client_gone_mid_upload(tmp_path: Path)
             assert _in_flight(s) == 1
         flag2.touch()  # the app reads on, finds the body cut short, and ends
         wait_for(lambda: _in_flight(s) == 0, 30, "the request to end at the worker")
+        counters = _status(s)["counters"]
+        assert isinstance(counters, dict)
+        print("counters after the client left:", {k: v for k, v in counters.items() if v})
+        assert counters["client_gone"] == gone_before + 1  # Mongrel2's disconnect, no timeout
         assert spooled(s) == []
         r = requests.post(s.url("/hash"), data=body, timeout=30)
         assert r.status_code == 200 and r.json()["length"] == len(body)
