@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from .conftest import Proc, Stack, wait_for
+from .conftest import Proc, Stack, free_port, wait_for
 
 STREAM = {"upload.stream": 1}
 APP = "stream_apps:app"
@@ -282,5 +282,46 @@ def test_a_worker_killed_mid_upload_and_a_client_gone_mid_upload(tmp_path: Path)
         assert spooled(s) == []
         r = requests.post(s.url("/hash"), data=body, timeout=30)
         assert r.status_code == 200 and r.json()["length"] == len(body)
+    finally:
+        s.stop()
+
+
+def test_a_broker_killed_mid_upload_behind_a_relay_closes_the_client(tmp_path: Path) -> None:
+    """The relay (given Mongrel2's recv_spec) closes the connections of a
+    broker it lost: a client whose upload was at that broker is not left
+    waiting for credits that no broker will grant, and a new broker serves."""
+    s = Stack(tmp_path, m2_settings=STREAM)
+    try:
+        s.start_mongrel2()
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        relay = Proc("relay", [sys.executable, "-m", "scale0.cli", "relay", "--mongrel2",
+                               s.send_spec, "--mongrel2-recv", s.recv_spec, "--bind", endpoint],
+                     s.tmp)
+        s.procs.append(relay)
+        relay.wait_ready()
+        s.link = f"relay+{endpoint},{s.recv_spec}"
+        broker = s.start_broker("--request-timeout", "120")
+        port = int(s.broker_endpoints[0].rsplit(":", 1)[1])
+        s.start_pool(APP, service="app", routes=("/",), threads=1, upload_dir=False)
+        s.wait_ok("/hash")
+        flag = tmp_path / "go"
+        sock = _raw_upload(s, f"/slow?{flag}", 50 << 20)
+        with sock:
+            _send_until_blocked(sock, b"r" * 65536, 50 << 20)
+            wait_for(lambda: Path(f"{flag}.read").exists(), 30, "the app to read")
+            broker.kill_group(signal.SIGKILL)
+            broker.stop()  # reaped, its files closed
+            s.start_broker("--request-timeout", "120", port=port)
+            flag.touch()
+            sock.settimeout(60)  # closed by the relay once it expires the lost broker
+            try:
+                assert sock.recv(65536) == b""
+            except ConnectionResetError:
+                pass
+        body = os.urandom(2_000_000)
+        r = wait_for(lambda: requests.post(s.url("/hash"), data=body, timeout=30), 30,
+                     "the new broker to serve")
+        assert r.status_code == 200 and r.json()["sha256"] == hashlib.sha256(body).hexdigest()
+        assert spooled(s) == []
     finally:
         s.stop()
