@@ -325,3 +325,65 @@ def test_a_broker_killed_mid_upload_behind_a_relay_closes_the_client(tmp_path: P
         assert spooled(s) == []
     finally:
         s.stop()
+
+
+# ---- the ASGI worker (`scale0 asgi`) behind the same Mongrel2 settings ----------
+
+
+@pytest.fixture(scope="module")
+def streamed_asgi(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Mongrel2 with upload.stream=1 -> broker -> a `scale0 asgi` worker."""
+    s = Stack(tmp_path_factory.mktemp("streamed-asgi"), m2_settings=STREAM)
+    try:
+        s.start_mongrel2()
+        s.start_broker("--request-timeout", "60")
+        s.start_asgi("asgi_apps:raw", service="raw", routes=("/",), concurrency=4)
+        s.wait_ok("/")
+        yield s
+    finally:
+        s.stop()
+
+
+def test_asgi_a_5mb_post_and_a_chunked_300kb_post_arrive_intact(streamed_asgi: Stack,
+                                                                tmp_path: Path) -> None:
+    body = os.urandom(5_000_000)
+    r = requests.post(streamed_asgi.url("/echo"), data=body, timeout=30)
+    assert r.status_code == 200, r.text  # not 501: the worker takes streamed bodies
+    got = r.json()
+    assert (got["size"], got["sha256"]) == (len(body), hashlib.sha256(body).hexdigest())
+    assert got["pieces"] > 2  # it came as a stream of http.request events
+    chunked = os.urandom(300_000)
+    (tmp_path / "body").write_bytes(chunked)
+    out = subprocess.run(
+        ["curl", "-sS", "--max-time", "30", "-H", "Transfer-Encoding: chunked",
+         "--data-binary", f"@{tmp_path / 'body'}", streamed_asgi.url("/echo")],
+        capture_output=True, check=True, timeout=40).stdout
+    got = json.loads(out)
+    assert (got["size"], got["sha256"]) == (len(chunked), hashlib.sha256(chunked).hexdigest())
+    assert spooled(streamed_asgi) == []  # streamed: Mongrel2 wrote nothing to disk
+
+
+def _asgi_in_flight(s: Stack) -> int:
+    workers = _status(s).get("workers") or []
+    assert isinstance(workers, list)
+    return sum(int(w["in_flight"]) for w in workers if "raw" in w["services"])
+
+
+def test_asgi_a_client_gone_mid_upload_is_http_disconnect_and_frees_the_slot(
+        streamed_asgi: Stack, tmp_path: Path) -> None:
+    flag = tmp_path / "go"
+    sock = _raw_upload(streamed_asgi, f"/held?{flag}", 50 << 20)
+    with sock:
+        sent = _send_until_blocked(sock, b"h" * 65536, 50 << 20)
+        assert sent < 50 << 20  # the held app paces the client
+        wait_for(lambda: Path(f"{flag}.read").exists(), 30, "the app to take its first piece")
+        assert _asgi_in_flight(streamed_asgi) == 1
+    flag.touch()  # the client is gone; the app reads on
+    result = Path(f"{flag}.result")
+    wait_for(lambda: result.exists() and result.read_text() == "disconnect", 30,
+             "the app to see http.disconnect")
+    wait_for(lambda: _asgi_in_flight(streamed_asgi) == 0, 30, "the slot to free")
+    body = os.urandom(1_000_000)
+    r = requests.post(streamed_asgi.url("/echo"), data=body, timeout=30)
+    assert r.status_code == 200 and r.json()["sha256"] == hashlib.sha256(body).hexdigest()
+    assert spooled(streamed_asgi) == []
