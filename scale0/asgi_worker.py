@@ -23,6 +23,13 @@ awaits credits, so a slow client slows the app (Mongrel2 closes a connection
 sent more than its credits, seen with a 200 KB WebSocket frame). WebSocket
 frames count like HTTP bytes.
 
+Request bodies: inline in the REQUEST, a file Mongrel2 spooled (with
+`upload_dir`, read in pieces off the loop), or streamed (HELLO meta
+``bodies=stream``, docs/protocol.md 4.5): BODY pieces go to the request's
+`bodystream.BodyReader` and `receive()` hands them out as `http.request`
+events with ``more_body``, sending READ credits as the app takes them, so
+at most one window of a body waits here however slow the app.
+
 Lifespan: `lifespan.startup` runs before the first HELLO; a failed startup
 exits with supervise.BOOT_FAILED (the pool does not respawn it). An app
 that raises at once on the lifespan scope does not support it and is run
@@ -56,6 +63,7 @@ import zmq.asyncio
 from . import asgi
 from . import mongrel2 as m2
 from . import protocol as p
+from .bodystream import BodyError, BodyReader
 from .childstate import ChildState
 from .forwarded import LOOPBACK, Trust
 from .keys import CurveKeys
@@ -226,6 +234,9 @@ class _Conn:
     def on_frame(self, event: m2.Message) -> None:
         pass
 
+    def on_body(self, data: bytes, end: bool) -> None:
+        """A BODY piece (only an HTTP request with a streamed body takes them)."""
+
     def shutdown(self) -> None:
         """The worker is leaving: end what is left (graceful timeout passed)."""
         self.cancel()
@@ -242,13 +253,55 @@ class _Http(_Conn):
         self._body_done = False
         self._upload: BinaryIO | None = None
         self._upload_left = 0
+        # A streamed body (upload.stream): BODY pieces paced by READ credits
+        # (bodystream.py; docs/protocol.md 3.11, 3.12). None otherwise.
+        self._body: BodyReader | None = None
+        self._body_error: BodyError | None = None
+        self._body_arrived = asyncio.Event()
 
     def cancel(self) -> None:
         super().cancel()
         self._disconnected.set()
+        self._body_arrived.set()
+
+    def on_body(self, data: bytes, end: bool) -> None:
+        if self._body is None or self._body_error is not None:
+            return
+        try:
+            self._body.feed(data, end)
+        except BodyError as exc:
+            self._body_error = exc
+        self._body_arrived.set()
+
+    def _credit(self, reader: BodyReader) -> None:
+        n = reader.credit()
+        if n and not self.cancelled and not self.ended:
+            self.worker.send(self.link, [p.CMD[p.Command.READ], self.rid, b"%d" % n])
+
+    async def _receive_streamed(self, reader: BodyReader) -> Message:
+        """The next `http.request` of a streamed body: what is buffered, else
+        the next piece. Invariant (bodystream.py): granted and not received +
+        buffered <= the window, so at most a window waits here for the app;
+        credits are granted only as the app takes, so a slow app paces the client."""
+        while True:
+            if self.cancelled:
+                self._body_done = True
+                return {"type": "http.disconnect"}
+            data = reader.take()
+            if not data and not reader.eof and self._body_error is not None:
+                raise self._body_error
+            self._credit(reader)  # the first call grants the window; then what was taken
+            if data or reader.eof:
+                self._body_done = reader.eof
+                self.flow.progress_s = time.monotonic()  # reading the body is progress
+                return {"type": "http.request", "body": data, "more_body": not reader.eof}
+            self._body_arrived.clear()
+            await self._body_arrived.wait()
 
     async def receive(self) -> Message:
         if not self._body_done:
+            if self._body is not None:
+                return await self._receive_streamed(self._body)
             if self._upload is None:
                 self._body_done = True
                 return {"type": "http.request", "body": self.event.body, "more_body": False}
@@ -295,9 +348,19 @@ class _Http(_Conn):
                                      last=True, close=True)
                     return
                 self._upload_left = os.fstat(self._upload.fileno()).st_size
+            elif m2.streamed_body(event.headers):  # the body follows as BODY pieces
+                length = event.header(b"content-length")
+                self._body = BodyReader(event.body,
+                                        int(length) if length and length.isdigit() else None)
             await app(scope, self.receive, self.send)
         except ClientDisconnected:
             pass
+        except BodyError as exc:  # the pieces do not make the declared body
+            log.warning("bad streamed body on connection %d: %s", event.conn_id, exc)
+            if not self.response.headers_sent and not self.ended and not self.cancelled:
+                with contextlib.suppress(ClientDisconnected):
+                    await self.write(asgi.error_response(exc.status_hint, str(exc), close=True),
+                                     last=True, close=True)
         except Exception:
             if not self.cancelled:
                 log.exception("ASGI app failed on %s %s", scope["method"], scope["path"])
@@ -599,6 +662,8 @@ class AsgiWorker:
             return BOOT_FAILED
         self._hello = p.Hello(s.services, s.concurrency, self.label, int(s.heartbeat_s * 1000),
                               {"pid": str(os.getpid()), "interface": "asgi",
+                               # It takes streamed bodies: BODY in, READ out (protocol.md 4.5).
+                               "bodies": "stream",
                                # It opens Mongrel2's spooled files itself (protocol.md 4.5).
                                **({"uploads": "file"} if s.upload_dir else {})},
                               (p.FEATURE_WEBSOCKET,)).encode()
@@ -777,6 +842,10 @@ class AsgiWorker:
             conn = self._conns.get((link.index, frames[2]))
             if conn is not None:
                 conn.cancel()
+        elif command == p.Command.BODY and len(frames) == 5:
+            conn = self._conns.get((link.index, frames[2]))
+            if conn is not None:
+                conn.on_body(frames[4], frames[3] == p.BODY_END)
         elif command == p.Command.HEARTBEAT:
             pass
         elif command == p.Command.WELCOME:

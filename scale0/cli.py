@@ -246,7 +246,9 @@ def cmd_wsgi(cfg: config.WsgiConfig, _: argparse.Namespace) -> int:
         capacity=cfg.threads, heartbeat_s=cfg.heartbeat, liveness=cfg.liveness,
         graceful_timeout_s=cfg.graceful_timeout, curve=curve,
         # It reads spooled bodies from Mongrel2's disk: the broker need not inline them.
-        meta=(("uploads", "file"),) if upload_dir else ())
+        # It reads streamed bodies (upload.stream: BODY/READ, bodystream.py), and
+        # spooled ones from Mongrel2's disk if it has it: then none are inlined.
+        meta=(("bodies", "stream"), *((("uploads", "file"),) if upload_dir else ())))
     wsgi_settings = WsgiSettings(
         upload_dir=upload_dir, multithread=cfg.threads > 1, multiprocess=cfg.processes > 1,
         forwarded=trust(cfg.forwarded_allow_ips, cfg.client_address_header))
@@ -260,7 +262,8 @@ def cmd_wsgi(cfg: config.WsgiConfig, _: argparse.Namespace) -> int:
 
         def handle(event: Any, script_name: str, path_info: str, stream: ReplyStream) -> bool:
             info = run_wsgi(app, event, script_name=script_name, path_info=path_info,
-                            send=stream.send, last=stream.last, settings=wsgi_settings)
+                            send=stream.send, last=stream.last, settings=wsgi_settings,
+                            body=stream.body)
             return info.close
 
         worker = Worker(handle, worker_settings, state=child_state())

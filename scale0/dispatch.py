@@ -138,6 +138,10 @@ class Request:
     uri: bytes = b""  # path and query, as the client sent them (only kept while recording)
     upload: bytes = b""  # Mongrel2's spooled body file: removed when the request is over
     inline: int = 0  # bytes of that body put into `raw` (spool.py), counted in inline_bytes
+    # upload.stream (bodystream.py): the body follows in pieces, forwarded as BODY.
+    streamed: bool = False
+    body_in: int = 0  # body bytes received from Mongrel2 so far
+    body_done: bool = False  # its last piece has come
 
 
 @dataclass(slots=True, eq=False)
@@ -166,6 +170,7 @@ class Worker:
     ejections: int = 0  # since its last good reply
     ejected_until: float = 0.0  # ejected (no new requests) until then; 0.0: not ejected
     websocket: bool = False  # announced protocol.FEATURE_WEBSOCKET
+    streams_bodies: bool = False  # HELLO meta bodies=stream: it takes BODY and sends READ
 
 
 @dataclass(slots=True, eq=False)
@@ -230,6 +235,8 @@ class Counters:
     websocket_refused: int = 0  # upgrades to a service that does not take them, or malformed
     websocket_timeouts: int = 0  # closed for idleness
     websocket_strays: int = 0  # frames of a connection with no WebSocket here: closed
+    body_pieces: int = 0  # upload.stream pieces forwarded to workers as BODY
+    body_dropped: int = 0  # pieces for no streaming request (it ended or was refused)
 
 
 class Dispatcher:
@@ -329,6 +336,8 @@ class Dispatcher:
             self._on_request(link, raw, event, now)
         elif isinstance(event, (m2.WebSocketHandshake, m2.WebSocketFrame)):
             self.on_websocket(link, raw, event, now)
+        elif isinstance(event, m2.UploadChunk):
+            self._on_chunk(link, event, now)
         else:  # JSON socket messages: not served
             self._reply_error(link, event.sender, event.conn_id, 501, close=True)
 
@@ -423,6 +432,8 @@ class Dispatcher:
                     close, reply_prefix=prefix, refused=refused, upload=spooled)
         if self.record:
             r.uri = req.header(b"URI") or req.path
+        if m2.streamed_body(req.headers):  # upload.stream: the body follows (bodystream.py)
+            r.streamed, r.body_in = True, len(req.body)
         self.requests[rid] = r
         if on_conn is not None:  # pipelined: wait behind the active request
             on_conn.append(r)
@@ -453,6 +464,10 @@ class Dispatcher:
 
     def _send(self, r: Request, w: Worker, now: float) -> None:
         """Hand `r` to `w` (just popped from ready queues or known to be free)."""
+        if r.streamed and not w.streams_bodies:
+            self._fail(r, 501, "this worker cannot take a streamed request body")
+            self._update_ready(w)
+            return
         if r.upload and not r.inline and not w.reads_uploads and self.read_spooled:
             self._inline(r)  # no shared disk there: the body goes inside (spool.py)
         r.worker = w
@@ -503,6 +518,43 @@ class Dispatcher:
                 self.to_workers.append([
                     r.worker.ident, p.VERSION, _CREDIT, _pack_id(r.rid), b"%d" % credits,
                 ])
+
+    def _on_chunk(self, link: int, event: m2.UploadChunk, now: float) -> None:
+        """The next piece of the active request's streamed body: to its worker
+        as BODY, within the credits that worker granted (bodystream.py)."""
+        on_conn = self.connections.get((link, event.conn_id))
+        r = on_conn[0] if on_conn else None
+        if r is None or not r.streamed or r.body_done:
+            self.counters.body_dropped += 1  # its request was answered (e.g. 413) or is gone
+            return
+        r.body_in += len(event.body)
+        r.body_done = event.done
+        if r.body_in > self.settings.max_body_bytes:  # chunked: no length said so at the start
+            self.counters.too_large += 1
+            self._fail(r, 413, "", close=True)
+            return
+        w = r.worker
+        if w is None or r.cancelled:
+            self.counters.body_dropped += 1
+            return
+        self.counters.body_pieces += 1
+        self.to_workers.append([w.ident, p.VERSION, p.CMD[p.Command.BODY],
+                                p.encode_request_id(r.rid),
+                                p.BODY_END if event.done else p.BODY_MORE, event.body])
+        # An upload making progress is alive, like a streaming reply.
+        r.deadline = now + r.service.timeout_s
+        r.service.active.move_to_end(r.rid)
+
+    def _on_read(self, w: Worker, frames: list[bytes]) -> None:
+        """READ n: the worker lets n more body bytes come; Mongrel2 gets them as
+        upload credits for the request's connection."""
+        if len(frames) != 4 or not frames[3].isdigit() or len(frames[3]) > 10:
+            raise p.WireError("READ takes request id, decimal byte count")
+        r = w.in_flight.get(p.decode_request_id(frames[2]))
+        if r is None or r.cancelled or not r.streamed or r.body_done:
+            return  # ended meanwhile: the body is not wanted any more
+        self.to_mongrel2.append(
+            (r.link, m2.upload_credits_reply(r.sender, r.conn_id, int(frames[3]))))
 
     def _on_upload_start(self, link: int, event: m2.UploadStart) -> None:
         key = (link, event.conn_id)
@@ -676,6 +728,8 @@ class Dispatcher:
                 self._on_reply(w, frames, now)
             elif command == _HEARTBEAT_CMD and w is not None:
                 pass
+            elif command == p.Command.READ and w is not None:
+                self._on_read(w, frames)
             elif command == p.Command.HELLO:
                 self._on_hello(ident, frames, now)
             elif command == p.Command.BYE:
@@ -729,7 +783,8 @@ class Dispatcher:
                    routes=tuple(route for route, _ in routes), expiry_s=expiry_s,
                    beat_s=beat_s, next_beat=now + beat_s,
                    reads_uploads=hello.meta.get("uploads") == "file",
-                   websocket=p.FEATURE_WEBSOCKET in hello.features)
+                   websocket=p.FEATURE_WEBSOCKET in hello.features,
+                   streams_bodies=hello.meta.get("bodies") == "stream")
         w.draining = w.held = self._operator_drained(w)  # kept over a reconnect
         self.workers[ident] = w
         for service in services:
@@ -833,6 +888,10 @@ class Dispatcher:
                 # Cancelled: the rest is dropped; the slot frees on the LAST reply.
                 self._fail(r, 502, "bad reply from worker", close=True)
         if last:
+            if r.streamed and not r.body_done and not r.cancelled:
+                # Answered before its body was in: Mongrel2 would wait for
+                # credits that never come; close (after the response) instead.
+                self.to_mongrel2.append((r.link, m2.close_reply(r.sender, r.conn_id)))
             w.served += 1
             self.counters.replies += 1
             self._finish(r, w, now)
@@ -883,7 +942,7 @@ class Dispatcher:
             r.service.active.pop(r.rid, None)
             if r.cancelled:
                 self._forget(r, cancel=False)
-            elif (not r.reply_started and r.method in SAFE_TO_RETRY
+            elif (not r.reply_started and r.method in SAFE_TO_RETRY and not r.streamed
                     and r.attempts <= self.settings.max_retries):
                 self.counters.retries += 1
                 self._route(r, now)
@@ -1071,6 +1130,7 @@ class Dispatcher:
         """Answer `r` with an error (or just close if its reply had started)."""
         if r.worker is not None:
             self._cancel_at_worker(r)
+        close = close or (r.streamed and not r.body_done)  # Mongrel2 waits for upload credits
         if not r.cancelled:
             self._record(r, r.status if r.reply_started else status)
             if r.reply_started:

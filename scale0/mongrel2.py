@@ -91,6 +91,18 @@ class UploadDone(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class UploadChunk(Message):
+    """``upload.stream=1``: the next piece of a request body (MONGREL2.md
+    "Uploads"). Mongrel2 sends it with only ``UPLOAD_STREAM`` (the piece's
+    offset in the body) and, on the last piece, ``UPLOAD_STREAM_DONE``, after
+    the request message itself (which carries ``UPLOAD_STREAM: 0``). It sends
+    pieces only within the credits a ``ctl`` reply granted (bodystream.py)."""
+
+    offset: int
+    done: bool
+
+
+@dataclass(frozen=True, slots=True)
 class WebSocketHandshake(Message):
     """A valid upgrade request; `body` is the computed Sec-WebSocket-Accept."""
 
@@ -125,6 +137,7 @@ Event = (
     HttpRequest
     | UploadStart
     | UploadDone
+    | UploadChunk
     | WebSocketHandshake
     | WebSocketFrame
     | Disconnect
@@ -283,8 +296,15 @@ def _classify(sender: bytes, conn_id: int, path: bytes, headers: Headers, body: 
     method = _single(headers, b"METHOD")
     fields = (sender, conn_id, path, headers, body)
     if method is None:
-        # Upload stream chunks (UPLOAD_STREAM, no METHOD) are not supported;
-        # only a bare JSON disconnect is accepted without a METHOD.
+        # Upload stream chunks carry UPLOAD_STREAM and no METHOD (upload.c); the
+        # upper-case name cannot come from a client (Mongrel2 lowercases theirs).
+        offset = _single(headers, b"UPLOAD_STREAM")
+        if offset is not None:
+            if not _decimal(offset, _MAX_ID_DIGITS):
+                raise _error("UPLOAD_STREAM is not a decimal offset")
+            return UploadChunk(*fields, offset=int(offset),
+                               done=b"UPLOAD_STREAM_DONE" in headers)
+        # Otherwise only a bare JSON disconnect is accepted without a METHOD.
         if body.startswith(b"{"):
             data = _json_body(body)
             if type(data) is dict and data.get("type") == "disconnect":
@@ -418,6 +438,19 @@ def keep_alive_reply(sender: bytes, conn_ids: int | Sequence[int]) -> bytes:
 def cancel_reply(sender: bytes, conn_ids: int | Sequence[int]) -> bytes:
     """Close `conn_ids` at once."""
     return ctl_reply(sender, conn_ids, {b"cancel": True})
+
+
+def upload_credits_reply(sender: bytes, conn_id: int, n: int) -> bytes:
+    """Let Mongrel2 read `n` more bytes of `conn_id`'s streamed body
+    (``upload.stream=1``; ``["ctl", {"credits": n}]``, handler.c)."""
+    return ctl_reply(sender, conn_id, {b"credits": n})
+
+
+def streamed_body(headers: Headers) -> bool:
+    """A request whose body follows in UploadChunk messages: Mongrel2 marks the
+    request message ``UPLOAD_STREAM`` and, if the first read had it all,
+    ``UPLOAD_STREAM_DONE`` (then the body is complete in the message)."""
+    return b"UPLOAD_STREAM" in headers and b"UPLOAD_STREAM_DONE" not in headers
 
 
 def reply_prefix(sender: bytes, conn_id: int) -> bytes:

@@ -30,6 +30,8 @@ class Command(IntEnum):
     WELCOME = 0x09  # B->W [json {"broker": id, "heartbeat_ms": n}]
     ERROR = 0x0A  # B->W [decimal code, text]: the last message was refused
     FRAME = 0x0B  # B->W [request_id, mongrel2 message]: a later message of a WebSocket
+    BODY = 0x0C  # B->W [request_id, flags, bytes]: the next piece of the request body
+    READ = 0x0D  # W->B [request_id, decimal bytes]: let this many more body bytes come
 
 
 # One-byte frames, built once: the hot path compares and sends these.
@@ -40,6 +42,10 @@ FLAG_MORE = b"\x00"
 FLAG_LAST = b"\x01"
 
 # ERROR codes (HTTP-like, so operators read them at a glance).
+# BODY flags: bit 0 = the body ends with this piece.
+BODY_MORE = b"\x00"
+BODY_END = b"\x01"
+
 ERR_BAD_VERSION = 505
 ERR_BAD_MESSAGE = 400
 ERR_UNKNOWN_WORKER = 401

@@ -30,6 +30,7 @@ from . import mongrel2 as m2
 from . import protocol as p
 
 if TYPE_CHECKING:
+    from .bodystream import BodyInput
     from .worker_loop import BrokerConn, Loop
 
 MAX_OUTSTANDING_MESSAGES = 8  # well under Mongrel2's 16 queued messages per connection
@@ -85,6 +86,7 @@ class ReplyStream:
         "_prefix",
         "_sender",
         "blocked",
+        "body",
         "cancelled",
         "conn",
         "ended",
@@ -111,6 +113,8 @@ class ReplyStream:
         # download that keeps going.
         self.started_s = now
         self.blocked = False
+        # upload.stream: the request's wsgi.input, fed BODY pieces by the loop.
+        self.body: BodyInput | None = None
 
     def _reply(self, body: bytes) -> bytes:
         if not self._prefix:

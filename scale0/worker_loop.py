@@ -38,6 +38,7 @@ from zmq.backend import zmq_poll
 
 from . import mongrel2 as m2
 from . import protocol as p
+from .bodystream import BodyError, BodyInput, BodyReader
 from .frames import recv_frames, send_frames
 from .reply import Cancelled, FlowWindow, ReplyStream
 from .routing import normalize_path, split_script_name
@@ -347,6 +348,11 @@ class Loop:
                 current.flow.grant(int(frames[3]))
         elif command == p.Command.CANCEL and len(frames) == 3:
             self._cancel(c, frames[2])
+        elif command == p.Command.BODY and len(frames) == 5:
+            current = self.current  # pieces come only for the request that asked (READ)
+            if (current is not None and current.conn is c and current.rid == frames[2]
+                    and current.body is not None):
+                current.body.feed(frames[4], frames[3] == p.BODY_END)
         elif command == p.Command.HEARTBEAT:
             pass
         elif command == p.Command.WELCOME:
@@ -410,6 +416,13 @@ class Loop:
         credits = r.window if r.window is not None else event.headers.get(b"DOWNLOAD_CREDITS")
         flow = FlowWindow(int(credits)) if type(credits) is bytes and credits.isdigit() else None
         stream = ReplyStream(self, r.conn, r.rid, event, flow, now)
+        if m2.streamed_body(event.headers):  # upload.stream: the body follows as BODY
+            try:
+                stream.body = self._body_input(stream, event)
+            except BodyError as exc:
+                log.warning("bad streamed body from broker: %s", exc)
+                self.send(r.conn, [p.VERSION, p.CMD[p.Command.REPLY], r.rid, p.FLAG_LAST])
+                return
         close = True
         self.current = stream
         self.current_since = now
@@ -431,6 +444,32 @@ class Loop:
             self.current = None
             if not self.closed:
                 stream.end_locked(close)
+
+
+    def _body_input(self, stream: ReplyStream, event: m2.Message) -> BodyInput:
+        """The wsgi.input of a streamed body (bodystream.py). The app reads it
+        on this thread: waiting for pieces reads our own socket, as waiting
+        for download credits does (reply.py)."""
+        length = event.header(b"content-length")
+        reader = BodyReader(event.body, int(length) if length and length.isdigit() else None)
+
+        def wait() -> None:
+            with self.lock:
+                if not stream.cancelled and not self.closed:
+                    self.wait_io()  # reads BODY, CANCEL, ... and keeps heartbeats going
+                if stream.cancelled or self.closed:
+                    raise Cancelled
+            stream.started_s = time.monotonic()  # reading the body is progress
+
+        def grant(n: int) -> None:
+            with self.lock:
+                if not stream.cancelled and not self.closed:
+                    self.send(stream.conn, [*_READ_HEAD, stream.rid, b"%d" % n])
+
+        return BodyInput(reader, wait, grant)
+
+
+_READ_HEAD = (p.VERSION, p.CMD[p.Command.READ])
 
 
 def _welcome_heartbeat_ms(payload: bytes) -> int | None:

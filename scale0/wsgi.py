@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TextIO
 
+from scale0.bodystream import BodyInput
 from scale0.forwarded import LOOPBACK, Trust
 from scale0.forwarded import apply as apply_forwarded
 from scale0.mongrel2 import Headers, HttpRequest, UploadDone
@@ -202,7 +203,8 @@ def _constant_environ(settings: WsgiSettings, errors: TextIO) -> dict[str, Any]:
 
 
 def build_environ(request: HttpRequest | UploadDone, *, script_name: str, path_info: str,
-                  settings: WsgiSettings, errors: TextIO) -> dict[str, Any]:
+                  settings: WsgiSettings, errors: TextIO,
+                  body: BodyInput | None = None) -> dict[str, Any]:
     """The PEP 3333 environ ("environ Variables"); opens the upload for UploadDone."""
     headers = request.headers
     raw_scheme = headers.get(b"URL_SCHEME")
@@ -250,7 +252,14 @@ def build_environ(request: HttpRequest | UploadDone, *, script_name: str, path_i
             else:
                 environ[environ_key] = _header(headers, key) or ""
     apply_forwarded(environ, headers, settings.forwarded)  # forwarded.py
-    if isinstance(request, UploadDone):
+    if body is not None:  # upload.stream: the body arrives as the app reads (bodystream.py)
+        environ["wsgi.input"] = body
+        length = headers.get(b"content-length")
+        if type(length) is bytes and length.isdigit():
+            environ["CONTENT_LENGTH"] = length.decode("ascii")
+        else:  # chunked: the length is not known; the input ends with the body
+            environ.pop("CONTENT_LENGTH", None)
+    elif isinstance(request, UploadDone):
         file = _open_upload(request.upload_path, settings.upload_dir)
         environ["wsgi.input"] = file
         environ["CONTENT_LENGTH"] = str(os.fstat(file.fileno()).st_size)
@@ -479,7 +488,8 @@ def _drive(app: WSGIApplication, environ: dict[str, Any], response: _Response) -
 def run_wsgi(app: WSGIApplication, request: HttpRequest | UploadDone, *, script_name: str,
              path_info: str, send: Callable[[bytes], None], settings: WsgiSettings,
              errors: TextIO | None = None,
-             last: Callable[[bytes, bool], None] | None = None) -> ResponseInfo:
+             last: Callable[[bytes, bool], None] | None = None,
+             body: BodyInput | None = None) -> ResponseInfo:
     """Run `app` on one request; send() gets the HTTP response bytes as produced.
 
     With `last`, the bytes that complete the response go to last(data, close)
@@ -492,7 +502,8 @@ def run_wsgi(app: WSGIApplication, request: HttpRequest | UploadDone, *, script_
     response = _Response(send, request, last)
     try:
         environ = build_environ(request, script_name=script_name, path_info=path_info,
-                                settings=settings, errors=sys.stderr if errors is None else errors)
+                                settings=settings, errors=sys.stderr if errors is None else errors,
+                                body=body)
     except BadRequest as exc:
         logger.warning("bad request on connection %d: %s", request.conn_id, exc.message)
         response.send_error(exc.status, exc.message, close=True)
@@ -505,6 +516,10 @@ def run_wsgi(app: WSGIApplication, request: HttpRequest | UploadDone, *, script_
             if exc is response.transport_error:
                 raise
             raise response.transport_error from exc  # the app wrapped it in its own error
+        if body is not None and body.aborted is not None:  # it ended while the app read
+            if exc is body.aborted:
+                raise
+            raise body.aborted from exc
         logger.exception("WSGI app failed on %s %s%s", environ["REQUEST_METHOD"],
                          script_name, path_info)
         if response.headers_sent:

@@ -120,6 +120,22 @@ async def raw(scope: Scope, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [],
                     "trailers": True})
         await send({"type": "http.response.body", "body": b"x"})
+    elif path.endswith("/held"):
+        # A streamed upload held after its first piece: writes "<flag>.read",
+        # waits for the test to create <flag>, reads on, and writes what ended
+        # the body ("disconnect" or "complete") to "<flag>.result".
+        flag = scope["query_string"].decode()
+        message = await receive()
+        with open(f"{flag}.read", "w") as f:
+            f.write(str(len(message.get("body", b""))))
+        while not os.path.exists(flag):
+            await asyncio.sleep(0.02)
+        while message["type"] == "http.request" and message.get("more_body"):
+            message = await receive()
+        with open(f"{flag}.result", "w") as f:
+            f.write("disconnect" if message["type"] == "http.disconnect" else "complete")
+        if message["type"] != "http.disconnect":
+            await _reply(send, 200, b"complete\n")
     elif path.endswith("/disconnect"):
         # Waits for the client to leave; then records that it saw http.disconnect.
         message = await receive()
