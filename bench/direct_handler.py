@@ -27,7 +27,7 @@ from collections import deque
 
 import zmq
 
-from scale0.mongrel2 import (
+from scale0.wire.mongrel2 import (
     Credits,
     Disconnect,
     HttpRequest,

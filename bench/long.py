@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scale0.m2server import Mongrel2Error, raise_open_files_limit
+from scale0.deploy.m2server import Mongrel2Error, raise_open_files_limit
 
 from . import conns, doc, wrk
 from .procs import BenchError, rss_kib, wait_until

@@ -2,7 +2,7 @@
 
 Every process runs in a session of its own (so a Ctrl-C at the terminal
 reaches only the harness, which then stops them in order) and gets SIGTERM
-if the harness dies (scale0.lifeline: PR_SET_PDEATHSIG). `stop()` signals
+if the harness dies (scale0.pool.lifeline: PR_SET_PDEATHSIG). `stop()` signals
 the process, waits a bounded time, then SIGKILLs its whole process group
 (pre-forked children too).
 """
@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from scale0 import lifeline
+from scale0.pool import lifeline
 
 
 class BenchError(RuntimeError):

@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from scale0.m2server import Mongrel2Error
+from scale0.deploy.m2server import Mongrel2Error
 
 from . import doc, wrk
 from .procs import BenchError

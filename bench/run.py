@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from scale0.m2server import Mongrel2Error
+from scale0.deploy.m2server import Mongrel2Error
 
 from . import doc, peers, targets, wrk, ws_echo
 from .procs import BenchError, cpu_seconds, http_get, rss_kib

@@ -14,13 +14,15 @@ from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any, Protocol, cast
 
-from . import __version__, config, ctl, m2db
-from . import protocol as p
-from .accesslog import AccessLog, AccessLogError
-from .broker import Broker, LinkSpec
-from .dispatch import DispatchSettings
-from .keys import CurveKeys, KeyFileError, generate
-from .zap import CurveServer
+from scale0 import __version__, config
+from scale0.auth.keys import CurveKeys, KeyFileError, generate
+from scale0.auth.zap import CurveServer
+from scale0.core.dispatch import DispatchSettings
+from scale0.deploy import m2db
+from scale0.net.broker import Broker, LinkSpec
+from scale0.ops import ctl
+from scale0.ops.accesslog import AccessLog, AccessLogError
+from scale0.wire import s0w1 as p
 
 log = logging.getLogger("scale0")
 
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_keygen, settings=None, log_level="warning")
 
     r = sub.add_parser("relay", help="share one Mongrel2 handler between brokers, losing "
-                                     "nothing when a broker leaves (see scale0/relay.py)")
+                                     "nothing when a broker leaves (see scale0/net/relay.py)")
     config.add_arguments(r, config.RelayConfig)
     r.set_defaults(func=cmd_relay, settings=config.RelayConfig)
 
@@ -140,7 +142,7 @@ def cmd_broker(cfg: config.BrokerConfig, _: argparse.Namespace) -> int:
     broker = Broker(links, cfg.bind, settings, graceful_timeout_s=cfg.graceful_timeout,
                     control="" if cfg.control == "off" else cfg.control,
                     metrics=cfg.metrics, curve=curve, relay_curve=relay_curve)
-    if upload_dir is not None and cfg.inline_body_max:  # spool.py: bodies into requests
+    if upload_dir is not None and cfg.inline_body_max:  # core/spool.py: bodies into requests
         broker.dispatcher.read_spooled = partial(_read_spooled, upload_dir)
     access: AccessLog | None = None
     if cfg.access_log:
@@ -158,7 +160,7 @@ def cmd_broker(cfg: config.BrokerConfig, _: argparse.Namespace) -> int:
 
 
 def cmd_relay(cfg: config.RelayConfig, _: argparse.Namespace) -> int:
-    from .relay import Relay
+    from scale0.net.relay import Relay
 
     recv_spec, recv_ident = cfg.mongrel2_recv or ("", b"")
     try:
@@ -217,17 +219,17 @@ def load_app(spec: str) -> Any:
 
 
 def _read_spooled(upload_dir: str, upload_path: bytes, max_bytes: int) -> bytes | None:
-    from .spool import read
+    from scale0.core.spool import read
 
     return read(upload_path, upload_dir, max_bytes)
 
 
 def cmd_wsgi(cfg: config.WsgiConfig, _: argparse.Namespace) -> int:
-    from .childstate import current as child_state
-    from .forwarded import trust
-    from .supervise import BOOT_FAILED, Pool
-    from .worker import ReplyStream, Worker, WorkerSettings
-    from .wsgi import WsgiSettings, run_wsgi
+    from scale0.core.forwarded import trust
+    from scale0.pool.childstate import current as child_state
+    from scale0.pool.supervise import BOOT_FAILED, Pool
+    from scale0.worker.process import ReplyStream, Worker, WorkerSettings
+    from scale0.worker.wsgi import WsgiSettings, run_wsgi
 
     # Relative paths in settings mean the working directory they were given in.
     upload_dir = os.path.abspath(cfg.upload_dir) if cfg.upload_dir else None
@@ -246,7 +248,7 @@ def cmd_wsgi(cfg: config.WsgiConfig, _: argparse.Namespace) -> int:
         capacity=cfg.threads, heartbeat_s=cfg.heartbeat, liveness=cfg.liveness,
         graceful_timeout_s=cfg.graceful_timeout, curve=curve,
         # It reads spooled bodies from Mongrel2's disk: the broker need not inline them.
-        # It reads streamed bodies (upload.stream: BODY/READ, bodystream.py), and
+        # It reads streamed bodies (upload.stream: BODY/READ, core/bodystream.py), and
         # spooled ones from Mongrel2's disk if it has it: then none are inlined.
         meta=(("bodies", "stream"), *((("uploads", "file"),) if upload_dir else ())))
     wsgi_settings = WsgiSettings(
@@ -278,10 +280,10 @@ def cmd_wsgi(cfg: config.WsgiConfig, _: argparse.Namespace) -> int:
 
 
 def cmd_asgi(cfg: config.AsgiConfig, _: argparse.Namespace) -> int:
-    from .asgi_worker import AsgiSettings, AsgiWorker, event_loop_policy
-    from .childstate import current as child_state
-    from .forwarded import trust
-    from .supervise import BOOT_FAILED, Pool
+    from scale0.core.forwarded import trust
+    from scale0.pool.childstate import current as child_state
+    from scale0.pool.supervise import BOOT_FAILED, Pool
+    from scale0.worker.asgi_loop import AsgiSettings, AsgiWorker, event_loop_policy
 
     # Relative paths in settings mean the working directory they were given in.
     upload_dir = os.path.abspath(cfg.upload_dir) if cfg.upload_dir else None
@@ -330,7 +332,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_up(cfg: config.UpConfig, args: argparse.Namespace) -> int:
-    from .stack import Stack, StackError, exit_with_parent
+    from scale0.deploy.stack import Stack, StackError, exit_with_parent
 
     if cfg.exit_with_parent:
         exit_with_parent()

@@ -37,11 +37,11 @@ from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .accesslog import DEFAULT_FORMAT as ACCESS_LOG_FORMAT
-from .accesslog import FIELDS as ACCESS_LOG_FIELDS
-from .accesslog import AccessLogError, check_format
-from .broker import LinkSpec
-from .routing import parse_route
+from scale0.core.routing import parse_route
+from scale0.net.broker import LinkSpec
+from scale0.ops.accesslog import DEFAULT_FORMAT as ACCESS_LOG_FORMAT
+from scale0.ops.accesslog import FIELDS as ACCESS_LOG_FIELDS
+from scale0.ops.accesslog import AccessLogError, check_format
 
 ENV_PREFIX = "SCALE0_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -155,7 +155,7 @@ def _service_page(text: str) -> tuple[str, bytes]:
 
 
 def _metrics_address(text: str) -> tuple[str, int] | None:
-    from .status import parse_address  # prometheus_client only when asked for
+    from scale0.ops.status import parse_address  # prometheus_client only when asked for
 
     try:
         return parse_address(text)
@@ -164,7 +164,7 @@ def _metrics_address(text: str) -> tuple[str, int] | None:
 
 
 def _forwarded_allow(text: str) -> str:
-    from .forwarded import parse_allow
+    from scale0.core.forwarded import parse_allow
 
     try:
         parse_allow(text)
@@ -174,7 +174,7 @@ def _forwarded_allow(text: str) -> str:
 
 
 def _header_name(text: str) -> str:
-    from .forwarded import trust
+    from scale0.core.forwarded import trust
 
     try:
         trust(client_header=text)
@@ -198,7 +198,7 @@ CAPACITY = Kind("an integer from 1 to 10000", (int,), int, _capacity)
 NON_NEGATIVE_FLOAT = Kind("a number >= 0", (int, float), float,
                           lambda v: float(_non_negative(v)))
 def _heartbeat_s(value: int | float) -> float:
-    # protocol.py: HELLO and WELCOME carry it in ms, 10 to 600000.
+    # wire/s0w1.py: HELLO and WELCOME carry it in ms, 10 to 600000.
     if not 0.01 <= float(value) <= 600:
         raise ValueError(value)
     return float(value)
@@ -233,7 +233,7 @@ HEADER_NAME = Kind("a header name", (str,), _header_name, _header_name)
 def _key_file(secret: bool) -> Callable[[str], str]:
     """A certificate path, checked now so that a bad key stops the start."""
     def check(path: str) -> str:
-        from .keys import KeyFileError, load_public, load_secret
+        from scale0.auth.keys import KeyFileError, load_public, load_secret
 
         try:
             load_secret(path) if secret else load_public(path)
@@ -244,8 +244,8 @@ def _key_file(secret: bool) -> Callable[[str], str]:
 
 
 def _key_dir(path: str) -> str:
-    from .keys import KeyFileError
-    from .zap import Authorizer
+    from scale0.auth.keys import KeyFileError
+    from scale0.auth.zap import Authorizer
 
     try:
         Authorizer(path).load()
@@ -327,7 +327,7 @@ class CurveServerConfig(PeerConfig):
             raise ConfigError("authorized_keys (--authorized-keys) needs curve_secret "
                               "(--curve-secret)")
         if self.curve_secret is None and not self.insecure:
-            from .keys import insecure_bind_error
+            from scale0.auth.keys import insecure_bind_error
 
             error = insecure_bind_error("bind", bind, "--curve-secret")
             if error:

@@ -25,7 +25,7 @@ import pytest
 import requests
 import zmq
 
-from scale0.m2server import Mongrel2Server, config_text
+from scale0.deploy.m2server import Mongrel2Server, config_text
 
 ROOT = Path(__file__).resolve().parents[2]
 APPS_DIR = Path(__file__).resolve().parent

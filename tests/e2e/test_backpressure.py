@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tnetstring
 
-from scale0 import mongrel2 as m2
+from scale0.wire import mongrel2 as m2
 
 from .conftest import FakeMongrel2, Stack, wait_for
 

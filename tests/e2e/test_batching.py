@@ -19,9 +19,9 @@ import requests
 import tnetstring
 import zmq
 
-from scale0 import mongrel2 as m2
-from scale0.broker import Broker, LinkSpec
-from scale0.relay import Relay
+from scale0.net.broker import Broker, LinkSpec
+from scale0.net.relay import Relay
+from scale0.wire import mongrel2 as m2
 
 from .conftest import FakeMongrel2, Stack, free_port
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import requests
 
-from scale0.control import default_endpoint, ipc_path, tap_endpoint
+from scale0.ops.control import default_endpoint, ipc_path, tap_endpoint
 
 from .conftest import ROOT, Load, Proc, Stack, wait_for
 from .test_metrics import metrics_url, scrape, value

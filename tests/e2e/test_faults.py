@@ -130,7 +130,7 @@ def test_graceful_broker_restart_behind_a_relay_loses_nothing(fresh_stack: Stack
 
 def test_graceful_broker_restart_direct_to_mongrel2(fresh_stack: Stack) -> None:
     # Without a relay the broker half-closes its PULL and reads until Mongrel2
-    # closes (broker.py), so nothing that reached the connection is lost. What
+    # closes (scale0/net/broker.py), so nothing that reached the connection is lost. What
     # Mongrel2's own I/O thread had not written yet when it saw the close is
     # dropped by libzmq: rare, more likely on a busy machine (docs/reliability.md).
     # Never a 5xx or a connection error; at most one lost request per client.

@@ -16,7 +16,7 @@ from pathlib import Path
 import requests
 import zmq
 
-from scale0 import protocol as p
+from scale0.wire import s0w1 as p
 
 from .conftest import FakeMongrel2, Stack, wait_for
 from .test_ownership import status

@@ -1,4 +1,4 @@
-"""A supervisor killed with SIGKILL takes its children with it (scale0/lifeline.py):
+"""A supervisor killed with SIGKILL takes its children with it (scale0/pool/lifeline.py):
 `scale0 up` (Mongrel2, relay, broker, pool and its processes) and a pool's arbiter."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 from bench.procs import children
-from scale0.m2server import config_text
+from scale0.deploy.m2server import config_text
 
 from .conftest import ROOT, Proc, Stack, free_port, wait_for
 from .test_up import alive, descendants, processes_mentioning, wait_200
@@ -106,7 +106,7 @@ def test_sigkill_of_a_pools_arbiter_stops_its_processes(fresh_stack: Stack) -> N
 def test_the_watcher_forwards_signals_and_its_childs_status(tmp_path: Path) -> None:
     # What `scale0 up` runs Mongrel2 under as root: SIGINT reaches the
     # program, and the watcher exits as the program did (128 + signal).
-    watcher = subprocess.Popen([sys.executable, "-m", "scale0.lifeline", "--", "sleep", "60"],
+    watcher = subprocess.Popen([sys.executable, "-m", "scale0.pool.lifeline", "--", "sleep", "60"],
                                cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         child = wait_for(lambda: children(watcher.pid), 10, "the watcher's child")[0]
@@ -121,7 +121,7 @@ def test_the_watcher_forwards_signals_and_its_childs_status(tmp_path: Path) -> N
 
 def test_a_child_whose_parent_is_already_gone_exits_at_once() -> None:
     # The race die_with_parent closes: the parent died before the prctl.
-    code = ("import os, sys; from scale0.lifeline import die_with_parent; "
+    code = ("import os, sys; from scale0.pool.lifeline import die_with_parent; "
             "die_with_parent(os.getppid() + 1); sys.exit(0)")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ,
                                                             "PYTHONPATH": str(ROOT)},

@@ -22,7 +22,7 @@ import pytest
 import requests
 import zmq
 
-from scale0 import protocol as p
+from scale0.wire import s0w1 as p
 
 from .conftest import ROOT, Proc, Stack, free_port, wait_for
 
@@ -362,7 +362,7 @@ def test_a_worker_sending_a_huge_frame_is_cut_off_while_big_replies_pass(
     broker = s.start_broker()
     s.start_pool("e2e_apps:app", service="app", routes=("/",))
     s.wait_ok("/")
-    # A reply of several 1 MiB pieces (worker.py's largest) goes through.
+    # A reply of several 1 MiB pieces (scale0/worker/process.py's largest) goes through.
     big = requests.get(s.url("/blob"), params="3000000", timeout=30)
     assert big.status_code == 200 and len(big.content) == 3_000_000
     raw = RawWorker(ctx, s.broker_endpoints[0])

@@ -61,8 +61,8 @@ def test_a_broker_outlives_a_relay_that_is_not_there() -> None:
     # until a send raises (it once did after 1000: ZMQ's default SNDHWM).
     import threading
 
-    from scale0.broker import Broker, LinkSpec
-    from scale0.dispatch import DispatchSettings
+    from scale0.core.dispatch import DispatchSettings
+    from scale0.net.broker import Broker, LinkSpec
 
     from .conftest import FakeMongrel2, free_port, wait_for
 

@@ -1,5 +1,5 @@
 """`scale0 wsgi --threads T`: T loops per process, each a worker of capacity 1
-that runs the app on its own thread (scale0/worker_loop.py), on the real stack."""
+that runs the app on its own thread (scale0/worker/loop.py), on the real stack."""
 
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from scale0.childstate import current
-from scale0.supervise import BOOT_FAILED, Pool
+from scale0.pool.childstate import current
+from scale0.pool.supervise import BOOT_FAILED, Pool
 
 
 def fake_worker(folder: Path) -> int:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from scale0.accesslog import DEFAULT_FORMAT, FIELDS, AccessLog, AccessLogError, check_format
-from scale0.dispatch import Done
+from scale0.core.dispatch import Done
+from scale0.ops.accesslog import DEFAULT_FORMAT, FIELDS, AccessLog, AccessLogError, check_format
 
 
 def _done(conn_id: int = 7, status: int = 200) -> Done:

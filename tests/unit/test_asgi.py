@@ -1,4 +1,4 @@
-"""The pure ASGI pieces (scale0/asgi.py) and the per-connection state of the
+"""The pure ASGI pieces (scale0/worker/asgi.py) and the per-connection state of the
 runtime (asgi_worker._Http, _WebSocket) on byte fixtures shaped like what
 Mongrel2 1.12 sends (tnetstring handler protocol)."""
 
@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import tnetstring
 
-from scale0 import asgi
-from scale0 import mongrel2 as m2
-from scale0 import protocol as p
-from scale0.asgi_worker import AsgiSettings, ClientDisconnected, _Http, _Link, _WebSocket
+from scale0.wire import mongrel2 as m2
+from scale0.wire import s0w1 as p
+from scale0.worker import asgi
+from scale0.worker.asgi_loop import AsgiSettings, ClientDisconnected, _Http, _Link, _WebSocket
 
 SENDER = b"5ca1e000-0000-4000-8000-0000000e2e01"
 ACCEPT = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
@@ -374,7 +374,7 @@ def test_real_mongrel2_handshake_and_frame_capture() -> None:
 
 
 def test_proxy_headers_from_a_trusted_front_only() -> None:
-    from scale0.forwarded import trust
+    from scale0.core.forwarded import trust
     headers = {b"x-forwarded-proto": b"https", b"x-real-ip": b"203.0.113.9",
                b"host": b"example.com"}
     trusted = asgi.http_scope(request(extra=headers), "")

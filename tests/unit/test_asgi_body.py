@@ -1,4 +1,4 @@
-"""Streamed request bodies at the ASGI worker (asgi_worker._Http + bodystream.py)
+"""Streamed request bodies at the ASGI worker (asgi_worker._Http + scale0/core/bodystream.py)
 against a stand-in worker that records what would go to the broker: READ
 credits out, BODY pieces in, `http.request` events with more_body to the app."""
 
@@ -9,10 +9,10 @@ import hashlib
 import random
 from typing import Any
 
-from scale0 import mongrel2 as m2
-from scale0 import protocol as p
-from scale0.asgi_worker import _Http, _Link
-from scale0.bodystream import WINDOW_BYTES
+from scale0.core.bodystream import WINDOW_BYTES
+from scale0.wire import mongrel2 as m2
+from scale0.wire import s0w1 as p
+from scale0.worker.asgi_loop import _Http, _Link
 from tests.unit.test_asgi import FakeWorker, request
 
 RID = b"\x00" * 7 + b"\x09"

@@ -1,4 +1,4 @@
-"""BodyReader and BodyInput (scale0/bodystream.py): a fake broker feeds pieces."""
+"""BodyReader and BodyInput (scale0/core/bodystream.py): a fake broker feeds pieces."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from scale0.bodystream import BodyError, BodyInput, BodyReader
+from scale0.core.bodystream import BodyError, BodyInput, BodyReader
 
 
 class FakeLink:

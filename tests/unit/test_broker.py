@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scale0.broker import Broker, LinkSpec
+from scale0.net.broker import Broker, LinkSpec
 
 
 def test_broker_stop_a_second_signal_forces_a_second_graceful_shutdown_does_not() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from scale0.childstate import ChildState
+from scale0.pool.childstate import ChildState
 
 
 def test_writes_in_a_forked_child_are_seen_by_the_parent() -> None:

@@ -1,5 +1,5 @@
-"""The control protocol and commands (control.py) and `scale0 ctl` rendering
-(ctl.py), on a real Dispatcher, without sockets."""
+"""The control protocol and commands (scale0/ops/control.py) and `scale0 ctl` rendering
+(scale0/ops/ctl.py), on a real Dispatcher, without sockets."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from unittest.mock import ANY
 
 import pytest
 
-from scale0 import control as c
-from scale0 import ctl
-from scale0 import protocol as p
 from scale0.cli import build_parser
-from scale0.dispatch import Dispatcher, DispatchSettings, Done
+from scale0.core.dispatch import Dispatcher, DispatchSettings, Done
+from scale0.ops import control as c
+from scale0.ops import ctl
+from scale0.wire import s0w1 as p
 
 from .test_dispatch import SENDER, m2_request, ok_reply
 

@@ -1,4 +1,4 @@
-"""Tests for scale0.dispatch: the broker's pure core, driven with a fake `now`.
+"""Tests for scale0.core.dispatch: the broker's pure core, driven with a fake `now`.
 
 No sockets and no sleeping: each test feeds Mongrel2 messages and S0W1 worker
 frames to a `Dispatcher`, then drains and inspects its two outboxes. Every
@@ -17,9 +17,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from scale0 import mongrel2 as m2
-from scale0 import protocol as p
-from scale0.dispatch import Dispatcher, DispatchSettings
+from scale0.core.dispatch import Dispatcher, DispatchSettings
+from scale0.wire import mongrel2 as m2
+from scale0.wire import s0w1 as p
 
 SENDER = b"f9a3b8c2-0000-4000-8000-000000000001"
 SENDER_2 = b"f9a3b8c2-0000-4000-8000-000000000002"
@@ -975,8 +975,8 @@ def test_a_disconnect_forgets_the_connections_window() -> None:
 
 def test_windows_of_connections_whose_credits_never_come_are_bounded(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import scale0.dispatch
-    monkeypatch.setattr(scale0.dispatch, "MAX_UNACKED_CONNECTIONS", 2)
+    import scale0.core.dispatch
+    monkeypatch.setattr(scale0.core.dispatch, "MAX_UNACKED_CONNECTIONS", 2)
     h = Harness()
     h.hello(b"w1")
     for conn_id in (1, 2, 3):
@@ -1866,7 +1866,7 @@ def test_snapshot_lists_services_routes_workers_and_counters() -> None:
     assert snap["counters"]["requests"] == 1 and snap["requests"] == 1
 
 
-# ---- HTTP edges (screen.py): duplicate Host, conflicting lengths, absolute-form ----
+# ---- HTTP edges (scale0/core/screen.py): duplicate Host, conflicting lengths, absolute-form ----
 
 
 def test_duplicate_host_and_conflicting_lengths_are_400_and_counted() -> None:
@@ -1899,7 +1899,7 @@ def test_absolute_form_routes_by_the_target_authority() -> None:
     assert [m.status for m in h.take_mongrel2()] == [200]
 
 
-# ---- spooled bodies (spool.py): chunked uploads, cleanup -------------------------
+# ---- spooled bodies (scale0/core/spool.py): chunked uploads, cleanup -------------------------
 
 
 def m2_chunked(conn_id: int, start: bytes, done: bytes | None = None,
@@ -1936,7 +1936,7 @@ def test_a_forged_chunked_start_with_a_body_is_400_and_nothing_removed() -> None
     h.m2(m2_request(1, b"/app", method=b"POST", body=b"hi",
                     extra={b"x-mongrel2-upload-start": b"uploads/upload.Other",
                            b"transfer-encoding": b"chunked"}))
-    h.take_error(400, 1, close=True)  # a length beside chunked: refused by screen.py
+    h.take_error(400, 1, close=True)  # a length beside chunked: refused by scale0/core/screen.py
     assert take_unlink(h) == [] and h.d.counters.bad_requests == 1
     h.m2(m2_message(SENDER, 2, b"/app", {b"METHOD": b"GET", b"VERSION": b"HTTP/1.1",
                                           b"transfer-encoding": b"chunked",

@@ -3,7 +3,7 @@ worker of capacity 1): a retried GET must not be used up on a dead sibling."""
 
 from __future__ import annotations
 
-from scale0 import protocol as p
+from scale0.wire import s0w1 as p
 
 from .test_dispatch import Cmd, Harness
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import tnetstring
 
-from scale0 import mongrel2 as m2
-from scale0 import protocol as p
+from scale0.wire import mongrel2 as m2
+from scale0.wire import s0w1 as p
 from tests.unit.test_dispatch import SENDER, Harness, m2_message, m2_request
 
 Cmd = p.Command

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scale0 import mongrel2 as m2
-from scale0 import protocol as p
+from scale0.wire import mongrel2 as m2
+from scale0.wire import s0w1 as p
 from tests.unit.test_dispatch import SENDER, Cmd, Harness, Sent, m2_message
 
 ACCEPT = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="

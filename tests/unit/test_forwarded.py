@@ -1,4 +1,4 @@
-"""Tests for scale0.forwarded: proxy headers believed only from trusted peers."""
+"""Tests for scale0.core.forwarded: proxy headers believed only from trusted peers."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from scale0.forwarded import LOOPBACK, Trust, apply, parse_allow, trust
-from scale0.mongrel2 import HttpRequest
-from scale0.wsgi import WsgiSettings, build_environ
+from scale0.core.forwarded import LOOPBACK, Trust, apply, parse_allow, trust
+from scale0.wire.mongrel2 import HttpRequest
+from scale0.worker.wsgi import WsgiSettings, build_environ
 
 
 def environ_for(peer: str, extra: dict[bytes, bytes | list[bytes]], *,

@@ -1,4 +1,4 @@
-"""keys.py and zap.py: certificate files, the insecure-bind check, the Authorizer's
+"""auth/keys.py and auth/zap.py: certificate files, the insecure-bind check, the Authorizer's
 decisions, and the ZAP handler and HELLO gate over real inproc/tcp sockets."""
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import zmq.auth
 import zmq.utils.z85
 
 from scale0 import cli, config
-from scale0 import protocol as p
-from scale0.keys import (
+from scale0.auth.keys import (
     CurveKeys,
     KeyFileError,
     generate,
@@ -28,7 +27,8 @@ from scale0.keys import (
     read_metadata,
     services_of,
 )
-from scale0.zap import Authorizer, HelloGate, ZapServer
+from scale0.auth.zap import Authorizer, HelloGate, ZapServer
+from scale0.wire import s0w1 as p
 
 
 def raw(public_file: Path) -> bytes:

@@ -1,4 +1,4 @@
-"""m2db.py against config.sqlite files made by the real `m2sh load`."""
+"""scale0/deploy/m2db.py against config.sqlite files made by the real `m2sh load`."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from scale0 import m2db
-from scale0.m2db import Handler, M2DBError
+from scale0.deploy import m2db
+from scale0.deploy.m2db import Handler, M2DBError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""scale0.m2server: the generated Mongrel2 config (and the shipped one's header
+"""scale0.deploy.m2server: the generated Mongrel2 config (and the shipped one's header
 limit) and the open-files limit."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from scale0.m2server import HEADER_BUFFER_BYTES, config_text, raise_open_files_limit
+from scale0.deploy.m2server import HEADER_BUFFER_BYTES, config_text, raise_open_files_limit
 
 ROOT = Path(__file__).resolve().parents[2]
 

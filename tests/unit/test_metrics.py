@@ -1,4 +1,4 @@
-"""Tests for scale0.metrics and the pure parts of scale0.status: the collector
+"""Tests for scale0.ops.metrics and the pure parts of scale0.ops.status: the collector
 over fake snapshots and Done batches (and over a real Dispatcher driven with
 a fake clock), read back with prometheus-client's own parser."""
 
@@ -12,9 +12,9 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from scale0.dispatch import Done
-from scale0.metrics import LATENCY_BUCKETS_S, RequestStats, make_registry
-from scale0.status import parse_address, status_document
+from scale0.core.dispatch import Done
+from scale0.ops.metrics import LATENCY_BUCKETS_S, RequestStats, make_registry
+from scale0.ops.status import parse_address, status_document
 
 from .test_dispatch import SENDER, Harness, m2_disconnect, ok_reply
 
@@ -267,8 +267,8 @@ def test_parse_address_rejects(text: str) -> None:
 
 
 def test_refused_hellos_ejections_and_limits_from_a_real_dispatcher() -> None:
-    from scale0 import protocol as p
-    from scale0.dispatch import Dispatcher, DispatchSettings
+    from scale0.core.dispatch import Dispatcher, DispatchSettings
+    from scale0.wire import s0w1 as p
 
     from .test_dispatch import m2_request
 

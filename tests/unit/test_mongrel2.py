@@ -1,4 +1,4 @@
-"""Tests for scale0.mongrel2: the sans-IO Mongrel2 handler codec (no sockets)."""
+"""Tests for scale0.wire.mongrel2: the sans-IO Mongrel2 handler codec (no sockets)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import tnetstring
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scale0.mongrel2 import (
+from scale0.wire.mongrel2 import (
     MAX_REPLY_TARGETS,
     Credits,
     Disconnect,

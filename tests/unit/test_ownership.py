@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 
-from scale0 import protocol as p
-from scale0.dispatch import Dispatcher, DispatchSettings
+from scale0.core.dispatch import Dispatcher, DispatchSettings
+from scale0.wire import s0w1 as p
 
 from .test_dispatch import Cmd, Harness
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scale0 import protocol as p
+from scale0.wire import s0w1 as p
 
 
 def hello(**fields: object) -> bytes:

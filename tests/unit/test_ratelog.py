@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from scale0.ratelog import RateLimitedLog
+from scale0.core.ratelog import RateLimitedLog
 
 
 def test_a_flood_is_one_sample_and_one_summary_per_interval(

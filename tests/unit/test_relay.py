@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scale0.relay import RelayCore
+from scale0.net.relay import RelayCore
 
 S = b"5ca1e000-0000-4000-8000-000000000001"
 

@@ -4,8 +4,8 @@ announced heartbeat is clamped."""
 
 from __future__ import annotations
 
-from scale0 import mongrel2 as m2
-from scale0.relay import RelayCore
+from scale0.net.relay import RelayCore
+from scale0.wire import mongrel2 as m2
 
 from .test_relay import S, req, sent
 

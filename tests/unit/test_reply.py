@@ -1,4 +1,4 @@
-"""The worker's per-request send window and reply stream (scale0/reply.py)."""
+"""The worker's per-request send window and reply stream (scale0/worker/reply.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from scale0 import mongrel2 as m2
-from scale0 import protocol as p
-from scale0.reply import (
+from scale0.wire import mongrel2 as m2
+from scale0.wire import s0w1 as p
+from scale0.worker.reply import (
     MAX_MESSAGE_BYTES,
     MAX_OUTSTANDING_MESSAGES,
     Cancelled,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from scale0.routebook import RouteBook
-from scale0.routing import RouteTable, parse_route
+from scale0.core.routebook import RouteBook
+from scale0.core.routing import RouteTable, parse_route
 
 A, B = parse_route("/a"), parse_route("example.com/")
 

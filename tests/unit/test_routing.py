@@ -1,4 +1,4 @@
-"""Tests for scale0.routing: normalisation, route parsing, longest-match lookup."""
+"""Tests for scale0.core.routing: normalisation, route parsing, longest-match lookup."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scale0.routing import (
+from scale0.core.routing import (
     Match,
     Route,
     RouteTable,

@@ -1,4 +1,4 @@
-"""Tests for scale0.screen: duplicate Host, conflicting lengths, absolute-form."""
+"""Tests for scale0.core.screen: duplicate Host, conflicting lengths, absolute-form."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 import tnetstring
 
-from scale0 import mongrel2 as m2
-from scale0.screen import framing_problem, screen, split_absolute
+from scale0.core.screen import framing_problem, screen, split_absolute
+from scale0.wire import mongrel2 as m2
 
 SENDER = b"5ca1e000-0000-4000-8000-0000000e2e01"
 

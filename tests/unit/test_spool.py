@@ -1,11 +1,11 @@
-"""Tests for scale0.spool: spooled bodies removed inside the upload folder only."""
+"""Tests for scale0.core.spool: spooled bodies removed inside the upload folder only."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from scale0.spool import remove, spooled_file
+from scale0.core.spool import remove, spooled_file
 
 
 def test_files_are_taken_by_name_inside_the_upload_folder(tmp_path: Path) -> None:
@@ -30,7 +30,7 @@ def test_without_an_upload_folder_nothing_is_touched(tmp_path: Path) -> None:
 
 
 def test_read_takes_small_regular_files_only(tmp_path: Path) -> None:
-    from scale0.spool import read
+    from scale0.core.spool import read
 
     (tmp_path / "upload.A").write_bytes(b"a" * 10)
     (tmp_path / "real").write_bytes(b"secret")
@@ -43,8 +43,8 @@ def test_read_takes_small_regular_files_only(tmp_path: Path) -> None:
 
 
 def test_inline_message_is_an_ordinary_request() -> None:
-    from scale0 import mongrel2 as m2
-    from scale0.spool import inline_message
+    from scale0.core.spool import inline_message
+    from scale0.wire import mongrel2 as m2
 
     headers: dict[bytes, bytes | list[bytes]] = {
         b"METHOD": b"POST", b"PATH": b"/up", b"transfer-encoding": b"chunked",

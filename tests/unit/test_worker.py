@@ -1,4 +1,4 @@
-"""The worker runtime (worker.py, worker_loop.py) against a fake broker: a
+"""The worker runtime (scale0/worker/process.py, scale0/worker/loop.py) against a fake broker: a
 ROUTER on loopback speaking S0W1, driving a real Worker on a thread."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 import tnetstring
 import zmq
 
-from scale0 import protocol as p
-from scale0.worker import ReplyStream, Worker, WorkerSettings
+from scale0.wire import s0w1 as p
+from scale0.worker.process import ReplyStream, Worker, WorkerSettings
 
 SENDER = b"5ca1e000-0000-4000-8000-0000000e2e01"
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"

@@ -1,4 +1,4 @@
-"""Streamed request bodies at the worker (worker_loop.py + bodystream.py)
+"""Streamed request bodies at the worker (scale0/worker/loop.py + scale0/core/bodystream.py)
 against a fake broker: READ credits out, BODY pieces in, on the request's
 own thread."""
 
@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import pytest
 import tnetstring
 
-from scale0 import protocol as p
-from scale0.worker import ReplyStream, Worker, WorkerSettings
+from scale0.wire import s0w1 as p
+from scale0.worker.process import ReplyStream, Worker, WorkerSettings
 from tests.unit.test_worker import SENDER, FakeBroker
 
 Cmd = p.Command

@@ -1,4 +1,4 @@
-"""scale0.wsgi: environ building and HTTP/1.x response bytes, with no transport.
+"""scale0.worker.wsgi: environ building and HTTP/1.x response bytes, with no transport.
 
 Every app runs under wsgiref.validate.validator (STYLE.md); pytest turns its
 warnings into errors, and an iterable it sees garbage-collected unclosed fails.
@@ -20,9 +20,9 @@ from wsgiref.validate import validator
 
 import pytest
 
-from scale0 import wsgi
-from scale0.mongrel2 import HttpRequest, UploadDone
-from scale0.wsgi import BadRequest, ResponseInfo, WsgiSettings, build_environ, run_wsgi
+from scale0.wire.mongrel2 import HttpRequest, UploadDone
+from scale0.worker import wsgi
+from scale0.worker.wsgi import BadRequest, ResponseInfo, WsgiSettings, build_environ, run_wsgi
 
 TEXT = [("Content-Type", "text/plain")]
 
@@ -450,7 +450,7 @@ def test_app_connection_close_and_hop_by_hop_dropped(
     hop = [("Connection", "close"), ("Keep-Alive", "timeout=5"), ("Upgrade", "h2c"),
            ("Transfer-Encoding", "gzip"), ("Trailer", "x"), ("X-Kept", "1")]
     for _ in range(2):
-        with caplog.at_level(logging.WARNING, logger="scale0.wsgi"):
+        with caplog.at_level(logging.WARNING, logger="scale0.worker.wsgi"):
             result = run(blocks_app([b"hi"], [*hop, ("Content-Length", "2")]))
     assert result.response.all("Connection") == ["close"] and result.info.close
     assert result.response.get("X-Kept") == "1"
@@ -568,7 +568,7 @@ def test_app_exception_before_headers_is_500(caplog: pytest.LogCaptureFixture) -
         yield from ()  # a generator: the error comes while iterating
         raise ValueError("boom")
 
-    with caplog.at_level(logging.ERROR, logger="scale0.wsgi"):
+    with caplog.at_level(logging.ERROR, logger="scale0.worker.wsgi"):
         result = run(app, make_request(method=b"POST"))
     response = result.response
     assert response.status == 500 and response.body == b"Internal Server Error"

@@ -1,4 +1,4 @@
-"""wsgi.py with a streamed body (upload.stream): the environ and the end of
+"""scale0/worker/wsgi.py with a streamed body (upload.stream): the environ and the end of
 a request whose body read was abandoned."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import tnetstring
 
-from scale0 import mongrel2 as m2
-from scale0.bodystream import BodyInput, BodyReader
-from scale0.wsgi import WsgiSettings, build_environ, run_wsgi
+from scale0.core.bodystream import BodyInput, BodyReader
+from scale0.wire import mongrel2 as m2
+from scale0.worker.wsgi import WsgiSettings, build_environ, run_wsgi
 
 SENDER = b"5ca1e000-0000-4000-8000-0000000e2e01"
 

@@ -1,0 +1,1 @@
+"""CURVE keys and the ZAP handler that admits them."""

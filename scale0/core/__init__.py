@@ -1,0 +1,1 @@
+"""Pure cores: the decisions (routing, dispatch, screening), clock-free (they take `now`)."""

@@ -1,0 +1,137 @@
+"""Running a Mongrel2 server: runtime folder, config.sqlite, command line.
+
+MONGREL2.md "Running it": Mongrel2 runs from its config's directory with
+relative chroot "./"; as root it chroots there (uploads, logs and the pid
+file are then relative to it), as another user it runs in test mode with
+the same relative paths. The runtime folder is generated, never committed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from scale0.pool.lifeline import watcher_argv
+
+RUNTIME_DIRS = ("run", "logs", "uploads", "tmp")
+# limits.buffer_size: the request line and all header lines must fit in it,
+# else Mongrel2 answers 400 (Mongrel2's default 4096 refuses an 8 KB cookie).
+# 16 KiB holds gunicorn's largest field (8190 bytes) and the usual rest; each
+# connection allocates it, resident once filled (docs/operating.md). It must
+# not exceed limits.content_length: Mongrel2 1.12 then corrupts spooled
+# uploads (measured with 32768 and the default 20480: bytes from 20316 on).
+HEADER_BUFFER_BYTES = 16384
+
+
+class Mongrel2Error(RuntimeError):
+    """Mongrel2 is missing or its config does not load; the text says what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class Mongrel2Server:
+    config: Path  # the m2sh config (mongrel2.conf)
+    runtime_dir: Path  # where config.sqlite, run/, logs/, uploads/ are generated
+    uuid: str
+
+    @property
+    def upload_dir(self) -> Path:
+        return self.runtime_dir / "uploads"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.runtime_dir / "run" / "mongrel2.pid"
+
+    def prepare(self) -> None:
+        """Create the runtime folder, load config.sqlite, remove a stale pid file."""
+        for tool in ("mongrel2", "m2sh"):
+            if shutil.which(tool) is None:
+                raise Mongrel2Error(
+                    f"'{tool}' not found: install Debian's mongrel2-core "
+                    "(apt-get install mongrel2-core, or `make run` as root)")
+        for name in RUNTIME_DIRS:
+            (self.runtime_dir / name).mkdir(parents=True, exist_ok=True)
+        db = self.runtime_dir / "config.sqlite"
+        db.unlink(missing_ok=True)
+        env = {**os.environ, "LOGNAME": os.environ.get("LOGNAME") or "scale0"}
+        result = subprocess.run(
+            ["m2sh", "load", "-config", str(self.config.resolve()), "-db", "config.sqlite"],
+            cwd=self.runtime_dir, env=env, capture_output=True, text=True, timeout=30)
+        if result.returncode != 0 or not db.exists():
+            raise Mongrel2Error(f"m2sh could not load {self.config}:\n{result.stderr.strip()}")
+        self.remove_pid_file()
+
+    def remove_pid_file(self) -> None:
+        for pid_file in (self.pid_file, self.runtime_dir / ".run" / "mongrel2.pid"):
+            pid_file.unlink(missing_ok=True)
+
+    def argv(self) -> list[str]:
+        return ["mongrel2", "config.sqlite", self.uuid]
+
+    def supervised_argv(self) -> list[str]:
+        """`argv()` for a supervisor whose death must stop Mongrel2 (pool/lifeline.py).
+        As root Mongrel2 drops to the owner of its directory, which clears a
+        parent-death signal, so it runs under the lifeline watcher; as another
+        user it keeps its uid and the death signal set before exec holds."""
+        return watcher_argv(self.argv()) if os.geteuid() == 0 else self.argv()
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; returns the new soft limit.
+
+    Children inherit it: Mongrel2 needs one descriptor per client connection.
+    As root Mongrel2 then sets both limits to its `superpoll.max_fd` setting
+    (default 10240) itself; as another user it keeps the soft limit it was
+    started with, so the soft limit is what caps its connections.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and hard != resource.RLIM_INFINITY:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def server_uuid(config_text: str) -> str:
+    """The first Server(uuid=...) in an m2sh config."""
+    match = re.search(r"""uuid\s*=\s*["']([0-9A-Za-z-]+)["']""", config_text)
+    if match is None:
+        raise Mongrel2Error("no Server(uuid=...) in the Mongrel2 config")
+    return match.group(1)
+
+
+def config_text(*, http_port: int, send_spec: str, recv_spec: str, send_ident: str,
+                uuid: str = "f400bf85-4538-4f7a-8908-67e313d515c2", bind_addr: str = "127.0.0.1",
+                content_length_limit: int = 20480, recv_ident: str = "",
+                settings: dict[str, int] | None = None, flow_control: bool = True) -> str:
+    """A one-server, one-handler m2sh config routing every path to Scale0.
+    `settings` add to (or replace) the Mongrel2 settings written here."""
+    settings = {"limits.buffer_size": HEADER_BUFFER_BYTES, **(settings or {})}
+    if settings["limits.buffer_size"] > content_length_limit:
+        raise ValueError("limits.buffer_size over limits.content_length corrupts Mongrel2 "
+                         "uploads")
+    extra = "".join(f',\n    "{key}": {value}' for key, value in settings.items())
+    return f"""\
+scale0 = Handler(send_spec='{send_spec}', send_ident='{send_ident}',
+                 recv_spec='{recv_spec}', recv_ident='{recv_ident}', protocol='tnetstring')
+
+main = Server(
+    uuid="{uuid}", access_log="/logs/access.log", error_log="/logs/error.log",
+    chroot="./", pid_file="/run/mongrel2.pid", default_host="localhost",
+    name="main", bind_addr="{bind_addr}", port={http_port},
+    hosts=[Host(name="localhost", routes={{'/': scale0}})])
+
+settings = {{
+    "upload.temp_store": "uploads/upload.XXXXXX",
+    "server.daemonize": 0,
+    "download.flow_control": {int(flow_control)},
+    "limits.content_length": {content_length_limit}{extra}
+}}
+servers = [main]
+"""

@@ -1,0 +1,423 @@
+"""Pre-forked worker processes: spawn, respawn, reload, recycle, time out, stop.
+
+Theory of operation (gunicorn's arbiter, in the shape of our workers):
+
+Signal handlers only count signals; they and the children (pool/childstate.py)
+write a byte to the wake-up pipe. The loop wakes at least once a second,
+reaps with ``waitpid(-1, WNOHANG)`` until none are left, then brings the
+processes back in line with these rules:
+
+* Every live process is either *current* or *superseded*, and either serving
+  or *stopping* (it was sent SIGTERM: it drains, finishes its requests, says
+  BYE and exits; SIGKILL if it is still there `graceful_timeout_s` later).
+* Current serving processes hold the slots 0..size-1, one each. An empty slot
+  is filled by a fork (after its crash backoff). The app is imported in the
+  child, so a fork always loads the code on disk now.
+* Superseded serving processes keep serving until replaced: while (current
+  ready processes) + (superseded serving processes) > size, the oldest
+  superseded one is sent SIGTERM. So a replacement is announced to the
+  brokers (ready) before the process it replaces drains, and no request fails.
+* SIGHUP (reload) supersedes every serving process: `size` new ones start and
+  each ready one retires one old one. Current processes that were not ready
+  yet are stopped at once: a HUP during a reload starts the reload over.
+* A process that reached its request limit (`max_requests` + a random
+  0..`max_requests_jitter`, fixed per process) asks to retire and is
+  superseded the same way, alone.
+* `timeout_s`: a process whose oldest request (time blocked on flow-control
+  credits not counted) or whose silent main loop is older than that gets
+  SIGKILL, an ERROR log line, and a replacement. Boot time counts as silence,
+  as in gunicorn.
+* A child exiting with BOOT_FAILED (cannot import its app; HELLO refused):
+  if other processes are serving (a reload to broken code) the reload is
+  abandoned, the old processes stay and serve, and nothing is forked again
+  until the next SIGHUP. With nothing serving the pool halts: respawning a
+  process that cannot boot would only spin.
+* Other exits are respawned in their slot with a delay that doubles per
+  crash (0.1 s up to MAX_BACKOFF_S); CRASH_LOOP crashes in a row, each within
+  STABLE_AFTER_S of its start, are logged as a crash loop.
+* SIGTTIN / SIGTTOU add / remove a slot (the process in a removed slot is
+  stopped gracefully).
+* SIGTERM/SIGINT: SIGTERM to all, wait `graceful_timeout_s`, SIGKILL the rest.
+  A second SIGTERM/SIGINT sends SIGKILL at once.
+* Every child asks for SIGTERM when the arbiter dies (pool/lifeline.py), so an
+  arbiter killed with SIGKILL leaves no worker process behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import select
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from scale0.pool.childstate import ChildState, set_current
+from scale0.pool.lifeline import die_with_parent
+
+log = logging.getLogger(__name__)
+
+BOOT_FAILED = 3
+MAX_BACKOFF_S = 10.0
+STABLE_AFTER_S = 5.0  # a child that lived this long resets its crash count
+CRASH_LOOP = 5
+CHECK_EVERY_S = 1.0
+
+
+# What the arbiter handles itself; a forked child resets them before anything else.
+_ARBITER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
+                    signal.SIGTTIN, signal.SIGTTOU)
+
+
+@dataclass(slots=True)
+class _Slot:
+    crashes: int = 0
+    respawn_at: float = 0.0
+
+
+@dataclass(slots=True, eq=False)
+class _Child:
+    pid: int
+    slot: int
+    state: ChildState
+    started_at: float
+    superseded: bool = False
+    stopping_at: float = 0.0  # when it was sent SIGTERM (0.0: serving)
+    killed: str = ""  # why it was sent SIGKILL
+    seen_ready: bool = False
+    retire_ignored: bool = False
+
+
+class Pool:
+    """Runs `target()` in `size` forked children; `run()` returns the pool's exit code."""
+
+    def __init__(self, target: Callable[[], int], size: int, *,
+                 graceful_timeout_s: float = 30.0, name: str = "scale0",
+                 max_requests: int = 0, max_requests_jitter: int = 0,
+                 timeout_s: float = 0.0) -> None:
+        if size < 1:
+            raise ValueError("a pool needs at least one process")
+        if max_requests < 0 or max_requests_jitter < 0 or timeout_s < 0:
+            raise ValueError("max_requests, max_requests_jitter and timeout_s must be >= 0")
+        self.target = target
+        self.size = size
+        self.graceful_timeout_s = graceful_timeout_s
+        self.name = name
+        self.max_requests = max_requests
+        self.max_requests_jitter = max_requests_jitter
+        self.timeout_s = timeout_s
+        self._slots = [_Slot() for _ in range(size)]
+        self._children: dict[int, _Child] = {}
+        self._boot_failed = False  # a reload failed: fork nothing until the next HUP
+        self._stop_signals = 0
+        self._reloads = 0  # SIGHUPs not handled yet
+        self._resizes = 0  # +1 per SIGTTIN, -1 per SIGTTOU, not handled yet
+        self._wake_r = self._wake_w = -1
+
+    # ---- signals: count only ---------------------------------------------
+
+    def _on_stop(self, *_: object) -> None:
+        self._stop_signals += 1
+
+    def _on_hup(self, *_: object) -> None:
+        self._reloads += 1
+
+    def _on_ttin(self, *_: object) -> None:
+        self._resizes += 1
+
+    def _on_ttou(self, *_: object) -> None:
+        self._resizes -= 1
+
+    # ---- the loop --------------------------------------------------------
+
+    def run(self) -> int:
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        signal.set_wakeup_fd(self._wake_w)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        signal.signal(signal.SIGTTIN, self._on_ttin)
+        signal.signal(signal.SIGTTOU, self._on_ttou)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake select()
+        code = 0
+        try:
+            while not self._stop_signals:
+                now = time.monotonic()
+                halted = self._reap(now)
+                if halted is not None:
+                    code = halted
+                    break
+                if self._reloads:
+                    self._reloads = 0
+                    self._reload()
+                if self._resizes:
+                    self._resize()
+                self._check(now)
+                self._fill_slots(now)
+                self._retire_superseded(now)
+                self._wait(self._next_wake(now) - now)
+        finally:
+            self._stop_all()
+            signal.set_wakeup_fd(-1)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        return code
+
+    def _serving(self) -> list[_Child]:
+        return [c for c in self._children.values() if not c.stopping_at]
+
+    def _current(self) -> list[_Child]:
+        return [c for c in self._children.values() if not c.stopping_at and not c.superseded]
+
+    def _spawn(self, slot: int) -> None:
+        limit = self.max_requests
+        if limit:
+            limit += random.randint(0, self.max_requests_jitter)
+        state = ChildState(limit, self._wake_w)
+        arbiter = os.getpid()
+        # Blocked across the fork: a SIGTERM sent to a child that has just been
+        # forked (a second SIGHUP stops the processes of the reload it cuts
+        # short) must not reach the arbiter's handlers, still installed in the
+        # child until it resets them; it would only set a flag in the child's
+        # copy of this Pool, and the child would run on, deaf to that stop.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _ARBITER_SIGNALS)
+        pid = os.fork()
+        if pid == 0:  # child: default signals, run, never return into the arbiter
+            code = 1
+            try:
+                signal.set_wakeup_fd(-1)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGTTIN,
+                            signal.SIGTTOU):
+                    signal.signal(sig, signal.SIG_DFL)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)  # HUP is the arbiter's
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending TERM acts now
+                # After the defaults: SIGTERM (the graceful stop) if the arbiter
+                # dies, even by SIGKILL, or exit now if it already has.
+                die_with_parent(arbiter)
+                os.close(self._wake_r)
+                for other in self._children.values():
+                    other.state.close()
+                set_current(state)
+                code = self.target()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                log.exception("%s worker process crashed", self.name)
+            finally:
+                os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        now = time.monotonic()
+        self._children[pid] = _Child(pid, slot, state, now)
+        log.info("%s: started process %d (slot %d%s)", self.name, pid, slot,
+                 f", max {limit} requests" if limit else "")
+
+    def _reap(self, now: float) -> int | None:
+        """Collect dead children, schedule respawns. Returns an exit code to halt."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return None
+            if pid == 0:
+                return None
+            child = self._children.pop(pid, None)
+            if child is None:
+                continue
+            child.state.close()
+            code = os.waitstatus_to_exitcode(status)
+            if child.stopping_at and not child.killed:
+                log.info("%s: process %d exited with %d (stopped)", self.name, pid, code)
+                continue
+            if code == BOOT_FAILED:
+                if not any(c.superseded or c.state.ready for c in self._serving()):
+                    log.error("%s: process %d failed to boot and no process serves; "
+                              "stopping the pool", self.name, pid)
+                    return BOOT_FAILED
+                if self._boot_failed:  # another of the same reload
+                    log.error("%s: process %d failed to boot too", self.name, pid)
+                else:
+                    self._abandon_reload(pid)
+                continue
+            if child.superseded and not child.killed:
+                log.warning("%s: superseded process %d exited with %d", self.name, pid, code)
+                continue  # its replacement holds the slot already
+            self._crashed(child, code, now)
+
+    def _crashed(self, child: _Child, code: int, now: float) -> None:
+        if child.superseded or child.stopping_at or child.slot >= self.size:
+            return  # killed while leaving: its replacement holds the slot, or none is due
+        if any(c.slot == child.slot for c in self._current()):
+            return
+        slot = self._slots[child.slot]
+        if now - child.started_at >= STABLE_AFTER_S:
+            slot.crashes = 0
+        slot.crashes += 1
+        delay = min(MAX_BACKOFF_S, 0.1 * 2 ** (slot.crashes - 1)) if code or child.killed else 0.0
+        slot.respawn_at = now + delay
+        why = child.killed or f"exited with {code}"
+        if slot.crashes >= CRASH_LOOP:
+            log.error("%s: crash loop in slot %d: process %d %s, crash %d in a row; "
+                      "next try in %.1fs", self.name, child.slot, child.pid, why,
+                      slot.crashes, delay)
+        else:
+            log.log(logging.INFO if code == 0 and not child.killed else logging.ERROR,
+                    "%s: process %d (slot %d) %s; respawn in %.1fs", self.name, child.pid,
+                    child.slot, why, delay)
+
+    def _abandon_reload(self, pid: int) -> None:
+        """A new process cannot boot while others serve: keep those."""
+        self._boot_failed = True
+        now = time.monotonic()
+        for child in self._current():
+            if not child.state.ready:  # new ones, still booting: they would fail too
+                self._terminate(child, now, "its reload was abandoned")
+        keep = sorted(self._serving(), key=lambda c: c.started_at)
+        log.error("%s: process %d failed to boot (broken app code?); keeping %d serving "
+                  "processes and forking no more until the next SIGHUP", self.name, pid,
+                  min(len(keep), self.size))
+        for child in keep[self.size:]:  # more than size serving: keep the oldest
+            self._terminate(child, now, "the pool has enough processes")
+        taken: set[int] = set()
+        for child in keep[:self.size]:  # the old ones are current again
+            child.superseded = False
+            if child.slot in taken or child.slot >= self.size:
+                child.slot = min(set(range(self.size)) - taken)
+            taken.add(child.slot)
+
+    def _reload(self) -> None:
+        serving = self._serving()
+        log.info("%s: reloading: starting %d new processes, then stopping %d old ones",
+                 self.name, self.size, len([c for c in serving if c.state.ready]))
+        self._boot_failed = False
+        now = time.monotonic()
+        for child in serving:
+            if not child.state.ready and not child.superseded:
+                self._terminate(child, now, "a new reload started")  # not serving yet
+            else:
+                child.superseded = True
+        for slot in self._slots:  # a deliberate reload starts without crash history
+            slot.crashes, slot.respawn_at = 0, 0.0
+
+    def _resize(self) -> None:
+        size = max(1, self.size + self._resizes)
+        self._resizes = 0
+        if size == self.size:
+            return
+        log.info("%s: %d processes -> %d", self.name, self.size, size)
+        self.size = size
+        self._slots = (self._slots + [_Slot() for _ in range(size)])[:size]
+        now = time.monotonic()
+        for child in self._current():
+            if child.slot >= size:
+                self._terminate(child, now, "the pool shrank")
+
+    def _check(self, now: float) -> None:
+        """Readiness, retire requests, timeouts and overdue stops."""
+        for child in list(self._children.values()):
+            state = child.state
+            if child.killed:
+                continue
+            if child.stopping_at and now - child.stopping_at > self.graceful_timeout_s:
+                self._kill(child, f"did not stop within {self.graceful_timeout_s:g}s")
+                continue
+            if self.timeout_s:
+                stuck_s = state.stuck_for(now, child.started_at)
+                if stuck_s > self.timeout_s:
+                    what = "request" if state.oldest_s and now - state.oldest_s >= stuck_s \
+                        else "main loop"
+                    self._kill(child, f"timed out: {what} stuck for {stuck_s:.1f}s "
+                                      f"(--timeout {self.timeout_s:g})")
+                    continue
+            if state.ready and not child.seen_ready:
+                child.seen_ready = True
+                log.info("%s: process %d (slot %d) is ready", self.name, child.pid, child.slot)
+            if state.retire and not child.superseded and not child.stopping_at:
+                if self._boot_failed:
+                    if not child.retire_ignored:
+                        child.retire_ignored = True
+                        log.warning("%s: process %d reached its request limit; not replaced "
+                                    "while new processes cannot boot", self.name, child.pid)
+                    continue
+                child.superseded = True
+                log.info("%s: process %d (slot %d) asks to be replaced (its request limit "
+                         "of %d, or a broker's drain): replacing it",
+                         self.name, child.pid, child.slot, state.max_requests)
+
+    def _fill_slots(self, now: float) -> None:
+        if self._boot_failed:
+            return
+        taken = {c.slot for c in self._current()}
+        for index, slot in enumerate(self._slots):
+            if index not in taken and now >= slot.respawn_at:
+                self._spawn(index)
+
+    def _retire_superseded(self, now: float) -> None:
+        ready = sum(1 for c in self._current() if c.seen_ready)  # as _check logged it
+        old = sorted((c for c in self._serving() if c.superseded), key=lambda c: c.started_at)
+        for child in old[:max(0, ready + len(old) - self.size)]:
+            self._terminate(child, now, "its replacement is ready")
+
+    def _next_wake(self, now: float) -> float:
+        wake = now + CHECK_EVERY_S
+        if not self._boot_failed:
+            taken = {c.slot for c in self._current()}
+            for index, slot in enumerate(self._slots):
+                if index not in taken:
+                    wake = min(wake, slot.respawn_at)
+        return max(wake, now + 0.01)
+
+    def _terminate(self, child: _Child, now: float, why: str) -> None:
+        child.stopping_at = now
+        log.info("%s: stopping process %d (slot %d): %s", self.name, child.pid, child.slot, why)
+        _kill(child.pid, signal.SIGTERM)
+
+    def _kill(self, child: _Child, why: str) -> None:
+        child.killed = why
+        log.error("%s: killing process %d (slot %d): %s", self.name, child.pid, child.slot, why)
+        _kill(child.pid, signal.SIGKILL)
+
+    def _wait(self, timeout_s: float) -> None:
+        try:
+            select.select([self._wake_r], [], [], max(0.0, timeout_s))
+            os.read(self._wake_r, 512)
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _stop_all(self) -> None:
+        live = set(self._children)
+        log.info("%s: stopping %d processes (graceful timeout %gs)", self.name, len(live),
+                 self.graceful_timeout_s)
+        for pid in live:
+            _kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.graceful_timeout_s
+        forced = False
+        while live:
+            if not forced and (time.monotonic() >= deadline or self._stop_signals > 1):
+                log.warning("%s: %s: killing %d processes", self.name,
+                            "forced stop" if self._stop_signals > 1 else "graceful timeout",
+                            len(live))
+                for pid in live:
+                    _kill(pid, signal.SIGKILL)
+                forced = True
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid:
+                live.discard(pid)
+            else:
+                self._wait(0.05 if forced else 0.2)
+        for child in self._children.values():
+            child.state.close()
+        self._children.clear()
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

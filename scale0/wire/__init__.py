@@ -1,0 +1,1 @@
+"""Wire codecs: bytes in, values out, and back. No ZeroMQ, no sockets, no clock."""

@@ -1,0 +1,1 @@
+"""The worker processes: the WSGI and ASGI adapters and the loops that serve brokers."""
