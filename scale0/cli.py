@@ -219,7 +219,7 @@ def load_app(spec: str) -> Any:
 
 
 def _read_spooled(upload_dir: str, upload_path: bytes, max_bytes: int) -> bytes | None:
-    from scale0.core.spool import read
+    from scale0.net.spool_files import read
 
     return read(upload_path, upload_dir, max_bytes)
 
