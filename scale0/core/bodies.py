@@ -1,6 +1,6 @@
 """Request bodies and reply credits from Mongrel2.
 
-* Spooled uploads (``upload.temp_store``, core/spool.py): an upload-start is
+* Spooled uploads (``upload.temp_store``, net/spool_files.py): an upload-start is
   remembered by its connection, so that only the done message naming the
   same file counts as genuine; an upload refused at its start has its file
   removed, and its done message, if one still comes, is dropped.

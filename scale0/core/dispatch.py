@@ -88,7 +88,7 @@ class DispatchSettings:
     # Per service: the 503 page (HTML) sent while no worker of it is connected.
     maintenance_pages: tuple[tuple[str, bytes], ...] = ()
     # Mongrel2's upload.temp_store folder as the broker sees it: spooled bodies
-    # are removed there once their request is over (core/spool.py). None: not here.
+    # are removed there once their request is over (net/spool_files.py). None: not here.
     upload_dir: str | None = None
     # Spooled bodies up to this size go to the worker inside the request (core/spool.py),
     # at most inline_budget_bytes of them held at once; 0: never.

@@ -59,9 +59,9 @@ class DispatchState:
         # Uploads refused at their start: their done message is dropped, the file removed.
         self.refused_uploads: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         # Mongrel2 paths of spooled bodies nobody needs any more; the loop removes
-        # them (core/spool.py) and empties the list.
+        # them (net/spool_files.py) and empties the list.
         self.to_unlink: list[bytes] = []
-        # The loop's reader of spooled bodies (spool.read), when it shares Mongrel2's
+        # The loop's reader of spooled bodies (net/spool_files.py read), when it shares Mongrel2's
         # disk: (path, max bytes) -> the body, or None to forward the file instead.
         self.read_spooled: Callable[[bytes, int], bytes | None] | None = None
         self.inline_bytes = 0  # bodies inlined into requests still held

@@ -14,9 +14,9 @@ import logging
 import struct
 from collections import deque
 
+from scale0.core import spool
 from scale0.core.dispatch_state import DispatchState
 from scale0.core.records import REFUSED_TEXT, Request, Service, Worker, head
-from scale0.net import spool_files as spool
 from scale0.wire import mongrel2 as m2
 from scale0.wire import s0w1 as p
 

@@ -84,7 +84,7 @@ class Mongrel2Events(WebSockets):
         refused = 0
         match = None
         req, raw, problem = screen(req, raw)
-        # A done message matching its start names Mongrel2's own file (core/spool.py).
+        # A done message matching its start names Mongrel2's own file (net/spool_files.py).
         spooled = b""
         if isinstance(req, m2.UploadDone) and self.uploads.pop(key, None) == req.upload_path:
             spooled = req.upload_path

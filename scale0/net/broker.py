@@ -618,7 +618,7 @@ class Broker:
                     if worker is not None:
                         log.warning("worker %s unreachable: %s", worker.label, exc)
                         d.worker_unreachable(worker, frames, time.monotonic())
-        if d.to_unlink:  # spooled bodies whose request is over (core/spool.py)
+        if d.to_unlink:  # spooled bodies whose request is over (net/spool_files.py)
             unlink, d.to_unlink = d.to_unlink, []
             spool_files.remove(unlink, d.settings.upload_dir)
         if d.to_mongrel2:

@@ -1,4 +1,4 @@
-"""Removing the request bodies Mongrel2 spooled to disk, once nobody needs them.
+"""The request bodies Mongrel2 spooled to disk: read, and removed once nobody needs them.
 
 Theory of operation
 -------------------
@@ -14,15 +14,16 @@ would leave it on disk for good: one client could fill the disk.
 
 So the broker, the component that sees every request end, owns the cleanup:
 `Dispatcher` (pure) appends the Mongrel2 path of each genuine spooled file
-to ``to_unlink`` when its request is over, and the broker loop passes them
-to `remove`, which deletes them inside the broker's ``--upload-dir``
+to ``to_unlink`` when its request is over, and the broker loop (net/broker.py)
+passes them to `remove`, which deletes them inside the broker's ``--upload-dir``
 (Mongrel2's temp_store folder as the broker sees it). Genuine means: named by
 an upload-start that Mongrel2 sent (not one a client forged) and, for the
 done message, by the same path. A path is only ever taken by its file name,
 inside the upload folder, so a forged ``/etc/passwd`` can name nothing else.
 
-Bodies up to the broker's ``inline_body_max`` are also read here (`read`)
-and put into the request message itself (`inline_message`), so a worker
+Bodies up to the broker's ``inline_body_max`` are also read here (`read`,
+given to the dispatcher as its ``read_spooled`` by the command line) and put
+into the request message itself (core/spool.py), so a worker
 needs no shared disk for them; the file is then removed at once. Larger
 bodies stay files, which only a worker given ``--upload-dir`` can read.
 The dispatcher holds at most ``inline_budget_bytes`` of such bodies at once
@@ -36,10 +37,6 @@ import logging
 import os
 import stat
 from collections.abc import Iterable
-
-import tnetstring
-
-from scale0.wire import mongrel2 as m2
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +92,3 @@ def read(upload_path: bytes, upload_dir: str, max_bytes: int) -> bytes | None:
         return None
     finally:
         os.close(fd)
-
-
-_UPLOAD_HEADERS = (b"x-mongrel2-upload-start", b"x-mongrel2-upload-done",
-                   b"transfer-encoding", b"content-length")
-
-
-def inline_message(req: m2.UploadDone, body: bytes) -> bytes:
-    """`req` as an ordinary request message with `body` in it: what Mongrel2
-    sends for a small body (tnetstring headers, Content-Length set; chunked
-    framing is gone, as the spooled file holds the de-chunked body)."""
-    headers = {k: v for k, v in req.headers.items() if k not in _UPLOAD_HEADERS}
-    headers[b"content-length"] = b"%d" % len(body)
-    encoded: bytes = tnetstring.dumps(headers)
-    return b"%s %d %s %s%d:%s," % (req.sender, req.conn_id, req.path, encoded, len(body), body)

@@ -1901,7 +1901,7 @@ def test_absolute_form_routes_by_the_target_authority() -> None:
     assert [m.status for m in h.take_mongrel2()] == [200]
 
 
-# ---- spooled bodies (scale0/core/spool.py): chunked uploads, cleanup -------------------------
+# ---- spooled bodies (scale0/net/spool_files.py): chunked uploads, cleanup ------------------------
 
 
 def m2_chunked(conn_id: int, start: bytes, done: bytes | None = None,

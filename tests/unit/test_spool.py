@@ -1,4 +1,5 @@
-"""Tests for scale0.core.spool: spooled bodies removed inside the upload folder only."""
+"""Tests for scale0.net.spool_files (spooled bodies removed inside the upload folder only)
+and scale0.core.spool (a body put into its request)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def test_read_takes_small_regular_files_only(tmp_path: Path) -> None:
 
 
 def test_inline_message_is_an_ordinary_request() -> None:
-    from scale0.net.spool_files import inline_message
+    from scale0.core.spool import inline_message
     from scale0.wire import mongrel2 as m2
 
     headers: dict[bytes, bytes | list[bytes]] = {
