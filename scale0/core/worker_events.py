@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from scale0.core.mongrel2_events import Mongrel2Events
 from scale0.core.records import Worker, status_of
-from scale0.core.worker_states import BY_BYTE, REMOVED, state_of
+from scale0.core.worker_states import REMOVED, TRANSITIONS, Row, state_of
 from scale0.wire import mongrel2 as m2
 from scale0.wire import s0w1 as p
 
@@ -32,10 +32,18 @@ _BYE = p.CMD[p.Command.BYE]
 _DRAIN = p.CMD[p.Command.DRAIN]
 
 
+def _not_a_command(w: Worker | None, ident: bytes, frames: list[bytes], now: float) -> None:
+    raise AssertionError("an empty row takes no state")
+
+
+# What a byte that is no worker command gets: a row that no state is in.
+_NOT_A_COMMAND: tuple[Handler, Row] = (_not_a_command, {})
+
+
 class WorkerEvents(Mongrel2Events):
     def __init__(self, settings: DispatchSettings) -> None:
         super().__init__(settings)
-        self._handlers: dict[int, Handler] = {
+        handlers: dict[p.Command, Handler] = {
             p.Command.HELLO: self._cmd_hello,
             p.Command.REPLY: self._on_reply,
             p.Command.HEARTBEAT: self._cmd_heartbeat,
@@ -43,6 +51,9 @@ class WorkerEvents(Mongrel2Events):
             p.Command.DRAIN: self._cmd_drain,
             p.Command.BYE: self._cmd_bye,
         }
+        # Command byte -> (its handler, its row of the transition table).
+        self._commands: dict[int, tuple[Handler, Row]] = {
+            int(command): (handlers[command], row) for command, row in TRANSITIONS.items()}
         # For tests: check the state after each command against TRANSITIONS.
         self.check_transitions = False
 
@@ -61,10 +72,10 @@ class WorkerEvents(Mongrel2Events):
         if w is not None:
             w.expires_at = now + w.expiry_s
         state = state_of(w)
-        row = BY_BYTE.get(command)
+        handler, row = self._commands.get(command, _NOT_A_COMMAND)
         try:
-            if row is not None and state in row:
-                self._handlers[command](w, ident, frames, now)
+            if state in row:
+                handler(w, ident, frames, now)
             elif state is REMOVED:
                 # Unknown worker (e.g. after a broker restart): ask it to say HELLO.
                 self.to_workers.append([ident, p.VERSION, _BYE])
@@ -74,7 +85,7 @@ class WorkerEvents(Mongrel2Events):
             self.counters.bad_worker += 1
             self.warnings.warning("bad worker", now, "bad message from worker %r: %s", ident, exc)
             self.to_workers.append([ident, *p.error(exc.code, str(exc))])
-        if self.check_transitions and row is not None and state in row:
+        if self.check_transitions and state in row:
             after = state_of(self.workers.get(ident))
             if after not in row[state]:
                 raise AssertionError(f"{p.Command(command).name} took worker {ident!r} from "

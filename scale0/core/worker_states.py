@@ -49,8 +49,11 @@ def state_of(w: Worker | None) -> WorkerState:
     return BUSY if len(w.in_flight) >= w.capacity else READY
 
 
-def _each(states: frozenset[WorkerState], after: frozenset[WorkerState] | None = None
-          ) -> dict[WorkerState, frozenset[WorkerState]]:
+# A command's row: the states that take it -> the states each may go to.
+Row = dict[WorkerState, frozenset[WorkerState]]
+
+
+def _each(states: frozenset[WorkerState], after: frozenset[WorkerState] | None = None) -> Row:
     """Each of `states` going to `after`, or staying as it is (None)."""
     return {s: after if after is not None else frozenset({s}) for s in states}
 
@@ -61,7 +64,7 @@ _SERVING = frozenset({READY, BUSY})
 # operator drained it; a refused HELLO leaves the identity as it was.
 _HELLO_TO = frozenset({READY, BUSY, DRAINING})
 
-TRANSITIONS: dict[Command, dict[WorkerState, frozenset[WorkerState]]] = {
+TRANSITIONS: dict[Command, Row] = {
     Command.HELLO: {s: _HELLO_TO | {s} for s in WorkerState},
     # A LAST frees a slot, which a queued request may take again.
     Command.REPLY: {**_each(_SERVING, _SERVING), **_each(frozenset({DRAINING, EJECTED}))},
@@ -71,6 +74,3 @@ TRANSITIONS: dict[Command, dict[WorkerState, frozenset[WorkerState]]] = {
     # From REMOVED: ignored, so that BYEs never ping-pong (section 3.6).
     Command.BYE: _each(frozenset(WorkerState), frozenset({REMOVED})),
 }
-# The same rows by command byte, for on_worker.
-BY_BYTE: dict[int, dict[WorkerState, frozenset[WorkerState]]] = {
-    int(command): row for command, row in TRANSITIONS.items()}
