@@ -81,7 +81,7 @@ by the bench and stopped at its end, all in the same run:
   temp file), `keepalive_requests 1000000`, default access log (to the temp
   folder; Mongrel2 keeps its access log too).
 
-Mongrel2 config for the Mongrel2 scenarios: `scale0.deploy.m2server.config_text`
+Mongrel2 config for the Mongrel2 scenarios: `tests/mongrel2_helpers.py` (`config_text`)
 (tnetstring protocol, access log on). Every scenario serves the same app
 bytes, checked before measuring: `GET /` is the 19-byte `Hello from
 Scale0!\\n`, `GET /bytes/65536` 64 KiB, `GET /bytes/1048576` 1 MiB, with

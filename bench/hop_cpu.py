@@ -22,7 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from scale0.deploy.m2server import Mongrel2Server, config_text
+from scale0.deploy.m2server import Mongrel2Server
+from tests.mongrel2_helpers import config_text
 
 from .procs import Proc, answers_200, free_port, wait_until
 

@@ -4,7 +4,7 @@
   Python process answering itself).
 - scale0: Mongrel2 -> `scale0 broker` -> `scale0 wsgi examples.hello:app`:
   one broker, one pool of processes=2 threads=4, download.flow_control=1
-  (scale0.deploy.m2server.config_text sets it).
+  (tests/mongrel2_helpers.py config_text sets it).
 - scale0+relay: the same with `scale0 relay` between Mongrel2 and the broker,
   the shape of scale0.toml's hello stack (what `make run` starts).
 - scale0+relay fc-off: the same with Mongrel2's download.flow_control=0.
@@ -23,7 +23,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scale0.deploy.m2server import Mongrel2Server, config_text
+from scale0.deploy.m2server import Mongrel2Server
+from tests.mongrel2_helpers import config_text
 
 from .procs import (
     BenchError,

@@ -142,7 +142,7 @@ def cmd_broker(cfg: config.BrokerConfig, _: argparse.Namespace) -> int:
     broker = Broker(links, cfg.bind, settings, graceful_timeout_s=cfg.graceful_timeout,
                     control="" if cfg.control == "off" else cfg.control,
                     metrics=cfg.metrics, curve=curve, relay_curve=relay_curve)
-    if upload_dir is not None and cfg.inline_body_max:  # core/spool.py: bodies into requests
+    if upload_dir is not None and cfg.inline_body_max:  # net/spool_files.py: bodies into requests
         broker.dispatcher.read_spooled = partial(_read_spooled, upload_dir)
     access: AccessLog | None = None
     if cfg.access_log:
@@ -219,7 +219,7 @@ def load_app(spec: str) -> Any:
 
 
 def _read_spooled(upload_dir: str, upload_path: bytes, max_bytes: int) -> bytes | None:
-    from scale0.core.spool import read
+    from scale0.net.spool_files import read
 
     return read(upload_path, upload_dir, max_bytes)
 

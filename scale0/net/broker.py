@@ -40,8 +40,8 @@ import zmq
 
 from scale0.auth.keys import CurveKeys
 from scale0.auth.zap import CurveServer, HelloGate
-from scale0.core import spool
 from scale0.core.dispatch import Dispatcher, DispatchSettings, Done
+from scale0.net import spool_files
 from scale0.net.frames import recv_frames, recv_one, send_frames, send_one
 from scale0.net.handover import HANDOVER_TIMEOUT_S, MongrelPull
 from scale0.ops.control import ControlServer, default_endpoint
@@ -618,9 +618,9 @@ class Broker:
                     if worker is not None:
                         log.warning("worker %s unreachable: %s", worker.label, exc)
                         d.worker_unreachable(worker, frames, time.monotonic())
-        if d.to_unlink:  # spooled bodies whose request is over (core/spool.py)
+        if d.to_unlink:  # spooled bodies whose request is over (net/spool_files.py)
             unlink, d.to_unlink = d.to_unlink, []
-            spool.remove(unlink, d.settings.upload_dir)
+            spool_files.remove(unlink, d.settings.upload_dir)
         if d.to_mongrel2:
             out2, d.to_mongrel2 = d.to_mongrel2, []
             links = self._links

@@ -435,11 +435,6 @@ def keep_alive_reply(sender: bytes, conn_ids: int | Sequence[int]) -> bytes:
     return ctl_reply(sender, conn_ids, {b"keep-alive": True})
 
 
-def cancel_reply(sender: bytes, conn_ids: int | Sequence[int]) -> bytes:
-    """Close `conn_ids` at once."""
-    return ctl_reply(sender, conn_ids, {b"cancel": True})
-
-
 def upload_credits_reply(sender: bytes, conn_id: int, n: int) -> bytes:
     """Let Mongrel2 read `n` more bytes of `conn_id`'s streamed body
     (``upload.stream=1``; ``["ctl", {"credits": n}]``, handler.c)."""

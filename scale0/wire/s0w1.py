@@ -48,7 +48,6 @@ BODY_END = b"\x01"
 
 ERR_BAD_VERSION = 505
 ERR_BAD_MESSAGE = 400
-ERR_UNKNOWN_WORKER = 401
 ERR_ROUTE_OWNED = 409  # HELLO: a route it announces belongs to another service
 ERR_LIMIT = 429  # HELLO: the broker is at max_workers, max_services or max_routes
 

@@ -25,7 +25,8 @@ import pytest
 import requests
 import zmq
 
-from scale0.deploy.m2server import Mongrel2Server, config_text
+from scale0.deploy.m2server import Mongrel2Server
+from tests.mongrel2_helpers import config_text
 
 ROOT = Path(__file__).resolve().parents[2]
 APPS_DIR = Path(__file__).resolve().parent

@@ -67,7 +67,7 @@ def test_chunked_body_from_a_generator_with_requests(bodies: Stack) -> None:
 
 def test_spooled_bodies_arrive_intact(bodies: Stack) -> None:
     # With limits.buffer_size over limits.content_length, Mongrel2 1.12
-    # corrupted about 1 in 5 of these (m2server.HEADER_BUFFER_BYTES).
+    # corrupted about 1 in 5 of these (tests/mongrel2_helpers.py HEADER_BUFFER_BYTES).
     for size in (20_481, 25_000, 33_000, 100_000, 100_000, 100_000, 250_000, 1_000_000):
         body = os.urandom(size)
         r = requests.post(bodies.url("/app/echo"), data=body, timeout=20)

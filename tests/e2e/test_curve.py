@@ -222,7 +222,7 @@ def test_scale0_up_passes_the_keys_on_and_forwards_sighup(tmp_path: Path, keys: 
     """Keys as TOML settings of [[broker]] and [[pool]] tables (paths relative to
     the stack file); a SIGHUP to `scale0 up` re-reads the broker's keys and the
     broker keeps running."""
-    from scale0.deploy.m2server import config_text
+    from tests.mongrel2_helpers import config_text
 
     from .conftest import free_port
 

@@ -46,7 +46,8 @@ import pytest
 import requests
 
 from scale0.auth.keys import generate
-from scale0.deploy.m2server import Mongrel2Server, config_text
+from scale0.deploy.m2server import Mongrel2Server
+from tests.mongrel2_helpers import config_text
 
 from .conftest import APPS_DIR, ROOT, SENDER, Proc, wait_for
 from .e2e_apps import BIG

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 from bench.procs import children
-from scale0.deploy.m2server import config_text
+from tests.mongrel2_helpers import config_text
 
 from .conftest import ROOT, Proc, Stack, free_port, wait_for
 from .test_up import alive, descendants, processes_mentioning, wait_200

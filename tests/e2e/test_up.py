@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from bench.procs import children
-from scale0.deploy.m2server import config_text
+from tests.mongrel2_helpers import config_text
 
 from .conftest import ROOT, Proc, free_port, wait_for
 

@@ -99,7 +99,7 @@ def test_threads_run_slow_requests_at_once(fresh_stack: Stack) -> None:
 
 
 def test_concurrent_downloads_over_the_credit_window_complete(fresh_stack: Stack) -> None:
-    """Mongrel2 runs with download.flow_control (m2server.config_text): each
+    """Mongrel2 runs with download.flow_control (tests/mongrel2_helpers.py config_text): each
     loop waits for its own request's credits on its own socket."""
     s = fresh_stack
     s.start_mongrel2()

@@ -144,11 +144,13 @@ def to_client(link: int, message: bytes) -> ToClient:
 
 
 class Harness:
-    """A Dispatcher plus a fake clock; every step checks the invariants."""
+    """A Dispatcher plus a fake clock; every step checks the invariants, and
+    every worker command the S0W1 transition table (core/worker_states.py)."""
 
     def __init__(self, **overrides: object) -> None:
         overrides.setdefault("heartbeat_s", 100.0)  # no heartbeat expiry unless asked
         self.d = Dispatcher(DispatchSettings(**overrides))  # type: ignore[arg-type]
+        self.d.check_transitions = True
         self.now = 0.0
         self.tick(0.0)  # start the heartbeat clock: the next one is due at heartbeat_s
 
@@ -975,8 +977,8 @@ def test_a_disconnect_forgets_the_connections_window() -> None:
 
 def test_windows_of_connections_whose_credits_never_come_are_bounded(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import scale0.core.dispatch
-    monkeypatch.setattr(scale0.core.dispatch, "MAX_UNACKED_CONNECTIONS", 2)
+    import scale0.core.dispatch_state
+    monkeypatch.setattr(scale0.core.dispatch_state, "MAX_UNACKED_CONNECTIONS", 2)
     h = Harness()
     h.hello(b"w1")
     for conn_id in (1, 2, 3):
@@ -1899,7 +1901,7 @@ def test_absolute_form_routes_by_the_target_authority() -> None:
     assert [m.status for m in h.take_mongrel2()] == [200]
 
 
-# ---- spooled bodies (scale0/core/spool.py): chunked uploads, cleanup -------------------------
+# ---- spooled bodies (scale0/net/spool_files.py): chunked uploads, cleanup ------------------------
 
 
 def m2_chunked(conn_id: int, start: bytes, done: bytes | None = None,

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from scale0.deploy.m2server import HEADER_BUFFER_BYTES, config_text, raise_open_files_limit
+from scale0.deploy.m2server import raise_open_files_limit
+from tests.mongrel2_helpers import HEADER_BUFFER_BYTES, config_text
 
 ROOT = Path(__file__).resolve().parents[2]
 

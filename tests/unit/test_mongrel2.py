@@ -25,7 +25,6 @@ from scale0.wire.mongrel2 import (
     UploadStart,
     WebSocketFrame,
     WebSocketHandshake,
-    cancel_reply,
     close_reply,
     credits_of,
     ctl_reply,
@@ -37,6 +36,7 @@ from scale0.wire.mongrel2 import (
     reply,
     reply_prefix,
 )
+from tests.mongrel2_helpers import cancel_reply
 
 CAPTURES = Path(__file__).parent.parent / "fixtures" / "mongrel2-captures"
 SENDER_1 = b"f9a3b8c2-0000-4000-8000-000000000001"

@@ -1,11 +1,12 @@
-"""Tests for scale0.core.spool: spooled bodies removed inside the upload folder only."""
+"""Tests for scale0.net.spool_files (spooled bodies removed inside the upload folder only)
+and scale0.core.spool (a body put into its request)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from scale0.core.spool import remove, spooled_file
+from scale0.net.spool_files import remove, spooled_file
 
 
 def test_files_are_taken_by_name_inside_the_upload_folder(tmp_path: Path) -> None:
@@ -30,7 +31,7 @@ def test_without_an_upload_folder_nothing_is_touched(tmp_path: Path) -> None:
 
 
 def test_read_takes_small_regular_files_only(tmp_path: Path) -> None:
-    from scale0.core.spool import read
+    from scale0.net.spool_files import read
 
     (tmp_path / "upload.A").write_bytes(b"a" * 10)
     (tmp_path / "real").write_bytes(b"secret")
