@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from scale0.core.routing import parse_route
+from scale0.errors import ConfigError as ConfigError  # re-exported: callers import it here
 from scale0.net.broker import LinkSpec
 from scale0.ops.accesslog import DEFAULT_FORMAT as ACCESS_LOG_FORMAT
 from scale0.ops.accesslog import FIELDS as ACCESS_LOG_FIELDS
@@ -48,11 +49,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 _META = "scale0"
 
 
-class ConfigError(ValueError):
-    """A setting that cannot be used; the message names the source and the key."""
-
-
-class Invalid(ValueError):
+class Invalid(ConfigError):
     """Raised by a Kind with a reason of its own, used as is in the error."""
 
 

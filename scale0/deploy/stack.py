@@ -66,7 +66,7 @@ CHECK_EVERY_S = 1.0  # the loop's longest sleep (child exits and signals wake it
 READY_POLL_S = 0.1  # until Mongrel2 accepts: how often to try
 
 
-class StackError(ValueError):
+class StackError(ConfigError):
     """A stack file that cannot be used; the message names the file and key."""
 
 

@@ -297,7 +297,7 @@ class RelayCore:
             for i in range(0, len(ids), MAX_CLOSE_TARGETS):
                 try:
                     self.to_mongrel2.append(m2.close_reply(sender, ids[i:i + MAX_CLOSE_TARGETS]))
-                except ValueError:  # a sender no reply can name (MONGREL2.md)
+                except m2.ReplyError:  # a sender no reply can name (MONGREL2.md)
                     break
 
 

@@ -46,6 +46,7 @@ import zmq
 
 from scale0 import __version__
 from scale0.core.dispatch import Dispatcher, Done, Worker
+from scale0.errors import Scale0Error
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ TAP_PREFIX = b"svc:"
 HELLO_PREFIX = b"hello:"
 
 
-class ControlError(Exception):
+class ControlError(Scale0Error):
     """A command that cannot run; the text goes to the operator as is."""
 
 

@@ -63,6 +63,7 @@ import zmq.asyncio
 from scale0.auth.keys import CurveKeys
 from scale0.core.bodystream import BodyError, BodyReader
 from scale0.core.forwarded import LOOPBACK, Trust
+from scale0.errors import Scale0Error
 from scale0.pool.childstate import ChildState
 from scale0.pool.supervise import BOOT_FAILED
 from scale0.wire import mongrel2 as m2
@@ -85,7 +86,7 @@ READY_WAIT_S = 5.0
 TICK_S = 0.1
 
 
-class ClientDisconnected(OSError):
+class ClientDisconnected(Scale0Error, OSError):
     """send() on a request or WebSocket whose client is gone (ASGI spec 2.4)."""
 
 
