@@ -16,7 +16,7 @@
     |   +-- M2DBError                deploy/m2db.py
     |   +-- StackError               deploy/stack.py (a `scale0 up` stack file)
     +-- Mongrel2Error                deploy/m2server.py: Mongrel2 missing, its config bad
-    +-- ControlError                 ops/control.py: a control command that cannot run
+    +-- ControlError                 wire/control.py: a control command that cannot run
     +-- Unreachable, Refused         ops/ctl.py: no broker answered / it answered an error
     +-- Cancelled                    worker/reply.py: the broker cancelled the request
     +-- ClientDisconnected           worker/asgi_loop.py: send() after the client left

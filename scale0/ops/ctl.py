@@ -29,7 +29,7 @@ from typing import Any, TextIO
 import zmq
 
 from scale0.errors import Scale0Error
-from scale0.ops.control import (
+from scale0.wire.control import (
     HELLO_PREFIX,
     ControlError,
     default_endpoint,
