@@ -9,8 +9,8 @@
     |   +-- BadRequest               worker/wsgi.py: a request the app cannot be given
     |   +-- ApplicationError         worker/wsgi.py: the app broke PEP 3333 (500)
     |   +-- asgi.ProtocolError       worker/asgi.py: the app broke the ASGI spec (500)
-    +-- ConfigError                  a setting that cannot be used (config.py)
-    |   +-- Invalid                  config.py: a value's own reason, made a ConfigError
+    +-- ConfigError                  a setting that cannot be used (config/)
+    |   +-- Invalid                  config/kinds.py: a value's own reason, made a ConfigError
     |   +-- AccessLogError           ops/accesslog.py
     |   +-- KeyFileError             auth/keys.py
     |   +-- M2DBError                deploy/m2db.py

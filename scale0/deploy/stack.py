@@ -104,7 +104,7 @@ class Stack:
     @classmethod
     def from_dict(cls, data: dict[str, Any], base: Path, source: str = "<config>") -> Stack:
         """Each [[broker]] and [[pool]] table holds settings of `scale0 broker` /
-        `scale0 wsgi` (config.py, checked here so that a typo names this file and
+        `scale0 wsgi` (scale0/config/, checked here so that a typo names this file and
         key) plus the stack's own keys: `routes` and `args` (extra arguments), and
         for a pool `interface`: "wsgi" (the default) or "asgi" (`scale0 asgi`)."""
         def need(table: dict[str, Any], key: str, kind: type, where: str) -> Any:

@@ -40,6 +40,8 @@ import zmq
 
 from scale0.auth.keys import CurveKeys
 from scale0.auth.zap import CurveServer, HelloGate
+from scale0.config import BrokerConfig, default
+from scale0.config.kinds import LinkSpec as LinkSpec  # re-exported; config parses it, no zmq
 from scale0.core.dispatch import Dispatcher, DispatchSettings, Done
 from scale0.net import spool_files
 from scale0.net.frames import recv_frames, recv_one, send_frames, send_one
@@ -61,39 +63,6 @@ RELAY_WINDOW = 512  # messages a relay may send us ahead of our reading them
 # pieces of at most 1 MiB (MAX_MESSAGE_BYTES) plus the Mongrel2 reply prefix;
 # a HELLO is at most some 300 KB (protocol.md 3.1). 2 MiB leaves room for both.
 MAX_WORKER_FRAME_BYTES = 2 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class LinkSpec:
-    """One Mongrel2 handler: where it PUSHes requests and where it SUBscribes."""
-
-    send_spec: str
-    recv_spec: str  # "" (relay links only): the relay publishes our replies
-    recv_ident: bytes = b""
-    relay: bool = False  # requests come from a `scale0 relay` at send_spec
-
-    @classmethod
-    def parse(cls, text: str) -> LinkSpec:
-        """'SEND_SPEC,RECV_SPEC[,RECV_IDENT]' as given on the command line;
-        SEND_SPEC 'relay+tcp://...' names a relay instead of Mongrel2 itself,
-        and 'relay+tcp://...' alone sends the replies through that relay."""
-        parts = [part.strip() for part in text.split(",")]
-        send, relay = parts[0], parts[0].startswith("relay+")
-        if relay and len(parts) == 1 and send != "relay+":
-            return cls(send.removeprefix("relay+"), "", b"", True)
-        if len(parts) not in (2, 3) or not all(parts[:2]):
-            raise ValueError(f"--mongrel2 {text!r}: expected SEND_SPEC,RECV_SPEC[,RECV_IDENT]"
-                             " or relay+ENDPOINT")
-        return cls(send.removeprefix("relay+"), parts[1],
-                   parts[2].encode() if len(parts) == 3 else b"", relay)
-
-    @property
-    def replies_via_relay(self) -> bool:
-        return self.relay and not self.recv_spec
-
-    def __str__(self) -> str:
-        send = f"relay+{self.send_spec}" if self.relay else self.send_spec
-        return f"{send},{self.recv_spec}" if self.recv_spec else send
 
 
 @dataclass(slots=True, eq=False)
@@ -130,7 +99,8 @@ class Broker:
     def __init__(self, links: list[LinkSpec], bind: str,
                  settings: DispatchSettings | None = None,
                  context: zmq.Context[zmq.Socket[bytes]] | None = None, *,
-                 graceful_timeout_s: float = 30.0, startup_grace_s: float | None = None,
+                 graceful_timeout_s: float = default(BrokerConfig, "graceful_timeout"),
+                 startup_grace_s: float | None = None,
                  control: str = "", metrics: tuple[str, int] | None = None,
                  curve: CurveServer | None = None, relay_curve: CurveKeys | None = None) -> None:
         if not links:

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 import zmq
 
 from scale0.auth.zap import CurveServer
+from scale0.config import RelayConfig, default
 from scale0.core.ratelog import RateLimitedLog
 from scale0.net.frames import recv_frames, recv_one, send_frames
 from scale0.net.handover import HANDOVER_TIMEOUT_S, MongrelPull
@@ -390,9 +391,12 @@ class ReplyPub:
 class Relay:
     """The I/O loop around RelayCore. Constructors do no I/O."""
 
-    def __init__(self, send_spec: str, bind: str, *, heartbeat_s: float = 1.0,
-                 liveness: int = 3, recv_spec: str = "", recv_ident: bytes = b"",
-                 max_peer_heartbeat_s: float = 30.0, curve: CurveServer | None = None) -> None:
+    def __init__(self, send_spec: str, bind: str, *,
+                 heartbeat_s: float = default(RelayConfig, "heartbeat"),
+                 liveness: int = default(RelayConfig, "liveness"), recv_spec: str = "",
+                 recv_ident: bytes = b"",
+                 max_peer_heartbeat_s: float = default(RelayConfig, "max_peer_heartbeat"),
+                 curve: CurveServer | None = None) -> None:
         self.send_spec = send_spec
         self.bind = bind
         # Mongrel2's recv_spec (and recv_ident), "" for none: where the relay

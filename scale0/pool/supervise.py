@@ -54,6 +54,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from scale0.config import PoolConfig, default
 from scale0.core.backoff import Backoff
 from scale0.pool.childstate import ChildState, set_current
 from scale0.pool.lifeline import die_with_parent
@@ -89,9 +90,12 @@ class Pool:
     """Runs `target()` in `size` forked children; `run()` returns the pool's exit code."""
 
     def __init__(self, target: Callable[[], int], size: int, *,
-                 graceful_timeout_s: float = 30.0, name: str = "scale0",
-                 max_requests: int = 0, max_requests_jitter: int = 0,
-                 timeout_s: float = 0.0) -> None:
+                 graceful_timeout_s: float = default(PoolConfig, "graceful_timeout"),
+                 name: str = "scale0",
+                 max_requests: int = default(PoolConfig, "max_requests"),
+                 max_requests_jitter: int = default(PoolConfig, "max_requests_jitter"),
+                 timeout_s: float = default(PoolConfig, "timeout")) -> None:
+        # Defaults as declared (config/declared.py); cli.py builds it with config.build.
         if size < 1:
             raise ValueError("a pool needs at least one process")
         if max_requests < 0 or max_requests_jitter < 0 or timeout_s < 0:
