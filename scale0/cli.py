@@ -10,7 +10,7 @@ import logging.handlers
 import os
 import queue
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any, Protocol, cast
 
@@ -59,7 +59,7 @@ def _ready(line: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Every flag of broker, wsgi, asgi and up is generated from its settings class
-    (config.py); `main` merges them with the --config file and SCALE0_* env."""
+    (scale0/config/); `main` merges them with the --config file and SCALE0_* env."""
     parser = argparse.ArgumentParser(prog="scale0", description=__doc__)
     parser.add_argument("--version", action="version", version=f"scale0 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,18 +120,9 @@ def cmd_broker(cfg: config.BrokerConfig, _: argparse.Namespace) -> int:
     except m2db.M2DBError as exc:
         return _usage_error("broker", str(exc))
     upload_dir = os.path.abspath(cfg.upload_dir) if cfg.upload_dir else None
-    settings = DispatchSettings(
-        heartbeat_s=cfg.heartbeat, liveness=cfg.liveness, queue_size=cfg.queue_size,
-        queue_timeout_s=cfg.queue_timeout, request_timeout_s=cfg.request_timeout,
-        retry_after_s=cfg.retry_after, max_body_bytes=cfg.max_body,
-        keepalive_s=cfg.keepalive, routes=cfg.route, service_timeouts=cfg.service_timeout,
-        maintenance_pages=cfg.maintenance_page, upload_dir=upload_dir,
-        inline_body_max=cfg.inline_body_max if upload_dir else 0,
-        route_grace_s=cfg.route_grace, max_workers=cfg.max_workers,
-        max_services=cfg.max_services, max_routes=cfg.max_routes,
-        eject_after=cfg.eject_after, eject_s=cfg.eject_time,
-        max_peer_heartbeat_s=cfg.max_peer_heartbeat,
-        websocket_idle_timeout_s=cfg.websocket_idle_timeout)
+    # Each setting goes to its field by its declared name (config.build).
+    settings = config.build(DispatchSettings, cfg, upload_dir=upload_dir,
+                            inline_body_max=cfg.inline_body_max if upload_dir else 0)
     try:
         curve = (CurveServer.from_files(cfg.curve_secret, cfg.authorized_keys, b"workers")
                  if cfg.curve_secret else None)
@@ -139,9 +130,9 @@ def cmd_broker(cfg: config.BrokerConfig, _: argparse.Namespace) -> int:
                        if cfg.curve_secret and cfg.relay_key else None)
     except KeyFileError as exc:
         return _usage_error("broker", str(exc))
-    broker = Broker(links, cfg.bind, settings, graceful_timeout_s=cfg.graceful_timeout,
-                    control="" if cfg.control == "off" else cfg.control,
-                    metrics=cfg.metrics, curve=curve, relay_curve=relay_curve)
+    broker = config.build(Broker, cfg, links=links, settings=settings,
+                          control="" if cfg.control == "off" else cfg.control,
+                          curve=curve, relay_curve=relay_curve)
     if upload_dir is not None and cfg.inline_body_max:  # net/spool_files.py: bodies into requests
         broker.dispatcher.read_spooled = partial(_read_spooled, upload_dir)
     access: AccessLog | None = None
@@ -168,9 +159,8 @@ def cmd_relay(cfg: config.RelayConfig, _: argparse.Namespace) -> int:
                  if cfg.curve_secret else None)
     except KeyFileError as exc:
         return _usage_error("relay", str(exc))
-    return _serve(Relay(cfg.mongrel2, cfg.bind, heartbeat_s=cfg.heartbeat,
-                        liveness=cfg.liveness, recv_spec=recv_spec, recv_ident=recv_ident,
-                        max_peer_heartbeat_s=cfg.max_peer_heartbeat, curve=curve), "relay")
+    return _serve(config.build(Relay, cfg, recv_spec=recv_spec, recv_ident=recv_ident,
+                               curve=curve), "relay")
 
 
 class _Service(Protocol):
@@ -227,7 +217,7 @@ def _read_spooled(upload_dir: str, upload_path: bytes, max_bytes: int) -> bytes 
 def cmd_wsgi(cfg: config.WsgiConfig, _: argparse.Namespace) -> int:
     from scale0.core.forwarded import trust
     from scale0.pool.childstate import current as child_state
-    from scale0.pool.supervise import BOOT_FAILED, Pool
+    from scale0.pool.supervise import BOOT_FAILED
     from scale0.worker.process import ReplyStream, Worker, WorkerSettings
     from scale0.worker.wsgi import WsgiSettings, run_wsgi
 
@@ -243,10 +233,8 @@ def cmd_wsgi(cfg: config.WsgiConfig, _: argparse.Namespace) -> int:
                  if cfg.curve_secret and cfg.broker_key else None)
     except KeyFileError as exc:
         return _usage_error("wsgi", str(exc))
-    worker_settings = WorkerSettings(
-        connect=cfg.connect, services=(p.ServiceSpec(service, cfg.route),),
-        capacity=cfg.threads, heartbeat_s=cfg.heartbeat, liveness=cfg.liveness,
-        graceful_timeout_s=cfg.graceful_timeout, curve=curve,
+    worker_settings = config.build(
+        WorkerSettings, cfg, services=(p.ServiceSpec(service, cfg.route),), curve=curve,
         # It reads spooled bodies from Mongrel2's disk: the broker need not inline them.
         # It reads streamed bodies (upload.stream: BODY/READ, core/bodystream.py), and
         # spooled ones from Mongrel2's disk if it has it: then none are inlined.
@@ -274,15 +262,13 @@ def cmd_wsgi(cfg: config.WsgiConfig, _: argparse.Namespace) -> int:
 
     _ready(f"READY wsgi pid={os.getpid()} app={cfg.app} service={service} "
            f"processes={cfg.processes} threads={cfg.threads}")
-    return Pool(serve, cfg.processes, graceful_timeout_s=cfg.graceful_timeout + 5,
-                name=f"wsgi[{service}]", max_requests=cfg.max_requests,
-                max_requests_jitter=cfg.max_requests_jitter, timeout_s=cfg.timeout).run()
+    return _pool(cfg, serve, f"wsgi[{service}]")
 
 
 def cmd_asgi(cfg: config.AsgiConfig, _: argparse.Namespace) -> int:
     from scale0.core.forwarded import trust
     from scale0.pool.childstate import current as child_state
-    from scale0.pool.supervise import BOOT_FAILED, Pool
+    from scale0.pool.supervise import BOOT_FAILED
     from scale0.worker.asgi_loop import AsgiSettings, AsgiWorker, event_loop_policy
 
     # Relative paths in settings mean the working directory they were given in.
@@ -297,11 +283,8 @@ def cmd_asgi(cfg: config.AsgiConfig, _: argparse.Namespace) -> int:
                  if cfg.curve_secret and cfg.broker_key else None)
     except KeyFileError as exc:
         return _usage_error("asgi", str(exc))
-    settings = AsgiSettings(
-        connect=cfg.connect, services=(p.ServiceSpec(service, cfg.route),),
-        concurrency=cfg.concurrency, heartbeat_s=cfg.heartbeat, liveness=cfg.liveness,
-        graceful_timeout_s=cfg.graceful_timeout, upload_dir=upload_dir,
-        websocket_max_size=cfg.websocket_max_size, lifespan=cfg.lifespan,
+    settings = config.build(
+        AsgiSettings, cfg, services=(p.ServiceSpec(service, cfg.route),), upload_dir=upload_dir,
         forwarded=trust(cfg.forwarded_allow_ips, cfg.client_address_header), curve=curve)
 
     def serve() -> int:
@@ -316,9 +299,17 @@ def cmd_asgi(cfg: config.AsgiConfig, _: argparse.Namespace) -> int:
 
     _ready(f"READY asgi pid={os.getpid()} app={cfg.app} service={service} "
            f"processes={cfg.processes} concurrency={cfg.concurrency}")
-    return Pool(serve, cfg.processes, graceful_timeout_s=cfg.graceful_timeout + 5,
-                name=f"asgi[{service}]", max_requests=cfg.max_requests,
-                max_requests_jitter=cfg.max_requests_jitter, timeout_s=cfg.timeout).run()
+    return _pool(cfg, serve, f"asgi[{service}]")
+
+
+def _pool(cfg: config.PoolConfig, serve: Callable[[], int], name: str) -> int:
+    """Run `serve` in the pool `cfg` describes. Its graceful timeout is the
+    workers' own plus 5 s: they drain first, the arbiter SIGKILLs after."""
+    from scale0.pool.supervise import Pool
+
+    pool = config.build(Pool, cfg, target=serve, size=cfg.processes, name=name,
+                        graceful_timeout_s=cfg.graceful_timeout + 5)
+    return pool.run()
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

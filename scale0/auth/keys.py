@@ -27,6 +27,7 @@ import zmq
 import zmq.auth
 import zmq.utils.z85
 
+from scale0.errors import ConfigError
 from scale0.wire import s0w1 as p
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ _PUBLIC_BANNER = """#   ****  Generated on {0} by pyzmq  ****
 """
 
 
-class KeyFileError(ValueError):
+class KeyFileError(ConfigError):
     """A key file or folder that cannot be used; the message names the file."""
 
 

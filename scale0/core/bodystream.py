@@ -38,17 +38,15 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator
 
+from scale0.errors import ProtocolError
+
 # Credits granted ahead of the app's reads (bytes on their way or buffered).
 WINDOW_BYTES = 256 << 10
 
 
-class BodyError(ValueError):
+class BodyError(ProtocolError, ValueError):
     """The pieces do not make the body the request declared; `status_hint` for
     whoever answers the client."""
-
-    def __init__(self, msg: str, *, status_hint: int = 400) -> None:
-        super().__init__(msg)
-        self.status_hint = status_hint
 
 
 class BodyReader:

@@ -174,7 +174,7 @@ class DispatchState:
                 self.to_mongrel2.append((link, m2.close_reply(sender, conn_id)))
             if link in self.link_credits:  # Mongrel2 credits these bytes back too
                 self._unacked_add((link, conn_id), len(body))
-        except ValueError:
+        except m2.ReplyError:
             self.warnings.warning("unanswerable sender", self._now,
                                   "cannot answer sender %r conn %d", sender, conn_id)
 

@@ -68,7 +68,7 @@ class Mongrel2Events(WebSockets):
         sender, conn_id = req.sender, req.conn_id
         try:
             prefix = m2.reply_prefix(sender, conn_id)
-        except ValueError:
+        except m2.ReplyError:
             # parse_message takes any SENDER without a space, but a reply's must
             # be [A-Za-z0-9-]+ (MONGREL2.md): nobody could ever be answered.
             self.counters.bad_mongrel2 += 1

@@ -44,7 +44,7 @@ class WebSockets(Bodies):
                 self.link_credits[link] = int(window)
         try:
             prefix = m2.reply_prefix(sender, conn_id)
-        except ValueError:
+        except m2.ReplyError:
             self.counters.bad_mongrel2 += 1
             log.warning("unanswerable sender %r on link %d", sender, link)
             return
@@ -104,7 +104,7 @@ class WebSockets(Bodies):
             self.counters.websocket_strays += 1
             try:
                 self.to_mongrel2.append((link, m2.close_reply(event.sender, event.conn_id)))
-            except ValueError:
+            except m2.ReplyError:
                 pass
             return
         w = r.worker

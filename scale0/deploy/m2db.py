@@ -28,11 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from scale0.errors import ConfigError
+
 BIND_ALL_HOSTS = ("*", "0.0.0.0")
 CONNECT_HOST = "127.0.0.1"
 
 
-class M2DBError(ValueError):
+class M2DBError(ConfigError):
     """The database cannot be read or has no handler to serve; the message says which."""
 
 

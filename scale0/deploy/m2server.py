@@ -16,12 +16,13 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from scale0.errors import Scale0Error
 from scale0.pool.lifeline import watcher_argv
 
 RUNTIME_DIRS = ("run", "logs", "uploads", "tmp")
 
 
-class Mongrel2Error(RuntimeError):
+class Mongrel2Error(Scale0Error, RuntimeError):
     """Mongrel2 is missing or its config does not load; the text says what to do."""
 
 

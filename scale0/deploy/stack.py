@@ -13,10 +13,12 @@ pool's arbiter, which starts new processes and then retires the old ones,
 pool/supervise.py) and the authorized keys of every broker and relay (forwarded
 to them); they and Mongrel2 keep running.
 
-A process that dies is restarted with a delay that doubles per quick crash
-(0.5 s up to MAX_BACKOFF_S); CRASH_LOOP quick crashes in a row are logged as
-a crash loop. The pid file never outlives the stack. Signal handlers only
-count; the loop acts.
+A process that dies is restarted on the crash-loop policy of the worker
+pools (core/backoff.py): a delay that doubles per quick crash, with jitter,
+up to a cap; quick crashes in a row are logged as a crash loop. The pid file
+never outlives the stack. Signal handlers only count (pool/runloop.py); the
+loop sleeps on the wake-up pipe, which SIGCHLD (a child exited) and the stop
+and reload signals write to, or until the next restart is due.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from scale0.config import (
     to_argv,
     unknown,
 )
+from scale0.core.backoff import Backoff
 from scale0.deploy.m2server import (
     Mongrel2Error,
     Mongrel2Server,
@@ -55,15 +58,15 @@ from scale0.deploy.m2server import (
     server_uuid,
 )
 from scale0.pool import lifeline
+from scale0.pool.runloop import RunLoop
 
 log = logging.getLogger(__name__)
 
-MAX_BACKOFF_S = 10.0
-STABLE_AFTER_S = 10.0  # a process that lived this long resets its crash count
-CRASH_LOOP = 5
+CHECK_EVERY_S = 1.0  # the loop's longest sleep (child exits and signals wake it sooner)
+READY_POLL_S = 0.1  # until Mongrel2 accepts: how often to try
 
 
-class StackError(ValueError):
+class StackError(ConfigError):
     """A stack file that cannot be used; the message names the file and key."""
 
 
@@ -74,8 +77,7 @@ class _Proc:
     cwd: Path
     popen: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
-    crashes: int = 0
-    restart_at: float = 0.0
+    backoff: Backoff = field(default_factory=Backoff)  # its crash history
     stop_signal: int = signal.SIGTERM
     stop_order: int = 0  # lower stops first
     pid: int = 0  # of the last process started, also its process group
@@ -87,8 +89,7 @@ class Stack:
     http_addr: tuple[str, int]
     procs: list[_Proc] = field(default_factory=list)
     graceful_timeout_s: float = 30.0
-    _stopping: int = 0
-    _reloads: int = 0
+    _loop: RunLoop | None = None  # made in run(): wake-up pipe, signal counts, stop
 
     @classmethod
     def from_file(cls, path: str | Path) -> Stack:
@@ -103,7 +104,7 @@ class Stack:
     @classmethod
     def from_dict(cls, data: dict[str, Any], base: Path, source: str = "<config>") -> Stack:
         """Each [[broker]] and [[pool]] table holds settings of `scale0 broker` /
-        `scale0 wsgi` (config.py, checked here so that a typo names this file and
+        `scale0 wsgi` (scale0/config/, checked here so that a typo names this file and
         key) plus the stack's own keys: `routes` and `args` (extra arguments), and
         for a pool `interface`: "wsgi" (the default) or "asgi" (`scale0 asgi`)."""
         def need(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
@@ -186,32 +187,29 @@ class Stack:
         except Mongrel2Error as exc:
             log.error("%s", exc)
             return 2
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
-        signal.signal(signal.SIGHUP, self._on_hup)
+        loop = self._loop = RunLoop()
+        loop.install_signals(count=(signal.SIGHUP, signal.SIGCHLD))
         announced = False
         try:
-            while not self._stopping:
+            while not loop.stop.stopping:
                 now = time.monotonic()
-                if self._reloads:
-                    self._reloads = 0
+                loop.take(signal.SIGCHLD)  # it only woke us: _watch polls every process
+                if loop.take(signal.SIGHUP):
                     self._reload()
                 for proc in self.procs:
                     self._watch(proc, now)
                 if not announced and _accepts(self.http_addr):
                     announced = True
                     ready(f"READY up http://{self.http_addr[0]}:{self.http_addr[1]}/")
-                time.sleep(0.1)  # signals interrupt the sleep; the loop then sees the flag
+                wake = min((p.backoff.retry_at for p in self.procs if p.popen is None),
+                           default=now + CHECK_EVERY_S)
+                wake = min(wake, now + (CHECK_EVERY_S if announced else READY_POLL_S))
+                loop.wait(wake - time.monotonic())
         finally:
             self._stop_all()
             self.mongrel2.remove_pid_file()
+            loop.close()
         return 0
-
-    def _on_signal(self, *_: object) -> None:
-        self._stopping += 1  # a second one forces the stop (_stop_all)
-
-    def _on_hup(self, *_: object) -> None:
-        self._reloads += 1
 
     def _reload(self) -> None:
         """SIGHUP to each pool's arbiter (not its group: its workers ignore HUP,
@@ -231,21 +229,19 @@ class Stack:
                 return
             proc.popen = None
             _kill_group(proc.pid)  # what it left behind, e.g. a dead pool's workers
-            if now - proc.started_at > STABLE_AFTER_S:
-                proc.crashes = 0
-            proc.crashes += 1
-            delay = min(MAX_BACKOFF_S, 0.5 * 2 ** (proc.crashes - 1))
-            proc.restart_at = now + delay
-            if proc.crashes >= CRASH_LOOP:
+            # Every exit here is unexpected (we stop nothing while running): a crash.
+            backoff = proc.backoff
+            delay = backoff.exited(now, now - proc.started_at)
+            if backoff.crash_loop:
                 log.error("%s: crash loop: exited with %s, crash %d in a row, each within "
                           "%.0fs of its start; restarting in %.1fs", proc.name, code,
-                          proc.crashes, STABLE_AFTER_S, delay)
+                          backoff.crashes, backoff.policy.healthy_s, delay)
             else:
                 log.error("%s exited with %s; restarting in %.1fs", proc.name, code, delay)
             if proc.name == "mongrel2":
                 self.mongrel2.remove_pid_file()
             return
-        if now >= proc.restart_at:
+        if proc.backoff.due(now):
             # Its own session (a terminal's Ctrl-C reaches only us), and SIGTERM
             # when we die, even by SIGKILL (pool/lifeline.py).
             proc.popen = subprocess.Popen(proc.argv, cwd=proc.cwd, start_new_session=True,
@@ -260,6 +256,10 @@ class Stack:
         # the relay); then relays; Mongrel2 last. Each process group is
         # SIGKILLed after the grace period, or at once on a second signal, so
         # nothing a process forked outlives the stack.
+        loop = self._loop
+        assert loop is not None
+        if not loop.stop.stopping:  # an exception ended the loop: a signal from now on forces
+            loop.stop.request(force=False)
         for order in (0, 1, 2, 3):
             group = [proc for proc in self.procs if proc.stop_order == order]
             for proc in group:
@@ -267,15 +267,16 @@ class Stack:
                     proc.popen.send_signal(proc.stop_signal)
             deadline = time.monotonic() + self.graceful_timeout_s
             while any(p.popen is not None and p.popen.poll() is None for p in group):
-                if self._stopping > 1 or time.monotonic() >= deadline:
+                now = time.monotonic()
+                if loop.stop.forced or now >= deadline:
                     break
-                time.sleep(0.05)  # a signal cuts it short; the loop re-checks
+                loop.wait(deadline - now)  # a child's exit (SIGCHLD) or a signal wakes us
             for proc in group:
                 if proc.popen is None:
                     continue
                 if proc.popen.poll() is None:
                     log.warning("%s: %s: killing it", proc.name, "forced stop"
-                                if self._stopping > 1 else "did not stop in time")
+                                if loop.stop.forced else "did not stop in time")
                 _kill_group(proc.pid)
                 proc.popen.wait()
                 proc.popen = None

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from scale0.core.dispatch import Done
+from scale0.errors import ConfigError
 
 DEFAULT_FORMAT = ('{time} {conn_id} "{method} {path}" {status} {bytes_out} '
                   '{duration_ms:.1f}ms {service} {worker}')
@@ -46,7 +47,7 @@ FIELDS = {
 _STOP = object()
 
 
-class AccessLogError(ValueError):
+class AccessLogError(ConfigError):
     """An access log that cannot be used; the message says which setting."""
 
 

@@ -28,7 +28,8 @@ from typing import Any, TextIO
 
 import zmq
 
-from scale0.ops.control import (
+from scale0.errors import Scale0Error
+from scale0.wire.control import (
     HELLO_PREFIX,
     ControlError,
     default_endpoint,
@@ -42,11 +43,11 @@ ROOT_RUNTIME_DIR = Path("/run/scale0")  # control.runtime_dir() of a broker run 
 TAP_PING_S = 3.0  # a quiet tap checks this often that its broker is still there
 
 
-class Unreachable(Exception):
+class Unreachable(Scale0Error):
     """No broker answered; the text says what to check."""
 
 
-class Refused(Exception):
+class Refused(Scale0Error):
     """The broker answered with an error."""
 
 

@@ -3,7 +3,7 @@
 Theory of operation (gunicorn's arbiter, in the shape of our workers):
 
 Signal handlers only count signals; they and the children (pool/childstate.py)
-write a byte to the wake-up pipe. The loop wakes at least once a second,
+write a byte to the wake-up pipe (pool/runloop.py). The loop wakes at least once a second,
 reaps with ``waitpid(-1, WNOHANG)`` until none are left, then brings the
 processes back in line with these rules:
 
@@ -32,9 +32,10 @@ processes back in line with these rules:
   abandoned, the old processes stay and serve, and nothing is forked again
   until the next SIGHUP. With nothing serving the pool halts: respawning a
   process that cannot boot would only spin.
-* Other exits are respawned in their slot with a delay that doubles per
-  crash (0.1 s up to MAX_BACKOFF_S); CRASH_LOOP crashes in a row, each within
-  STABLE_AFTER_S of its start, are logged as a crash loop.
+* Other exits are respawned in their slot on the crash-loop policy of
+  core/backoff.py (the one `scale0 up` uses): a delay that doubles per crash,
+  with jitter, up to a cap; crashes in a row, each soon after its start, are
+  logged as a crash loop; a clean exit (0) is respawned at once.
 * SIGTTIN / SIGTTOU add / remove a slot (the process in a removed slot is
   stopped gracefully).
 * SIGTERM/SIGINT: SIGTERM to all, wait `graceful_timeout_s`, SIGKILL the rest.
@@ -48,33 +49,28 @@ from __future__ import annotations
 import logging
 import os
 import random
-import select
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from scale0.config import PoolConfig, default
+from scale0.core.backoff import Backoff
 from scale0.pool.childstate import ChildState, set_current
 from scale0.pool.lifeline import die_with_parent
+from scale0.pool.runloop import RunLoop
 
 log = logging.getLogger(__name__)
 
 BOOT_FAILED = 3
-MAX_BACKOFF_S = 10.0
-STABLE_AFTER_S = 5.0  # a child that lived this long resets its crash count
-CRASH_LOOP = 5
 CHECK_EVERY_S = 1.0
 
 
 # What the arbiter handles itself; a forked child resets them before anything else.
 _ARBITER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
                     signal.SIGTTIN, signal.SIGTTOU)
-
-
-@dataclass(slots=True)
-class _Slot:
-    crashes: int = 0
-    respawn_at: float = 0.0
+# Counted by the loop (besides the stop signals); SIGCHLD only wakes it to reap.
+_COUNTED = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
 
 
 @dataclass(slots=True, eq=False)
@@ -94,9 +90,12 @@ class Pool:
     """Runs `target()` in `size` forked children; `run()` returns the pool's exit code."""
 
     def __init__(self, target: Callable[[], int], size: int, *,
-                 graceful_timeout_s: float = 30.0, name: str = "scale0",
-                 max_requests: int = 0, max_requests_jitter: int = 0,
-                 timeout_s: float = 0.0) -> None:
+                 graceful_timeout_s: float = default(PoolConfig, "graceful_timeout"),
+                 name: str = "scale0",
+                 max_requests: int = default(PoolConfig, "max_requests"),
+                 max_requests_jitter: int = default(PoolConfig, "max_requests_jitter"),
+                 timeout_s: float = default(PoolConfig, "timeout")) -> None:
+        # Defaults as declared (config/declared.py); cli.py builds it with config.build.
         if size < 1:
             raise ValueError("a pool needs at least one process")
         if max_requests < 0 or max_requests_jitter < 0 or timeout_s < 0:
@@ -108,63 +107,37 @@ class Pool:
         self.max_requests = max_requests
         self.max_requests_jitter = max_requests_jitter
         self.timeout_s = timeout_s
-        self._slots = [_Slot() for _ in range(size)]
+        self._slots = [Backoff() for _ in range(size)]  # each slot's crash history
         self._children: dict[int, _Child] = {}
         self._boot_failed = False  # a reload failed: fork nothing until the next HUP
-        self._stop_signals = 0
-        self._reloads = 0  # SIGHUPs not handled yet
-        self._resizes = 0  # +1 per SIGTTIN, -1 per SIGTTOU, not handled yet
-        self._wake_r = self._wake_w = -1
+        self._loop: RunLoop | None = None  # made in run(): the wake-up pipe, signal counts
 
-    # ---- signals: count only ---------------------------------------------
-
-    def _on_stop(self, *_: object) -> None:
-        self._stop_signals += 1
-
-    def _on_hup(self, *_: object) -> None:
-        self._reloads += 1
-
-    def _on_ttin(self, *_: object) -> None:
-        self._resizes += 1
-
-    def _on_ttou(self, *_: object) -> None:
-        self._resizes -= 1
-
-    # ---- the loop --------------------------------------------------------
+    # ---- the loop (signal handlers only count: pool/runloop.py) ----------
 
     def run(self) -> int:
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        signal.set_wakeup_fd(self._wake_w)
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGHUP, self._on_hup)
-        signal.signal(signal.SIGTTIN, self._on_ttin)
-        signal.signal(signal.SIGTTOU, self._on_ttou)
-        signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake select()
+        loop = self._loop = RunLoop()
+        loop.install_signals(count=_COUNTED)
         code = 0
         try:
-            while not self._stop_signals:
+            while not loop.stop.stopping:
                 now = time.monotonic()
+                loop.take(signal.SIGCHLD)  # it only woke us: _reap looks anyway
                 halted = self._reap(now)
                 if halted is not None:
                     code = halted
                     break
-                if self._reloads:
-                    self._reloads = 0
+                if loop.take(signal.SIGHUP):
                     self._reload()
-                if self._resizes:
-                    self._resize()
+                resizes = loop.take(signal.SIGTTIN) - loop.take(signal.SIGTTOU)
+                if resizes:
+                    self._resize(resizes)
                 self._check(now)
                 self._fill_slots(now)
                 self._retire_superseded(now)
-                self._wait(self._next_wake(now) - now)
+                loop.wait(self._next_wake(now) - now)
         finally:
             self._stop_all()
-            signal.set_wakeup_fd(-1)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            loop.close()
         return code
 
     def _serving(self) -> list[_Child]:
@@ -177,7 +150,8 @@ class Pool:
         limit = self.max_requests
         if limit:
             limit += random.randint(0, self.max_requests_jitter)
-        state = ChildState(limit, self._wake_w)
+        assert self._loop is not None
+        state = ChildState(limit, self._loop.wakeup.write_fd)
         arbiter = os.getpid()
         # Blocked across the fork: a SIGTERM sent to a child that has just been
         # forked (a second SIGHUP stops the processes of the reload it cuts
@@ -198,7 +172,7 @@ class Pool:
                 # After the defaults: SIGTERM (the graceful stop) if the arbiter
                 # dies, even by SIGKILL, or exit now if it already has.
                 die_with_parent(arbiter)
-                os.close(self._wake_r)
+                os.close(self._loop.wakeup.read_fd)  # the write end is state.wake_fd
                 for other in self._children.values():
                     other.state.close()
                 set_current(state)
@@ -253,13 +227,9 @@ class Pool:
         if any(c.slot == child.slot for c in self._current()):
             return
         slot = self._slots[child.slot]
-        if now - child.started_at >= STABLE_AFTER_S:
-            slot.crashes = 0
-        slot.crashes += 1
-        delay = min(MAX_BACKOFF_S, 0.1 * 2 ** (slot.crashes - 1)) if code or child.killed else 0.0
-        slot.respawn_at = now + delay
+        delay = slot.exited(now, now - child.started_at, crashed=bool(code or child.killed))
         why = child.killed or f"exited with {code}"
-        if slot.crashes >= CRASH_LOOP:
+        if slot.crash_loop:
             log.error("%s: crash loop in slot %d: process %d %s, crash %d in a row; "
                       "next try in %.1fs", self.name, child.slot, child.pid, why,
                       slot.crashes, delay)
@@ -300,16 +270,16 @@ class Pool:
             else:
                 child.superseded = True
         for slot in self._slots:  # a deliberate reload starts without crash history
-            slot.crashes, slot.respawn_at = 0, 0.0
+            slot.reset()
 
-    def _resize(self) -> None:
-        size = max(1, self.size + self._resizes)
-        self._resizes = 0
+    def _resize(self, by: int) -> None:
+        """`by`: +1 per SIGTTIN, -1 per SIGTTOU."""
+        size = max(1, self.size + by)
         if size == self.size:
             return
         log.info("%s: %d processes -> %d", self.name, self.size, size)
         self.size = size
-        self._slots = (self._slots + [_Slot() for _ in range(size)])[:size]
+        self._slots = (self._slots + [Backoff() for _ in range(size)])[:size]
         now = time.monotonic()
         for child in self._current():
             if child.slot >= size:
@@ -352,7 +322,7 @@ class Pool:
             return
         taken = {c.slot for c in self._current()}
         for index, slot in enumerate(self._slots):
-            if index not in taken and now >= slot.respawn_at:
+            if index not in taken and slot.due(now):
                 self._spawn(index)
 
     def _retire_superseded(self, now: float) -> None:
@@ -367,7 +337,7 @@ class Pool:
             taken = {c.slot for c in self._current()}
             for index, slot in enumerate(self._slots):
                 if index not in taken:
-                    wake = min(wake, slot.respawn_at)
+                    wake = min(wake, slot.retry_at)
         return max(wake, now + 0.01)
 
     def _terminate(self, child: _Child, now: float, why: str) -> None:
@@ -380,25 +350,22 @@ class Pool:
         log.error("%s: killing process %d (slot %d): %s", self.name, child.pid, child.slot, why)
         _kill(child.pid, signal.SIGKILL)
 
-    def _wait(self, timeout_s: float) -> None:
-        try:
-            select.select([self._wake_r], [], [], max(0.0, timeout_s))
-            os.read(self._wake_r, 512)
-        except (BlockingIOError, InterruptedError):
-            pass
-
     def _stop_all(self) -> None:
+        loop = self._loop
+        assert loop is not None
         live = set(self._children)
         log.info("%s: stopping %d processes (graceful timeout %gs)", self.name, len(live),
                  self.graceful_timeout_s)
         for pid in live:
             _kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.graceful_timeout_s
+        if not loop.stop.stopping:  # halted: a SIGTERM from now on forces
+            loop.stop.request(force=False)
+        loop.stop.begin(time.monotonic(), self.graceful_timeout_s)
         forced = False
         while live:
-            if not forced and (time.monotonic() >= deadline or self._stop_signals > 1):
+            if not forced and loop.stop.overdue(time.monotonic()):
                 log.warning("%s: %s: killing %d processes", self.name,
-                            "forced stop" if self._stop_signals > 1 else "graceful timeout",
+                            "forced stop" if loop.stop.forced else "graceful timeout",
                             len(live))
                 for pid in live:
                     _kill(pid, signal.SIGKILL)
@@ -410,7 +377,7 @@ class Pool:
             if pid:
                 live.discard(pid)
             else:
-                self._wait(0.05 if forced else 0.2)
+                loop.wait(0.05 if forced else 0.2)
         for child in self._children.values():
             child.state.close()
         self._children.clear()

@@ -28,21 +28,27 @@ from typing import cast
 
 import tnetstring
 
+from scale0.errors import ProtocolError
+
 HeaderValue = bytes | list[bytes]
 Headers = dict[bytes, HeaderValue]
 
 MAX_REPLY_TARGETS = 128  # limits.handler_targets default
 
 
-class Mongrel2ProtocolError(ValueError):
+class Mongrel2ProtocolError(ProtocolError, ValueError):
     """A message that is not valid Mongrel2 handler protocol.
 
     `status_hint` is the HTTP status to answer with when a client waits.
     """
 
-    def __init__(self, msg: str, *, status_hint: int = 400) -> None:
-        super().__init__(msg)
-        self.status_hint = status_hint
+
+class ReplyError(ProtocolError, ValueError):
+    """A reply that cannot be built (a sender or conn ids no reply can name,
+    a status or header that would break the response): nothing is sent."""
+
+    def __init__(self, msg: str, *, status_hint: int = 500) -> None:
+        super().__init__(msg, status_hint=status_hint)
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,22 +402,22 @@ def _valid_sender(sender: bytes) -> bool:
 
 def _check_sender(sender: bytes) -> None:
     if not _valid_sender(sender):
-        raise ValueError(f"reply sender must match [A-Za-z0-9-]+: {sender!r}")
+        raise ReplyError(f"reply sender must match [A-Za-z0-9-]+: {sender!r}")
 
 
 def _ids(conn_ids: int | Sequence[int]) -> bytes:
     """IDS field: 1..MAX_REPLY_TARGETS non-negative ints, space-separated."""
     ids = (conn_ids,) if isinstance(conn_ids, int) else tuple(conn_ids)
     if not 1 <= len(ids) <= MAX_REPLY_TARGETS:
-        raise ValueError(f"a reply needs 1..{MAX_REPLY_TARGETS} conn ids, got {len(ids)}")
+        raise ReplyError(f"a reply needs 1..{MAX_REPLY_TARGETS} conn ids, got {len(ids)}")
     for conn_id in ids:
         if type(conn_id) is not int or conn_id < 0:
-            raise ValueError(f"conn id must be a non-negative int: {conn_id!r}")
+            raise ReplyError(f"conn id must be a non-negative int: {conn_id!r}")
     return b" ".join([b"%d" % conn_id for conn_id in ids])
 
 
 def reply(sender: bytes, conn_ids: int | Sequence[int], body: bytes) -> bytes:
-    """A reply writing `body` (raw HTTP bytes) to `conn_ids`; ValueError on bad args."""
+    """A reply writing `body` (raw HTTP bytes) to `conn_ids`; ReplyError on bad args."""
     _check_sender(sender)
     ids = _ids(conn_ids)
     return b"%s %d:%s, %s" % (sender, len(ids), ids, body)
@@ -492,19 +498,19 @@ def http_response(
     version: bytes = b"HTTP/1.1",
 ) -> bytes:
     """Status line, `headers` as given (no Content-Length added), CRLF, `body`.
-    ValueError on a status outside 100..999 or CR/LF in a header or reason."""
+    ReplyError on a status outside 100..999 or CR/LF in a header or reason."""
     if not 100 <= status <= 999:
-        raise ValueError(f"HTTP status must have 3 digits: {status}")
+        raise ReplyError(f"HTTP status must have 3 digits: {status}")
     if reason is None:
         reason = _REASONS.get(status, b"Unknown")
     lines = [b"%s %d %s" % (version, status, reason)]
     lines += [b"%s: %s" % (name, value) for name, value in headers]
     if any(not name or b":" in name for name, _ in headers):
-        raise ValueError(f"empty header name or one with ':': {headers!r}")
+        raise ReplyError(f"empty header name or one with ':': {headers!r}")
     head = b"\r\n".join(lines)
     # join adds len(lines) - 1 CRLFs; another CR or LF would split the response.
     if head.count(b"\r") != len(lines) - 1 or head.count(b"\n") != len(lines) - 1:
-        raise ValueError(f"CR or LF in the status line or a header: {head!r}")
+        raise ReplyError(f"CR or LF in the status line or a header: {head!r}")
     return b"%s\r\n\r\n%s" % (head, body)
 
 

@@ -15,6 +15,8 @@ import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from scale0.errors import ProtocolError
+
 VERSION = b"S0W1"
 
 
@@ -54,11 +56,13 @@ ERR_LIMIT = 429  # HELLO: the broker is at max_workers, max_services or max_rout
 _ID = struct.Struct(">Q")
 
 
-class WireError(ValueError):
-    """A malformed S0W1 message. `code` is the ERROR code to answer with."""
+class WireError(ProtocolError, ValueError):
+    """A malformed S0W1 message. `code` is the ERROR code to answer the peer
+    with; `status_hint` (502: a bad message from the other side of the
+    gateway) is for a client waiting on that request."""
 
-    def __init__(self, msg: str, *, code: int = ERR_BAD_MESSAGE) -> None:
-        super().__init__(msg)
+    def __init__(self, msg: str, *, code: int = ERR_BAD_MESSAGE, status_hint: int = 502) -> None:
+        super().__init__(msg, status_hint=status_hint)
         self.code = code
 
 

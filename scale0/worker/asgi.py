@@ -25,6 +25,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
+from scale0 import errors
 from scale0.core.forwarded import LOOPBACK, Trust
 from scale0.core.forwarded import apply as apply_forwarded
 from scale0.core.routing import normalize_path, split_script_name
@@ -43,8 +44,11 @@ _UPLOAD_HEADERS = frozenset((b"x-mongrel2-upload-start", b"x-mongrel2-upload-don
 REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
 
 
-class ProtocolError(RuntimeError):
+class ProtocolError(errors.ProtocolError, RuntimeError):
     """The app sent a message the ASGI spec does not allow here."""
+
+    def __init__(self, msg: str, *, status_hint: int = 500) -> None:
+        super().__init__(msg, status_hint=status_hint)
 
 
 def client_headers(message: Message) -> list[tuple[bytes, bytes]]:

@@ -61,8 +61,10 @@ import zmq
 import zmq.asyncio
 
 from scale0.auth.keys import CurveKeys
+from scale0.config import AsgiConfig, default
 from scale0.core.bodystream import BodyError, BodyReader
 from scale0.core.forwarded import LOOPBACK, Trust
+from scale0.errors import Scale0Error
 from scale0.pool.childstate import ChildState
 from scale0.pool.supervise import BOOT_FAILED
 from scale0.wire import mongrel2 as m2
@@ -85,7 +87,7 @@ READY_WAIT_S = 5.0
 TICK_S = 0.1
 
 
-class ClientDisconnected(OSError):
+class ClientDisconnected(Scale0Error, OSError):
     """send() on a request or WebSocket whose client is gone (ASGI spec 2.4)."""
 
 
@@ -93,15 +95,16 @@ class ClientDisconnected(OSError):
 class AsgiSettings:
     connect: tuple[str, ...]
     services: tuple[p.ServiceSpec, ...]
-    concurrency: int = 100
-    heartbeat_s: float = 1.0
-    liveness: int = 3
-    graceful_timeout_s: float = 30.0
+    # Defaults as declared (config/declared.py); cli.py builds it with config.build.
+    concurrency: int = default(AsgiConfig, "concurrency")
+    heartbeat_s: float = default(AsgiConfig, "heartbeat")
+    liveness: int = default(AsgiConfig, "liveness")
+    graceful_timeout_s: float = default(AsgiConfig, "graceful_timeout")
     reconnect_max_s: float = 10.0
     label: str = ""
     upload_dir: str | None = None
-    websocket_max_size: int = 16 << 20
-    lifespan: str = "auto"  # "auto": run it if the app supports it; "on": must; "off"
+    websocket_max_size: int = default(AsgiConfig, "websocket_max_size")
+    lifespan: str = default(AsgiConfig, "lifespan")  # "auto": if the app has it; "on"; "off"
     forwarded: Trust = LOOPBACK  # whose X-Forwarded-Proto / client address to believe
     curve: CurveKeys | None = None  # our key pair and the brokers' public key (auth/keys.py)
 

@@ -60,6 +60,7 @@ from dataclasses import dataclass
 import zmq
 
 from scale0.auth.keys import CurveKeys
+from scale0.config import WsgiConfig, default
 from scale0.pool.childstate import ChildState
 from scale0.wire import s0w1 as p
 from scale0.worker.loop import BrokerConn, Handler, Loop
@@ -79,10 +80,11 @@ JOIN_TIMEOUT_S = 2.0  # for a loop to end once its sockets were closed under it
 class WorkerSettings:
     connect: tuple[str, ...]
     services: tuple[p.ServiceSpec, ...]
-    capacity: int = 1  # the number of loops (threads) in this process
-    heartbeat_s: float = 1.0
-    liveness: int = 3
-    graceful_timeout_s: float = 30.0
+    # Defaults as declared (config/declared.py); cli.py builds it with config.build.
+    capacity: int = default(WsgiConfig, "threads")  # the number of loops (threads) here
+    heartbeat_s: float = default(WsgiConfig, "heartbeat")
+    liveness: int = default(WsgiConfig, "liveness")
+    graceful_timeout_s: float = default(WsgiConfig, "graceful_timeout")
     reconnect_max_s: float = 10.0
     label: str = ""
     meta: tuple[tuple[str, str], ...] = ()  # more HELLO meta, e.g. ("uploads", "file")

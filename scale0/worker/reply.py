@@ -26,6 +26,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
+from scale0.errors import Scale0Error
 from scale0.wire import mongrel2 as m2
 from scale0.wire import s0w1 as p
 
@@ -39,7 +40,7 @@ MAX_MESSAGE_BYTES = 1 << 20  # docs/protocol.md 3.9: a BODY is at most 1 MiB
 _REPLY_HEAD = (p.VERSION, p.CMD[p.Command.REPLY])
 
 
-class Cancelled(Exception):
+class Cancelled(Scale0Error):
     """The broker cancelled the request (client gone, timed out, broker lost)."""
 
 
@@ -118,7 +119,7 @@ class ReplyStream:
 
     def _reply(self, body: bytes) -> bytes:
         if not self._prefix:
-            self._prefix = m2.reply_prefix(self._sender, self._conn_id)  # ValueError if bad
+            self._prefix = m2.reply_prefix(self._sender, self._conn_id)  # m2.ReplyError if bad
         return self._prefix + body
 
     def _take(self, wanted: int) -> int:
@@ -188,6 +189,6 @@ class ReplyStream:
             if close and not self.cancelled:
                 try:
                     frames.append(self._reply(b""))
-                except ValueError:  # a sender no reply can name: nothing to close
+                except m2.ReplyError:  # a sender no reply can name: nothing to close
                     pass
             self._loop.send(self.conn, frames)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TextIO
 from scale0.core.bodystream import BodyInput
 from scale0.core.forwarded import LOOPBACK, Trust
 from scale0.core.forwarded import apply as apply_forwarded
+from scale0.errors import ProtocolError
 from scale0.wire.mongrel2 import Headers, HttpRequest, UploadDone
 
 if TYPE_CHECKING:
@@ -72,17 +73,21 @@ class ResponseInfo:
     ended: bool = False  # the final bytes went to run_wsgi's `last` callback
 
 
-class BadRequest(Exception):
-    """The request cannot be given to the app; answer `status` and close."""
+class BadRequest(ProtocolError):
+    """The request cannot be given to the app; answer `status` (its
+    `status_hint`) and close."""
 
     def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
+        super().__init__(message, status_hint=status)
         self.status = status
         self.message = message
 
 
-class ApplicationError(RuntimeError):
+class ApplicationError(ProtocolError, RuntimeError):
     """The app broke a PEP 3333 rule (bad status/headers, no start_response...)."""
+
+    def __init__(self, msg: str, *, status_hint: int = 500) -> None:
+        super().__init__(msg, status_hint=status_hint)
 
 
 class _Readable(Protocol):

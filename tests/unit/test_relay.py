@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scale0.net.relay import RelayCore
+from scale0.core.relaycore import RelayCore
 
 S = b"5ca1e000-0000-4000-8000-000000000001"
 
@@ -178,3 +178,15 @@ def test_any_input_is_handled_without_raising_and_invariants_hold(
             assert len(frames) in (2, 3)
         c.to_brokers.clear()
 
+
+
+def test_commands_are_read_strictly_and_an_unknown_broker_is_asked_who() -> None:
+    c = core(b"A")
+    for frame in (b"HEARTBEAT now", b"CREDIT 08", b"CREDIT " + b"1" * 13, b"DRAIN "):
+        c.on_broker(b"A", frame, 0.1)  # malformed from a known broker: counted, no effect
+    assert c.malformed == 4 and sent(c) == [] and not c.peers[b"A"].draining
+    c.on_broker(b"X", b"nonsense", 0.2)  # unknown: whatever it says, it must HELLO first
+    assert c.to_brokers == [[b"X", b"", b"WHO"]]
+    c.to_brokers.clear()
+    c.on_broker(b"X", b"HELLO S0R2 10", 0.3)  # a bad HELLO is counted, not answered
+    assert c.malformed == 5 and c.to_brokers == [] and b"X" not in c.peers

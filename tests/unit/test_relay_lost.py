@@ -4,7 +4,7 @@ announced heartbeat is clamped."""
 
 from __future__ import annotations
 
-from scale0.net.relay import RelayCore
+from scale0.core.relaycore import RelayCore
 from scale0.wire import mongrel2 as m2
 
 from .test_relay import S, req, sent
