@@ -64,23 +64,40 @@ class Proc:
         self.popen = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=self._log,
                                       env={**os.environ, **(env or {})}, start_new_session=True)
         self.ready_line = ""
+        self._buf = b""  # stdout read, short of a whole line
+        self._lines: list[str] = []  # stdout's whole lines so far
 
     def wait_ready(self, timeout_s: float = 15.0, prefix: str = "READY") -> str:
         """Read stdout lines until one starts with `prefix`; fail after `timeout_s`."""
         assert self.popen.stdout is not None
         deadline = time.monotonic() + timeout_s
-        buf = b""
         while True:
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                if line.decode(errors="replace").startswith(prefix):
-                    self.ready_line = line.decode()
+            for line in self._new_lines():
+                if line.startswith(prefix):
+                    self.ready_line = line
                     return self.ready_line
             left = deadline - time.monotonic()
             if left <= 0 or self.popen.poll() is not None:
                 raise AssertionError(f"{self.name} not ready: {self.log_tail()}")
             if select.select([self.popen.stdout], [], [], left)[0]:
-                buf += os.read(self.popen.stdout.fileno(), 4096)
+                self._buf += os.read(self.popen.stdout.fileno(), 4096)
+
+    def stdout_lines(self) -> list[str]:
+        """Every line it printed on stdout so far (read without waiting)."""
+        assert self.popen.stdout is not None
+        while select.select([self.popen.stdout], [], [], 0)[0]:
+            chunk = os.read(self.popen.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            self._buf += chunk
+        self._new_lines()
+        return list(self._lines)
+
+    def _new_lines(self) -> list[str]:
+        *done, self._buf = self._buf.split(b"\n")
+        lines = [line.decode(errors="replace") for line in done]
+        self._lines += lines
+        return lines
 
     def log_tail(self, n: int = 3000) -> str:
         self._log.flush()
