@@ -54,6 +54,20 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float = 15.0, what: str = 
         time.sleep(interval_s)
 
 
+def ctl_status(control: str) -> dict[str, Any]:
+    """What `scale0 ctl --control CONTROL status --json` prints, as a dict (the
+    same call, made in this process: cheaper to poll than a new interpreter)."""
+    from scale0.ops.ctl import call
+
+    result: dict[str, Any] = call(control, ["status"], timeout_s=10.0)
+    return result
+
+
+def service_status(status: dict[str, Any], name: str) -> dict[str, Any]:
+    """One service's row of a broker's status ({} while the broker has none)."""
+    return next((sv for sv in status["services"] if sv["name"] == name), {})
+
+
 class Proc:
     """A child process whose stdout we read for its READY line."""
 
@@ -98,6 +112,17 @@ class Proc:
         lines = [line.decode(errors="replace") for line in done]
         self._lines += lines
         return lines
+
+    @property
+    def control(self) -> str:
+        """A broker's control endpoint, as its READY line gives it."""
+        words = [w for w in self.ready_line.split() if w.startswith("control=")]
+        assert words, f"{self.name}: no control= in its READY line {self.ready_line!r}"
+        return words[0].removeprefix("control=")
+
+    def status(self) -> dict[str, Any]:
+        """A broker's `scale0 ctl status --json`, through its control socket."""
+        return ctl_status(self.control)
 
     def log_tail(self, n: int = 3000) -> str:
         self._log.flush()
@@ -357,9 +382,11 @@ class FakeMongrel2:
     def wait_subscribed(self, broker: Proc, links_before: int = 0) -> None:
         """ZeroMQ sends a SUB's subscription from the thread that uses the
         socket (real Mongrel2 polls its SUB all the time): poll ours, reading
-        nothing, until the broker logs it (it reads a link only after that)."""
+        nothing, until the broker's status shows more subscribed links than
+        `links_before` (it reads a link only after that)."""
         wait_for(lambda: self.sub.poll(10) == 0
-                 and broker.log_tail(1_000_000).count("subscribed") > links_before,
+                 and sum(link["subscribed"] for link in broker.status()["links"])
+                 > links_before,
                  what="the broker to see the fake Mongrel2's subscription")
 
     def __enter__(self) -> FakeMongrel2:
