@@ -230,8 +230,10 @@ class Stack:
     def start_pool(self, app: str, *args: str, service: str | None = None,
                    routes: tuple[str, ...] = ("/",), processes: int = 1, threads: int = 2,
                    env: dict[str, str] | None = None, connect: list[str] | None = None,
-                   upload_dir: bool = True) -> Proc:
-        """A worker pool; `upload_dir`: given Mongrel2's upload folder (shared disk)."""
+                   upload_dir: bool = True, ready: bool = True) -> Proc:
+        """A worker pool; `upload_dir`: given Mongrel2's upload folder (shared disk).
+        `ready`: wait for its READY line (its processes are WELCOMEd by the
+        brokers); False for a pool that is never let in."""
         argv = [sys.executable, "-m", "scale0.cli", "wsgi", app,
                 "--processes", str(processes), "--threads", str(threads),
                 *(("--upload-dir", str(self.m2.upload_dir)) if upload_dir else ()), *args]
@@ -245,13 +247,16 @@ class Stack:
         proc = Proc(f"pool-{service or app.replace(':', '-')}-{len(self.procs)}", argv,
                     self.tmp, env)
         self.procs.append(proc)
-        proc.wait_ready()
+        if ready:
+            proc.wait_ready()
         return proc
 
     def start_asgi(self, app: str, *args: str, service: str | None = None,
                    routes: tuple[str, ...] = ("/",), processes: int = 1,
-                   concurrency: int = 50, env: dict[str, str] | None = None) -> Proc:
-        """A `scale0 asgi` pool (apps from tests/e2e/asgi_apps.py)."""
+                   concurrency: int = 50, env: dict[str, str] | None = None,
+                   ready: bool = True) -> Proc:
+        """A `scale0 asgi` pool (apps from tests/e2e/asgi_apps.py); `ready` as
+        for start_pool."""
         argv = [sys.executable, "-m", "scale0.cli", "asgi", app, "--processes", str(processes),
                 "--concurrency", str(concurrency), "--upload-dir", str(self.m2.upload_dir),
                 *args]
@@ -265,7 +270,8 @@ class Stack:
         proc = Proc(f"asgi-{service or app.replace(':', '-')}-{len(self.procs)}", argv,
                     self.tmp, env)
         self.procs.append(proc)
-        proc.wait_ready()
+        if ready:
+            proc.wait_ready()
         return proc
 
     def wait_ok(self, path: str, timeout_s: float = 15.0) -> requests.Response:

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import signal
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 import requests
 
 from bench.procs import children
@@ -282,3 +285,21 @@ def _status(url: str) -> int:
         return requests.get(url, timeout=30).status_code
     except requests.RequestException:
         return 0
+
+
+@pytest.mark.parametrize("command", ["wsgi", "asgi"])
+def test_an_app_that_cannot_be_imported_gives_one_line_no_ready_and_exit_3(
+        tmp_path: Path, command: str) -> None:
+    (tmp_path / "broken_app.py").write_text("import no_such_module_anywhere\n")
+    done = subprocess.run([sys.executable, "-m", "scale0.cli", command, "broken_app:app",
+                           "--chdir", str(tmp_path), "--connect", "tcp://127.0.0.1:1"],
+                          capture_output=True, text=True, timeout=30, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == ""  # no READY line
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 2, done.stderr  # the process's reason, the pool's halt
+    assert ("cannot load broken_app:app: ModuleNotFoundError: No module named "
+            f"'no_such_module_anywhere' (at {tmp_path}/broken_app.py:1)") in errors[0]
+    assert "failed to boot and no process serves; stopping the pool" in errors[1]
+    assert "Traceback" not in done.stderr
