@@ -92,7 +92,7 @@ class _Proc:
     stop_signal: int = signal.SIGTERM
     stop_order: int = 0  # lower stops first
     pid: int = 0  # of the last process started, also its process group
-    says_ready: bool = True  # prints a READY line on stdout (all but Mongrel2)
+    ready_prefix: bytes = b""  # its READY line starts so, e.g. b"READY broker " ("": none)
     ready: bool = False  # the running process is ready (its READY line was read)
     out: bytes = b""  # its stdout read so far, short of a whole line
 
@@ -147,7 +147,7 @@ class Stack:
             raise StackError(f"{source}: graceful_timeout must be a number > 0") from exc
         stack = cls(server, (host, int(port)), graceful_timeout_s=graceful_timeout_s)
         stack.procs.append(_Proc("mongrel2", server.supervised_argv(), runtime,
-                                 stop_signal=signal.SIGINT, stop_order=3, says_ready=False))
+                                 stop_signal=signal.SIGINT, stop_order=3))
         scale0 = [sys.executable, "-m", "scale0.cli"]
         pool_routes = _pool_routes(data.get("pool"))
         binds = [str(b.get("bind")) for b in data.get("broker", [])
@@ -157,7 +157,8 @@ class Stack:
             settings = _settings(RelayConfig, r, f"{source}: {where}", RELAY_OWN_KEYS, base)
             need(r, "mongrel2", str, where)
             argv = [*scale0, "relay", *to_argv(RelayConfig, settings), *_args(r, where, source)]
-            stack.procs.append(_Proc(f"relay-{i}", argv, base, stop_order=2))
+            stack.procs.append(_Proc(f"relay-{i}", argv, base, stop_order=2,
+                                     ready_prefix=b"READY relay "))
         for i, b in enumerate(need(data, "broker", list, "") if "broker" in data else []):
             where = f"broker[{i}]"
             settings = _settings(BrokerConfig, b, f"{source}: {where}", BROKER_OWN_KEYS, base)
@@ -174,7 +175,8 @@ class Stack:
             routes: dict[str, Any] = need(b, "routes", dict, where) if "routes" in b else {}
             argv += [f"--route={spec}={service}" for spec, service in routes.items()]
             argv += _args(b, where, source)
-            stack.procs.append(_Proc(f"broker-{i}", argv, base, stop_order=1))
+            stack.procs.append(_Proc(f"broker-{i}", argv, base, stop_order=1,
+                                     ready_prefix=b"READY broker "))
         for i, pool in enumerate(need(data, "pool", list, "") if "pool" in data else []):
             where = f"pool[{i}]"
             interface = pool.get("interface", "wsgi") if isinstance(pool, dict) else "wsgi"
@@ -191,7 +193,9 @@ class Stack:
             paths: list[Any] = need(pool, "routes", list, where) if "routes" in pool else []
             argv += [f"--route={route}" for route in paths]
             argv += _args(pool, where, source)
-            stack.procs.append(_Proc(f"pool-{pool.get('service', i)}", argv, base))
+            # Only its arbiter prints this (an app printing to stdout is passed on).
+            stack.procs.append(_Proc(f"pool-{pool.get('service', i)}", argv, base,
+                                     ready_prefix=f"READY {interface} ".encode()))
         return stack
 
     def run(self, ready: Callable[[str], None]) -> int:
@@ -237,7 +241,7 @@ class Stack:
     def _not_ready(self) -> list[str]:
         """The processes not ready yet (Mongrel2: until it accepts TCP)."""
         for proc in self.procs:
-            if not proc.says_ready and not proc.ready and proc.popen is not None:
+            if not proc.ready_prefix and not proc.ready and proc.popen is not None:
                 proc.ready = _accepts(self.http_addr)
         return [proc.name for proc in self.procs if not proc.ready]
 
@@ -258,7 +262,7 @@ class Stack:
             proc.out += chunk
         *lines, proc.out = proc.out.split(b"\n")
         for line in lines:
-            if line.startswith(b"READY ") and not proc.ready:
+            if proc.ready_prefix and line.startswith(proc.ready_prefix) and not proc.ready:
                 proc.ready = True
                 log.info("%s is ready: %s", proc.name, line.decode(errors="replace"))
             else:
@@ -304,7 +308,7 @@ class Stack:
             # when we die, even by SIGKILL (pool/lifeline.py).
             proc.popen = subprocess.Popen(proc.argv, cwd=proc.cwd, start_new_session=True,
                                           preexec_fn=lifeline.preexec(),
-                                          stdout=subprocess.PIPE if proc.says_ready else None)
+                                          stdout=subprocess.PIPE if proc.ready_prefix else None)
             if proc.popen.stdout is not None:
                 os.set_blocking(proc.popen.stdout.fileno(), False)
             proc.pid = proc.popen.pid
