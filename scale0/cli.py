@@ -11,6 +11,7 @@ import os
 import queue
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol, cast
 
@@ -214,28 +215,29 @@ def _read_spooled(upload_dir: str, upload_path: bytes, max_bytes: int) -> bytes 
     return read(upload_path, upload_dir, max_bytes)
 
 
-def cmd_wsgi(cfg: config.WsgiConfig, _: argparse.Namespace) -> int:
+# ---- worker pools: `scale0 wsgi` and `scale0 asgi` -------------------------
+#
+# One path for both: the settings are resolved and checked in the arbiter
+# (before any fork), each child imports the app and runs the interface's
+# worker, and READY is printed by the arbiter once every process of the pool
+# is WELCOMEd (pool/supervise.py `on_ready`; worker/process.py says when a
+# process is). An app that cannot be imported gives one ERROR line in its
+# child, BOOT_FAILED, and the pool exits 3 without READY.
+
+Runner = Callable[[Any], int]  # runs a loaded app as this process's worker
+PoolSettings = config.WsgiConfig | config.AsgiConfig
+
+
+def _wsgi_runner(cfg: PoolSettings, service: str, curve: CurveKeys | None,
+                 upload_dir: str | None) -> Runner:
     from scale0.core.forwarded import trust
     from scale0.pool.childstate import current as child_state
-    from scale0.pool.supervise import BOOT_FAILED
     from scale0.worker.process import ReplyStream, Worker, WorkerSettings
     from scale0.worker.wsgi import WsgiSettings, run_wsgi
 
-    # Relative paths in settings mean the working directory they were given in.
-    upload_dir = os.path.abspath(cfg.upload_dir) if cfg.upload_dir else None
-    if cfg.chdir:
-        os.chdir(cfg.chdir)
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    service = cfg.service or config.default_service(cfg.app)
-    try:
-        curve = (CurveKeys.load(cfg.curve_secret, cfg.broker_key)
-                 if cfg.curve_secret and cfg.broker_key else None)
-    except KeyFileError as exc:
-        return _usage_error("wsgi", str(exc))
+    assert isinstance(cfg, config.WsgiConfig)
     worker_settings = config.build(
         WorkerSettings, cfg, services=(p.ServiceSpec(service, cfg.route),), curve=curve,
-        # It reads spooled bodies from Mongrel2's disk: the broker need not inline them.
         # It reads streamed bodies (upload.stream: BODY/READ, core/bodystream.py), and
         # spooled ones from Mongrel2's disk if it has it: then none are inlined.
         meta=(("bodies", "stream"), *((("uploads", "file"),) if upload_dir else ())))
@@ -243,13 +245,7 @@ def cmd_wsgi(cfg: config.WsgiConfig, _: argparse.Namespace) -> int:
         upload_dir=upload_dir, multithread=cfg.threads > 1, multiprocess=cfg.processes > 1,
         forwarded=trust(cfg.forwarded_allow_ips, cfg.client_address_header))
 
-    def serve() -> int:
-        try:
-            app = load_app(cfg.app)
-        except Exception:
-            log.exception("cannot load %s", cfg.app)
-            return BOOT_FAILED
-
+    def run(app: Any) -> int:
         def handle(event: Any, script_name: str, path_info: str, stream: ReplyStream) -> bool:
             info = run_wsgi(app, event, script_name=script_name, path_info=path_info,
                             send=stream.send, last=stream.last, settings=wsgi_settings,
@@ -260,16 +256,50 @@ def cmd_wsgi(cfg: config.WsgiConfig, _: argparse.Namespace) -> int:
         worker.install_signal_handlers()
         return worker.run()
 
-    _ready(f"READY wsgi pid={os.getpid()} app={cfg.app} service={service} "
-           f"processes={cfg.processes} threads={cfg.threads}")
-    return _pool(cfg, serve, f"wsgi[{service}]")
+    return run
+
+
+def _asgi_runner(cfg: PoolSettings, service: str, curve: CurveKeys | None,
+                 upload_dir: str | None) -> Runner:
+    from scale0.core.forwarded import trust
+    from scale0.pool.childstate import current as child_state
+    from scale0.worker.asgi_loop import AsgiSettings, AsgiWorker, event_loop_policy
+
+    assert isinstance(cfg, config.AsgiConfig)
+    settings = config.build(
+        AsgiSettings, cfg, services=(p.ServiceSpec(service, cfg.route),), upload_dir=upload_dir,
+        forwarded=trust(cfg.forwarded_allow_ips, cfg.client_address_header), curve=curve)
+
+    def run(app: Any) -> int:
+        log.debug("ASGI worker on the %s event loop", event_loop_policy())
+        return AsgiWorker(app, settings, state=child_state()).run()
+
+    return run
+
+
+@dataclass(frozen=True, slots=True)
+class _Interface:
+    """What differs between `scale0 wsgi` and `scale0 asgi`."""
+
+    command: str
+    runner: Callable[[PoolSettings, str, CurveKeys | None, str | None], Runner]
+    per_process: str  # the setting of requests at once per process, shown in READY
+
+
+_INTERFACES = {"wsgi": _Interface("wsgi", _wsgi_runner, "threads"),
+               "asgi": _Interface("asgi", _asgi_runner, "concurrency")}
+
+
+def cmd_wsgi(cfg: config.WsgiConfig, _: argparse.Namespace) -> int:
+    return _serve_pool(_INTERFACES["wsgi"], cfg)
 
 
 def cmd_asgi(cfg: config.AsgiConfig, _: argparse.Namespace) -> int:
-    from scale0.core.forwarded import trust
-    from scale0.pool.childstate import current as child_state
-    from scale0.pool.supervise import BOOT_FAILED
-    from scale0.worker.asgi_loop import AsgiSettings, AsgiWorker, event_loop_policy
+    return _serve_pool(_INTERFACES["asgi"], cfg)
+
+
+def _serve_pool(interface: _Interface, cfg: PoolSettings) -> int:
+    from scale0.pool.supervise import BOOT_FAILED, Pool
 
     # Relative paths in settings mean the working directory they were given in.
     upload_dir = os.path.abspath(cfg.upload_dir) if cfg.upload_dir else None
@@ -282,34 +312,44 @@ def cmd_asgi(cfg: config.AsgiConfig, _: argparse.Namespace) -> int:
         curve = (CurveKeys.load(cfg.curve_secret, cfg.broker_key)
                  if cfg.curve_secret and cfg.broker_key else None)
     except KeyFileError as exc:
-        return _usage_error("asgi", str(exc))
-    settings = config.build(
-        AsgiSettings, cfg, services=(p.ServiceSpec(service, cfg.route),), upload_dir=upload_dir,
-        forwarded=trust(cfg.forwarded_allow_ips, cfg.client_address_header), curve=curve)
+        return _usage_error(interface.command, str(exc))
+    run = interface.runner(cfg, service, curve, upload_dir)
 
-    def serve() -> int:
+    def serve() -> int:  # in each forked child
         try:
             app = load_app(cfg.app)
-        except Exception:
-            log.exception("cannot load %s", cfg.app)
+        except Exception as exc:
+            log.error("cannot load %s: %s", cfg.app, _one_line(exc))
+            log.debug("cannot load %s", cfg.app, exc_info=True)
             return BOOT_FAILED
-        loop = event_loop_policy()
-        log.debug("ASGI worker on the %s event loop", loop)
-        return AsgiWorker(app, settings, state=child_state()).run()
+        return run(app)
 
-    _ready(f"READY asgi pid={os.getpid()} app={cfg.app} service={service} "
-           f"processes={cfg.processes} concurrency={cfg.concurrency}")
-    return _pool(cfg, serve, f"asgi[{service}]")
-
-
-def _pool(cfg: config.PoolConfig, serve: Callable[[], int], name: str) -> int:
-    """Run `serve` in the pool `cfg` describes. Its graceful timeout is the
-    workers' own plus 5 s: they drain first, the arbiter SIGKILLs after."""
-    from scale0.pool.supervise import Pool
-
-    pool = config.build(Pool, cfg, target=serve, size=cfg.processes, name=name,
-                        graceful_timeout_s=cfg.graceful_timeout + 5)
+    line = (f"READY {interface.command} pid={os.getpid()} app={cfg.app} service={service} "
+            f"processes={cfg.processes} {interface.per_process}="
+            f"{getattr(cfg, interface.per_process)}")
+    # Its graceful timeout is the workers' own plus 5 s: they drain first,
+    # the arbiter SIGKILLs after.
+    pool = config.build(Pool, cfg, target=serve, size=cfg.processes,
+                        name=f"{interface.command}[{service}]",
+                        graceful_timeout_s=cfg.graceful_timeout + 5,
+                        on_ready=partial(_ready, line))
     return pool.run()
+
+
+def _one_line(exc: BaseException) -> str:
+    """'TypeError: message (at file.py:12)': the exception and the app's line
+    it was raised at (the innermost frame outside importlib)."""
+    where = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename
+        if "importlib" not in name and not name.endswith("scale0/cli.py"):
+            where = f" (at {name}:{tb.tb_lineno})"
+        tb = tb.tb_next
+    if isinstance(exc, SyntaxError):
+        where = ""  # its text names the file and line
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}{where}"
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

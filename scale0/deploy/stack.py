@@ -19,6 +19,16 @@ up to a cap; quick crashes in a row are logged as a crash loop. The pid file
 never outlives the stack. Signal handlers only count (pool/runloop.py); the
 loop sleeps on the wake-up pipe, which SIGCHLD (a child exited) and the stop
 and reload signals write to, or until the next restart is due.
+
+READY: `scale0 up` prints its READY line once every process it started is
+ready, each by its own signal: Mongrel2 accepts TCP on its HTTP address, and
+each relay, broker and pool has printed its READY line (read from its stdout,
+which is a pipe to us, at each turn of the loop; what else it prints there is
+passed on to our stdout, and its READY line is logged instead). A pool's
+READY means its processes are WELCOMEd by their brokers (pool/supervise.py),
+so the stack's READY means requests are served. It is printed once; a
+process that is never ready (an app that cannot boot) means no READY, and a
+warning after NOT_READY_AFTER_S names what is waited for.
 """
 
 from __future__ import annotations
@@ -63,7 +73,8 @@ from scale0.pool.runloop import RunLoop
 log = logging.getLogger(__name__)
 
 CHECK_EVERY_S = 1.0  # the loop's longest sleep (child exits and signals wake it sooner)
-READY_POLL_S = 0.1  # until Mongrel2 accepts: how often to try
+READY_POLL_S = 0.1  # until every process is ready: how often to look
+NOT_READY_AFTER_S = 30.0  # then say which processes the READY line waits for
 
 
 class StackError(ConfigError):
@@ -81,6 +92,9 @@ class _Proc:
     stop_signal: int = signal.SIGTERM
     stop_order: int = 0  # lower stops first
     pid: int = 0  # of the last process started, also its process group
+    ready_prefix: bytes = b""  # its READY line starts so, e.g. b"READY broker " ("": none)
+    ready: bool = False  # the running process is ready (its READY line was read)
+    out: bytes = b""  # its stdout read so far, short of a whole line
 
 
 @dataclass(slots=True)
@@ -143,7 +157,8 @@ class Stack:
             settings = _settings(RelayConfig, r, f"{source}: {where}", RELAY_OWN_KEYS, base)
             need(r, "mongrel2", str, where)
             argv = [*scale0, "relay", *to_argv(RelayConfig, settings), *_args(r, where, source)]
-            stack.procs.append(_Proc(f"relay-{i}", argv, base, stop_order=2))
+            stack.procs.append(_Proc(f"relay-{i}", argv, base, stop_order=2,
+                                     ready_prefix=b"READY relay "))
         for i, b in enumerate(need(data, "broker", list, "") if "broker" in data else []):
             where = f"broker[{i}]"
             settings = _settings(BrokerConfig, b, f"{source}: {where}", BROKER_OWN_KEYS, base)
@@ -160,7 +175,8 @@ class Stack:
             routes: dict[str, Any] = need(b, "routes", dict, where) if "routes" in b else {}
             argv += [f"--route={spec}={service}" for spec, service in routes.items()]
             argv += _args(b, where, source)
-            stack.procs.append(_Proc(f"broker-{i}", argv, base, stop_order=1))
+            stack.procs.append(_Proc(f"broker-{i}", argv, base, stop_order=1,
+                                     ready_prefix=b"READY broker "))
         for i, pool in enumerate(need(data, "pool", list, "") if "pool" in data else []):
             where = f"pool[{i}]"
             interface = pool.get("interface", "wsgi") if isinstance(pool, dict) else "wsgi"
@@ -177,7 +193,9 @@ class Stack:
             paths: list[Any] = need(pool, "routes", list, where) if "routes" in pool else []
             argv += [f"--route={route}" for route in paths]
             argv += _args(pool, where, source)
-            stack.procs.append(_Proc(f"pool-{pool.get('service', i)}", argv, base))
+            # Only its arbiter prints this (an app printing to stdout is passed on).
+            stack.procs.append(_Proc(f"pool-{pool.get('service', i)}", argv, base,
+                                     ready_prefix=f"READY {interface} ".encode()))
         return stack
 
     def run(self, ready: Callable[[str], None]) -> int:
@@ -190,6 +208,8 @@ class Stack:
         loop = self._loop = RunLoop()
         loop.install_signals(count=(signal.SIGHUP, signal.SIGCHLD))
         announced = False
+        started = time.monotonic()
+        waited_long = False
         try:
             while not loop.stop.stopping:
                 now = time.monotonic()
@@ -197,10 +217,17 @@ class Stack:
                 if loop.take(signal.SIGHUP):
                     self._reload()
                 for proc in self.procs:
+                    self._read_stdout(proc)
                     self._watch(proc, now)
-                if not announced and _accepts(self.http_addr):
-                    announced = True
-                    ready(f"READY up http://{self.http_addr[0]}:{self.http_addr[1]}/")
+                if not announced:
+                    waiting = self._not_ready()
+                    if not waiting:
+                        announced = True
+                        ready(f"READY up http://{self.http_addr[0]}:{self.http_addr[1]}/")
+                    elif not waited_long and now - started > NOT_READY_AFTER_S:
+                        waited_long = True
+                        log.warning("not ready after %.0fs: waiting for %s",
+                                    NOT_READY_AFTER_S, ", ".join(waiting))
                 wake = min((p.backoff.retry_at for p in self.procs if p.popen is None),
                            default=now + CHECK_EVERY_S)
                 wake = min(wake, now + (CHECK_EVERY_S if announced else READY_POLL_S))
@@ -210,6 +237,38 @@ class Stack:
             self.mongrel2.remove_pid_file()
             loop.close()
         return 0
+
+    def _not_ready(self) -> list[str]:
+        """The processes not ready yet (Mongrel2: until it accepts TCP)."""
+        for proc in self.procs:
+            if not proc.ready_prefix and not proc.ready and proc.popen is not None:
+                proc.ready = _accepts(self.http_addr)
+        return [proc.name for proc in self.procs if not proc.ready]
+
+    def _read_stdout(self, proc: _Proc) -> None:
+        """Take the READY line out of what `proc` printed; pass the rest on."""
+        pipe = proc.popen.stdout if proc.popen is not None else None
+        if pipe is None:
+            return
+        while True:
+            try:
+                chunk = os.read(pipe.fileno(), 65536)
+            except BlockingIOError:
+                break
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            proc.out += chunk
+        *lines, proc.out = proc.out.split(b"\n")
+        for line in lines:
+            if proc.ready_prefix and line.startswith(proc.ready_prefix) and not proc.ready:
+                proc.ready = True
+                log.info("%s is ready: %s", proc.name, line.decode(errors="replace"))
+            else:
+                with contextlib.suppress(OSError, ValueError):  # our stdout is gone
+                    sys.stdout.buffer.write(line + b"\n")
+                    sys.stdout.flush()
 
     def _reload(self) -> None:
         """SIGHUP to each pool's arbiter (not its group: its workers ignore HUP,
@@ -227,7 +286,10 @@ class Stack:
             code = proc.popen.poll()
             if code is None:
                 return
-            proc.popen = None
+            self._read_stdout(proc)  # what it printed before it exited
+            if proc.popen.stdout is not None:
+                proc.popen.stdout.close()
+            proc.popen, proc.ready, proc.out = None, False, b""
             _kill_group(proc.pid)  # what it left behind, e.g. a dead pool's workers
             # Every exit here is unexpected (we stop nothing while running): a crash.
             backoff = proc.backoff
@@ -245,7 +307,10 @@ class Stack:
             # Its own session (a terminal's Ctrl-C reaches only us), and SIGTERM
             # when we die, even by SIGKILL (pool/lifeline.py).
             proc.popen = subprocess.Popen(proc.argv, cwd=proc.cwd, start_new_session=True,
-                                          preexec_fn=lifeline.preexec())
+                                          preexec_fn=lifeline.preexec(),
+                                          stdout=subprocess.PIPE if proc.ready_prefix else None)
+            if proc.popen.stdout is not None:
+                os.set_blocking(proc.popen.stdout.fileno(), False)
             proc.pid = proc.popen.pid
             proc.started_at = now
             log.info("started %s (pid %d)", proc.name, proc.popen.pid)
@@ -270,7 +335,10 @@ class Stack:
                 now = time.monotonic()
                 if loop.stop.forced or now >= deadline:
                     break
-                loop.wait(deadline - now)  # a child's exit (SIGCHLD) or a signal wakes us
+                for proc in self.procs:  # a full pipe would stall a stopping process
+                    self._read_stdout(proc)
+                # A child's exit (SIGCHLD) or a signal wakes us; its output at least each second.
+                loop.wait(min(deadline - now, CHECK_EVERY_S))
             for proc in group:
                 if proc.popen is None:
                     continue
@@ -279,6 +347,8 @@ class Stack:
                                 if loop.stop.forced else "did not stop in time")
                 _kill_group(proc.pid)
                 proc.popen.wait()
+                if proc.popen.stdout is not None:
+                    proc.popen.stdout.close()
                 proc.popen = None
 
 

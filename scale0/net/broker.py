@@ -363,6 +363,11 @@ class Broker:
         self.add_done_sink(self._control.on_done, wanted=self._control.tapping)
 
     @property
+    def taking(self) -> bool:
+        """Mongrel2's requests are read: the startup grace is over (ctl status)."""
+        return self._taking
+
+    @property
     def stopping(self) -> bool:
         return self._loop.stop.stopping
 

@@ -68,6 +68,9 @@ class Controlled(Protocol):
     graceful_timeout_s: float
 
     @property
+    def taking(self) -> bool: ...  # the startup grace is over: Mongrel2's requests are read
+
+    @property
     def stopping(self) -> bool: ...
 
     def stop(self, *, force: bool | None = None) -> None: ...
@@ -124,7 +127,10 @@ def _status(server: ControlServer, args: list[str], now: float) -> Any:
     return {
         "broker": {"pid": os.getpid(), "version": __version__,
                    "uptime_s": round(time.time() - server.started_at, 3),
-                   "state": "stopping" if b.stopping else "running",
+                   # starting: workers are taken, Mongrel2's requests wait
+                   # (the startup grace); running: requests are read.
+                   "state": "stopping" if b.stopping else "running" if b.taking
+                   else "starting",
                    "workers_endpoint": b.endpoint, "control": server.endpoint,
                    "tap": server.tap_endpoint},
         "links": b.link_status(),

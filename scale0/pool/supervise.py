@@ -36,6 +36,11 @@ processes back in line with these rules:
   core/backoff.py (the one `scale0 up` uses): a delay that doubles per crash,
   with jitter, up to a cap; crashes in a row, each soon after its start, are
   logged as a crash loop; a clean exit (0) is respawned at once.
+* `on_ready` is called once, in the arbiter, the first time every slot is
+  held by a ready process (each child says so through its ChildState: the
+  worker sets it once WELCOMEd, worker/process.py): that is the pool's READY
+  line. A pool whose first processes cannot boot halts before it, so a
+  broken app never prints READY.
 * SIGTTIN / SIGTTOU add / remove a slot (the process in a removed slot is
   stopped gracefully).
 * SIGTERM/SIGINT: SIGTERM to all, wait `graceful_timeout_s`, SIGKILL the rest.
@@ -94,7 +99,8 @@ class Pool:
                  name: str = "scale0",
                  max_requests: int = default(PoolConfig, "max_requests"),
                  max_requests_jitter: int = default(PoolConfig, "max_requests_jitter"),
-                 timeout_s: float = default(PoolConfig, "timeout")) -> None:
+                 timeout_s: float = default(PoolConfig, "timeout"),
+                 on_ready: Callable[[], None] | None = None) -> None:
         # Defaults as declared (config/declared.py); cli.py builds it with config.build.
         if size < 1:
             raise ValueError("a pool needs at least one process")
@@ -107,6 +113,7 @@ class Pool:
         self.max_requests = max_requests
         self.max_requests_jitter = max_requests_jitter
         self.timeout_s = timeout_s
+        self.on_ready = on_ready  # called once: every slot first held by a ready process
         self._slots = [Backoff() for _ in range(size)]  # each slot's crash history
         self._children: dict[int, _Child] = {}
         self._boot_failed = False  # a reload failed: fork nothing until the next HUP
@@ -305,6 +312,7 @@ class Pool:
             if state.ready and not child.seen_ready:
                 child.seen_ready = True
                 log.info("%s: process %d (slot %d) is ready", self.name, child.pid, child.slot)
+                self._announce_ready()
             if state.retire and not child.superseded and not child.stopping_at:
                 if self._boot_failed:
                     if not child.retire_ignored:
@@ -316,6 +324,11 @@ class Pool:
                 log.info("%s: process %d (slot %d) asks to be replaced (its request limit "
                          "of %d, or a broker's drain): replacing it",
                          self.name, child.pid, child.slot, state.max_requests)
+
+    def _announce_ready(self) -> None:
+        if self.on_ready is not None and sum(c.seen_ready for c in self._current()) >= self.size:
+            on_ready, self.on_ready = self.on_ready, None
+            on_ready()
 
     def _fill_slots(self, now: float) -> None:
         if self._boot_failed:

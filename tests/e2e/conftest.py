@@ -54,6 +54,20 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float = 15.0, what: str = 
         time.sleep(interval_s)
 
 
+def ctl_status(control: str) -> dict[str, Any]:
+    """What `scale0 ctl --control CONTROL status --json` prints, as a dict (the
+    same call, made in this process: cheaper to poll than a new interpreter)."""
+    from scale0.ops.ctl import call
+
+    result: dict[str, Any] = call(control, ["status"], timeout_s=10.0)
+    return result
+
+
+def service_status(status: dict[str, Any], name: str) -> dict[str, Any]:
+    """One service's row of a broker's status ({} while the broker has none)."""
+    return next((sv for sv in status["services"] if sv["name"] == name), {})
+
+
 class Proc:
     """A child process whose stdout we read for its READY line."""
 
@@ -64,23 +78,51 @@ class Proc:
         self.popen = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=self._log,
                                       env={**os.environ, **(env or {})}, start_new_session=True)
         self.ready_line = ""
+        self._buf = b""  # stdout read, short of a whole line
+        self._lines: list[str] = []  # stdout's whole lines so far
 
     def wait_ready(self, timeout_s: float = 15.0, prefix: str = "READY") -> str:
         """Read stdout lines until one starts with `prefix`; fail after `timeout_s`."""
         assert self.popen.stdout is not None
         deadline = time.monotonic() + timeout_s
-        buf = b""
         while True:
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                if line.decode(errors="replace").startswith(prefix):
-                    self.ready_line = line.decode()
+            for line in self._new_lines():
+                if line.startswith(prefix):
+                    self.ready_line = line
                     return self.ready_line
             left = deadline - time.monotonic()
             if left <= 0 or self.popen.poll() is not None:
                 raise AssertionError(f"{self.name} not ready: {self.log_tail()}")
             if select.select([self.popen.stdout], [], [], left)[0]:
-                buf += os.read(self.popen.stdout.fileno(), 4096)
+                self._buf += os.read(self.popen.stdout.fileno(), 4096)
+
+    def stdout_lines(self) -> list[str]:
+        """Every line it printed on stdout so far (read without waiting)."""
+        assert self.popen.stdout is not None
+        while select.select([self.popen.stdout], [], [], 0)[0]:
+            chunk = os.read(self.popen.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            self._buf += chunk
+        self._new_lines()
+        return list(self._lines)
+
+    def _new_lines(self) -> list[str]:
+        *done, self._buf = self._buf.split(b"\n")
+        lines = [line.decode(errors="replace") for line in done]
+        self._lines += lines
+        return lines
+
+    @property
+    def control(self) -> str:
+        """A broker's control endpoint, as its READY line gives it."""
+        words = [w for w in self.ready_line.split() if w.startswith("control=")]
+        assert words, f"{self.name}: no control= in its READY line {self.ready_line!r}"
+        return words[0].removeprefix("control=")
+
+    def status(self) -> dict[str, Any]:
+        """A broker's `scale0 ctl status --json`, through its control socket."""
+        return ctl_status(self.control)
 
     def log_tail(self, n: int = 3000) -> str:
         self._log.flush()
@@ -188,8 +230,10 @@ class Stack:
     def start_pool(self, app: str, *args: str, service: str | None = None,
                    routes: tuple[str, ...] = ("/",), processes: int = 1, threads: int = 2,
                    env: dict[str, str] | None = None, connect: list[str] | None = None,
-                   upload_dir: bool = True) -> Proc:
-        """A worker pool; `upload_dir`: given Mongrel2's upload folder (shared disk)."""
+                   upload_dir: bool = True, ready: bool = True) -> Proc:
+        """A worker pool; `upload_dir`: given Mongrel2's upload folder (shared disk).
+        `ready`: wait for its READY line (its processes are WELCOMEd by the
+        brokers); False for a pool that is never let in."""
         argv = [sys.executable, "-m", "scale0.cli", "wsgi", app,
                 "--processes", str(processes), "--threads", str(threads),
                 *(("--upload-dir", str(self.m2.upload_dir)) if upload_dir else ()), *args]
@@ -203,13 +247,16 @@ class Stack:
         proc = Proc(f"pool-{service or app.replace(':', '-')}-{len(self.procs)}", argv,
                     self.tmp, env)
         self.procs.append(proc)
-        proc.wait_ready()
+        if ready:
+            proc.wait_ready()
         return proc
 
     def start_asgi(self, app: str, *args: str, service: str | None = None,
                    routes: tuple[str, ...] = ("/",), processes: int = 1,
-                   concurrency: int = 50, env: dict[str, str] | None = None) -> Proc:
-        """A `scale0 asgi` pool (apps from tests/e2e/asgi_apps.py)."""
+                   concurrency: int = 50, env: dict[str, str] | None = None,
+                   ready: bool = True) -> Proc:
+        """A `scale0 asgi` pool (apps from tests/e2e/asgi_apps.py); `ready` as
+        for start_pool."""
         argv = [sys.executable, "-m", "scale0.cli", "asgi", app, "--processes", str(processes),
                 "--concurrency", str(concurrency), "--upload-dir", str(self.m2.upload_dir),
                 *args]
@@ -223,7 +270,8 @@ class Stack:
         proc = Proc(f"asgi-{service or app.replace(':', '-')}-{len(self.procs)}", argv,
                     self.tmp, env)
         self.procs.append(proc)
-        proc.wait_ready()
+        if ready:
+            proc.wait_ready()
         return proc
 
     def wait_ok(self, path: str, timeout_s: float = 15.0) -> requests.Response:
@@ -340,9 +388,11 @@ class FakeMongrel2:
     def wait_subscribed(self, broker: Proc, links_before: int = 0) -> None:
         """ZeroMQ sends a SUB's subscription from the thread that uses the
         socket (real Mongrel2 polls its SUB all the time): poll ours, reading
-        nothing, until the broker logs it (it reads a link only after that)."""
+        nothing, until the broker's status shows more subscribed links than
+        `links_before` (it reads a link only after that)."""
         wait_for(lambda: self.sub.poll(10) == 0
-                 and broker.log_tail(1_000_000).count("subscribed") > links_before,
+                 and sum(link["subscribed"] for link in broker.status()["links"])
+                 > links_before,
                  what="the broker to see the fake Mongrel2's subscription")
 
     def __enter__(self) -> FakeMongrel2:

@@ -207,9 +207,11 @@ def test_failed_lifespan_startup_never_serves_and_the_pool_stops(fresh_stack: St
     s = fresh_stack
     s.start_mongrel2()
     s.start_broker()
-    pool = s.start_asgi("asgi_apps:raw", service="raw", env={"E2E_LIFESPAN_FAIL": "1"})
+    pool = s.start_asgi("asgi_apps:raw", service="raw", env={"E2E_LIFESPAN_FAIL": "1"},
+                        ready=False)
     code = pool.popen.wait(30)
     assert code != 0
+    assert pool.stdout_lines() == []  # no READY line: it never served
     assert "lifespan startup failed: no database" in pool.log_tail(20_000)
     # It never said HELLO: the broker has no worker and no route for it.
     assert _status(s)["workers"] == []

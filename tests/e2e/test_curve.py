@@ -102,9 +102,12 @@ def test_only_a_known_key_for_its_service_gets_requests(curve_stack: tuple[Stack
     rogue_marks = tmp_path / "rogue-marks"
     rogue_marks.mkdir()
     env = {"E2E_MARK_DIR": str(rogue_marks)}
-    stack.start_pool("e2e_apps:app", service="hello", env=env)  # no key at all
-    stack.start_pool("e2e_apps:app", *keys.worker_args("stranger"), service="hello", env=env)
-    other = stack.start_pool("e2e_apps:app", *keys.worker_args("api"), service="hello", env=env)
+    # None of them is WELCOMEd, so none prints READY.
+    stack.start_pool("e2e_apps:app", service="hello", env=env, ready=False)  # no key at all
+    stack.start_pool("e2e_apps:app", *keys.worker_args("stranger"), service="hello", env=env,
+                     ready=False)
+    other = stack.start_pool("e2e_apps:app", *keys.worker_args("api"), service="hello", env=env,
+                             ready=False)
     # The unknown key is refused at the handshake, the other-service key's
     # HELLO is answered ERROR (its pool then stops: a refused HELLO is a boot failure).
     wait_for(lambda: status(control)["keys"]["refused"] >= 1, what="the unknown key refused")
@@ -136,13 +139,14 @@ def test_a_key_for_any_service_serves_and_sighup_lets_a_new_key_in(
     # A worker whose key is not authorized yet: refused until the key is
     # added and the broker re-reads the folder.
     generate("late", keys.elsewhere, ["late"])
-    stack.start_pool("e2e_apps:app", *keys.worker_args("late"), service="late",
-                     routes=("/late",))
+    late = stack.start_pool("e2e_apps:app", *keys.worker_args("late"), service="late",
+                            routes=("/late",), ready=False)
     wait_for(lambda: status(control)["keys"]["refused"] >= 1, what="the late key refused")
     assert requests.get(stack.url("/late/"), timeout=10).status_code == 404
     shutil.copy(keys.elsewhere / "late.key", keys.authorized / "late.key")
     broker.send_signal(signal.SIGHUP)
     wait_for(lambda: status(control)["keys"]["reloads"] >= 1, what="the keys re-read")
+    assert late.wait_ready(30).startswith("READY wsgi")  # let in: WELCOMEd at last
     assert stack.wait_ok("/late/", timeout_s=30).text == "e2e hello\n"
     assert status(control)["keys"]["keys"] == 4
     assert stack.wait_ok("/any/").status_code == 200
@@ -181,13 +185,45 @@ def test_a_broker_without_the_relay_key_gets_nothing(fresh_stack: Stack, keys: K
     empty.mkdir()
     relay = fresh_stack.start_relay(args=("--curve-secret", keys.secret("relay"),
                                           "--authorized-keys", str(empty)))
-    fresh_stack.start_broker(*keys.broker_args, "--relay-key", str(keys.root / "relay.key"))
+    broker = fresh_stack.start_broker(*keys.broker_args, "--relay-key",
+                                      str(keys.root / "relay.key"))
     fresh_stack.start_pool("e2e_apps:app", *keys.worker_args("web"), service="hello")
-    wait_for(lambda: "refused unknown key" in relay.log_tail(100_000),
-             what="the relay to refuse the broker's key")
+    # The relay refuses the broker's key at the handshake (seen by a client of
+    # our own with that key, through its socket monitor), so the broker never joins.
+    endpoint = fresh_stack.link.removeprefix("relay+").split(",")[0]
+    assert _handshake(endpoint, keys.secret("broker"), str(keys.root / "relay.key")) == \
+        "refused"
     with pytest.raises(requests.ReadTimeout):  # requests wait in Mongrel2: no broker joined
         requests.get(fresh_stack.url("/"), timeout=2)
+    assert broker.status()["links"][0]["connected"] is False
     assert "joined" not in relay.log_tail(100_000)
+
+
+def _handshake(endpoint: str, secret_file: str, server_key_file: str) -> str:
+    """'refused' or 'accepted': a CURVE client with this key pair, against the
+    server at `endpoint`, as its ZeroMQ socket monitor reports the handshake."""
+    import zmq
+    import zmq.auth
+    from zmq.utils.monitor import recv_monitor_message
+
+    public, secret = zmq.auth.load_certificate(secret_file)
+    server, _ = zmq.auth.load_certificate(server_key_file)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                      | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = public, secret, server
+        sock.connect(endpoint)
+        assert monitor.poll(15_000), f"no CURVE handshake with {endpoint} within 15 s"
+        event = recv_monitor_message(monitor)["event"]
+        return "refused" if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH else "accepted"
+    finally:
+        sock.disable_monitor()
+        monitor.close(0)
+        sock.close(0)
+        ctx.term()
 
 
 def run_cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -313,8 +349,10 @@ def test_an_asgi_worker_with_its_key_serves_and_an_unknown_key_gets_nothing(
     control = control_of(broker)
     stack.start_asgi("asgi_apps:raw", *keys.worker_args("web"), service="hello")
     assert stack.wait_ok("/").status_code == 200
-    stack.start_asgi("asgi_apps:raw", service="hello")  # no key: CURVE never completes
-    stack.start_asgi("asgi_apps:raw", *keys.worker_args("stranger"), service="hello")
+    # Neither is WELCOMEd, so neither prints READY.
+    stack.start_asgi("asgi_apps:raw", service="hello", ready=False)  # no key: no CURVE
+    stack.start_asgi("asgi_apps:raw", *keys.worker_args("stranger"), service="hello",
+                     ready=False)
     wait_for(lambda: status(control)["keys"]["refused"] >= 1, what="the unknown key refused")
     for _ in range(20):
         assert requests.get(stack.url("/"), timeout=10).status_code == 200

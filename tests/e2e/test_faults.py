@@ -29,9 +29,9 @@ def _slow_and_fast_pools(stack: Stack) -> tuple[Proc, Proc, Path]:
     first = stack.start_pool("e2e_apps:app", service="app", routes=("/",), threads=1,
                              env={"E2E_MARK_DIR": str(marks)})
     stack.wait_ok("/")
+    # Its READY line: its process is WELCOMEd, so the broker deals to it.
     second = stack.start_pool("e2e_apps:app", service="app", routes=("/",), threads=1,
                               env={"E2E_MARK_DIR": str(marks)})
-    wait_for(lambda: second.log_tail().count("connected to broker") >= 1, what="second pool")
     return first, second, marks
 
 
@@ -89,8 +89,7 @@ def test_sigterm_on_a_pool_finishes_in_flight_requests(fresh_stack: Stack) -> No
     stays = fresh_stack.start_pool("e2e_apps:app", service="app", routes=("/",), threads=1)
     fresh_stack.wait_ok("/")
     leaves = fresh_stack.start_pool("e2e_apps:app", service="app", routes=("/",), threads=2,
-                                    env={"E2E_MARK_DIR": str(marks)})
-    wait_for(lambda: "connected to broker" in leaves.log_tail(), what="second pool")
+                                    env={"E2E_MARK_DIR": str(marks)})  # WELCOMEd
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         # LRU: the first goes to the older pool, which is then full; the second
         # lands on the pool that is about to leave
@@ -148,9 +147,9 @@ def test_rolling_worker_restarts_under_load_are_invisible(fresh_stack: Stack) ->
     fresh_stack.wait_ok("/")
     with Load(lambda _: fresh_stack.url("/sleep?0.02"), max_s=90) as load:
         for _ in range(3):
+            # Its READY line: WELCOMEd, so taking requests before the old one leaves.
             fresh = fresh_stack.start_pool("e2e_apps:app", service="app", routes=("/",),
                                            threads=2)
-            wait_for(lambda p=fresh: "connected to broker" in p.log_tail(), what="new pool")
             current.send_signal(signal.SIGTERM)  # drains: finishes what it has, then leaves
             assert current.popen.wait(20) == 0
             fresh_stack.procs.remove(current)

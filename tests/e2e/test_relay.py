@@ -48,8 +48,8 @@ def test_brokers_behind_a_relay_taken_out_in_turn_under_load_lose_nothing(
             fresh_stack.procs.remove(brokers[i])
             load.wait_more(60)  # the other broker alone
             brokers[i] = fresh_stack.start_broker("--heartbeat", "0.5", port=ports[i])
-            wait_for(lambda: "taking requests" in brokers[i].log_tail(),  # noqa: B023
-                     what="the restarted broker to take requests")
+            wait_for(lambda: brokers[i].status()["links"][0]["connected"],  # noqa: B023
+                     what="the restarted broker to join the relay")
             load.wait_more(60)
     counts = dict(load.outcomes)
     assert set(counts) == {"2xx"}, counts
@@ -107,7 +107,8 @@ def test_a_download_finishes_while_its_lone_broker_drains(fresh_stack: Stack) ->
     with requests.get(fresh_stack.url("/big"), stream=True, timeout=30) as r:
         body = r.raw.read(1 << 20)  # 1 MiB in: the rest needs credits
         broker.popen.send_signal(signal.SIGTERM)
-        wait_for(lambda: "draining" in broker.log_tail(), what="the broker to drain")
+        wait_for(lambda: broker.status()["broker"]["state"] == "stopping",
+                 what="the broker to drain")
         while chunk := r.raw.read(1 << 16):
             body += chunk
     assert len(body) == 10 * 1024 * 1024

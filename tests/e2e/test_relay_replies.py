@@ -50,8 +50,8 @@ def test_brokers_taken_out_in_turn_with_replies_through_the_relay_lose_nothing(
             fresh_stack.procs.remove(brokers[i])
             load.wait_more(60)  # the other broker alone
             brokers[i] = fresh_stack.start_broker("--heartbeat", "0.5", port=ports[i])
-            wait_for(lambda: "taking requests" in brokers[i].log_tail(),  # noqa: B023
-                     what="the restarted broker to take requests")
+            wait_for(lambda: brokers[i].status()["links"][0]["connected"],  # noqa: B023
+                     what="the restarted broker to join the relay")
             load.wait_more(60)
     counts = dict(load.outcomes)
     assert set(counts) == {"2xx"}, counts

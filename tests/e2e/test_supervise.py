@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import signal
+import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
+import pytest
 import requests
 
 from bench.procs import children
+from scale0.ops.control import default_endpoint
 
-from .conftest import APPS_DIR, ROOT, Load, Proc, Stack, wait_for
+from .conftest import APPS_DIR, ROOT, Load, Proc, Stack, ctl_status, wait_for
 from .test_up import processes_mentioning, write_stack
 
 APP_TEMPLATE = '''
@@ -34,6 +39,22 @@ def _get_pid(stack: Stack) -> int:
     r = requests.get(stack.url("/pid"), timeout=10)
     assert r.status_code == 200, r.status_code
     return int(r.json()["pid"])
+
+
+def _draining(control: str) -> bool:
+    """A worker has told the broker it drains (S0W1 DRAIN)."""
+    return any(w["draining"] for w in ctl_status(control)["workers"])
+
+
+def _worker_pids(control: str) -> set[int]:
+    """The pids of the worker processes the broker lists (labels HOST:PID/K)."""
+    return {int(w["label"].rpartition("/")[0].rpartition(":")[2])
+            for w in ctl_status(control)["workers"]}
+
+
+def _up_control(config: Path) -> str:
+    """The control endpoint of the first broker of a `scale0 up` stack file."""
+    return default_endpoint(tomllib.loads(config.read_text())["broker"][0]["bind"])
 
 
 def _reloaded(pool: Proc, old: set[int], size: int) -> bool:
@@ -92,11 +113,15 @@ def test_hup_to_broken_code_keeps_the_old_processes_serving(fresh_stack: Stack,
     assert s.wait_ok("/").text == "good"
     wait_for(lambda: len(_pids(pool)) == 2, what="two worker processes")
     old = _pids(pool)
-    (code / "reloadme.py").write_text("def app(:  # a syntax error\n")
+    # The new code marks each attempt to import it, then fails on a syntax error.
+    attempt = tmp_path / "boot-attempt"
+    (code / "reloadme.py").write_text(f"import pathlib\npathlib.Path({str(attempt)!r}).touch()\n"
+                                      "import reloadme_broken  # noqa\n")
+    (code / "reloadme_broken.py").write_text("def app(:  # a syntax error\n")
     with Load(lambda _: s.url("/")) as load:
         load.wait_more(20)
         pool.send_signal(signal.SIGHUP)
-        wait_for(lambda: "failed to boot" in pool.log_tail(), 30, "the failed reload")
+        wait_for(attempt.exists, 30, "a new process to try the broken code")
         load.wait_more(50)
     assert set(load.outcomes) == {"2xx"}, dict(load.outcomes)
     assert pool.popen.poll() is None  # the pool did not halt
@@ -164,7 +189,7 @@ def test_second_sigterm_forces_a_pool_to_stop(fresh_stack: Stack) -> None:
     marks = s.tmp / "marks"
     marks.mkdir()
     s.start_mongrel2()
-    s.start_broker()
+    broker = s.start_broker()
     pool = s.start_pool("e2e_apps:app", "--graceful-timeout", "60", service="app",
                         env={"E2E_MARK_DIR": str(marks)})
     s.wait_ok("/")
@@ -173,7 +198,7 @@ def test_second_sigterm_forces_a_pool_to_stop(fresh_stack: Stack) -> None:
         slow = ex.submit(requests.get, s.url("/sleep?40"), timeout=30)
         wait_for(lambda: list(marks.iterdir()), what="the slow request at the worker")
         pool.send_signal(signal.SIGTERM)  # graceful: would wait for the 40 s request
-        wait_for(lambda: "draining" in pool.log_tail(), what="the worker to drain")
+        wait_for(lambda: _draining(broker.control), what="the worker to drain")
         pool.send_signal(signal.SIGTERM)
         assert pool.popen.wait(10) == 0  # well before the 40 s request or the 60 s grace
         assert slow.result().status_code in (502, 503, 504)
@@ -212,9 +237,12 @@ def test_up_sighup_reloads_pools_under_load_without_a_failure(tmp_path: Path) ->
         started = set(children(up.popen.pid))  # Mongrel2, the broker, the pool's arbiter
         with Load(lambda _: base + "/sleep?0.02") as load:
             load.wait_more(30)
+            control = _up_control(config)
+            old = _worker_pids(control)
+            assert len(old) == 2 and before <= old
             up.send_signal(signal.SIGHUP)
-            wait_for(lambda: up.log_tail(1_000_000).count("its replacement is ready") >= 2, 30,
-                     "both old processes to be retired")
+            wait_for(lambda: (lambda now: len(now) == 2 and not now & old)(
+                _worker_pids(control)), 30, "both old processes to be retired")
             load.wait_more(30)
         assert set(load.outcomes) == {"2xx"}, dict(load.outcomes)
         after = {requests.get(base + "/pid", timeout=10).json()["pid"] for _ in range(10)}
@@ -238,7 +266,7 @@ def test_up_second_sigterm_forces_the_stop(tmp_path: Path) -> None:
             slow = ex.submit(_status, base + "/sleep?40")
             wait_for(lambda: list(marks.iterdir()), what="the slow request at a worker")
             up.send_signal(signal.SIGTERM)  # graceful: the pool waits for the request
-            wait_for(lambda: "draining" in up.log_tail(), what="the workers to drain")
+            wait_for(lambda: _draining(_up_control(config)), what="the workers to drain")
             up.send_signal(signal.SIGTERM)
             assert up.popen.wait(10) == 0  # well before the 40 s request or the 60 s grace
             assert slow.result() != 200
@@ -257,3 +285,21 @@ def _status(url: str) -> int:
         return requests.get(url, timeout=30).status_code
     except requests.RequestException:
         return 0
+
+
+@pytest.mark.parametrize("command", ["wsgi", "asgi"])
+def test_an_app_that_cannot_be_imported_gives_one_line_no_ready_and_exit_3(
+        tmp_path: Path, command: str) -> None:
+    (tmp_path / "broken_app.py").write_text("import no_such_module_anywhere\n")
+    done = subprocess.run([sys.executable, "-m", "scale0.cli", command, "broken_app:app",
+                           "--chdir", str(tmp_path), "--connect", "tcp://127.0.0.1:1"],
+                          capture_output=True, text=True, timeout=30, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == ""  # no READY line
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 2, done.stderr  # the process's reason, the pool's halt
+    assert ("cannot load broken_app:app: ModuleNotFoundError: No module named "
+            f"'no_such_module_anywhere' (at {tmp_path}/broken_app.py:1)") in errors[0]
+    assert "failed to boot and no process serves; stopping the pool" in errors[1]
+    assert "Traceback" not in done.stderr

@@ -5,11 +5,16 @@ behaves as the files in DIR say: `broken` -> it cannot boot (BOOT_FAILED);
 `wedge` -> once ready its loop stops reporting; `stubborn` -> it ignores
 SIGTERM. Otherwise it reports alive and ready, "serves" a request every
 20 ms (asking to retire at its limit) and exits 0 on SIGTERM.
+
+What the tests wait on, in DIR: `ready-PID` once the process reported
+ready, `boot-failed-PID` once it failed to boot, `term-PID` once it got
+SIGTERM; and the pool's READY line on stdout (Pool's `on_ready`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -20,12 +25,15 @@ from scale0.pool.supervise import BOOT_FAILED, Pool
 
 
 def fake_worker(folder: Path) -> int:
+    pid = os.getpid()
     if (folder / "broken").exists():
+        (folder / f"boot-failed-{pid}").touch()
         return BOOT_FAILED
     stop = False
 
     def on_term(*_: object) -> None:
         nonlocal stop
+        (folder / f"term-{pid}").touch()
         stop = not (folder / "stubborn").exists()
 
     signal.signal(signal.SIGTERM, on_term)
@@ -35,7 +43,9 @@ def fake_worker(folder: Path) -> int:
     while not stop:
         now = time.monotonic()
         state.beat(now, 0.0)
-        state.set_ready()
+        if not state.ready:
+            (folder / f"ready-{pid}").touch()
+            state.set_ready()
         if (folder / "wedge").exists():
             time.sleep(3600)
         served += 1
@@ -50,8 +60,8 @@ def main() -> int:
     folder, size = Path(sys.argv[1]), int(sys.argv[2])
     kwargs = {k: float(v) if "." in v else int(v)
               for k, _, v in (a.partition("=") for a in sys.argv[3:])}
-    print("READY", flush=True)
-    return Pool(lambda: fake_worker(folder), size, name="fake", **kwargs).run()  # type: ignore[arg-type]
+    return Pool(lambda: fake_worker(folder), size, name="fake",  # type: ignore[arg-type]
+                on_ready=lambda: print("READY", flush=True), **kwargs).run()
 
 
 if __name__ == "__main__":

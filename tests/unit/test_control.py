@@ -30,6 +30,7 @@ class FakeBroker:
         self.dispatcher = Dispatcher(settings)
         self.endpoint = "tcp://127.0.0.1:6780"
         self.graceful_timeout_s = 30.0
+        self.taking = True
         self.stops: list[bool] = []
 
     @property
@@ -139,6 +140,8 @@ def test_status_has_broker_links_services_and_workers(server: c.ControlServer) -
     st = ok(server, "status")
     assert st["broker"]["pid"] == os.getpid() and st["broker"]["state"] == "running"
     assert st["broker"]["control"] == "ipc:///tmp/test.ctl"
+    server.broker.taking = False  # type: ignore[attr-defined]
+    assert ok(server, "status")["broker"]["state"] == "starting"  # its startup grace
     assert st["broker"]["tap"] == "ipc:///tmp/test.tap"
     assert st["links"][0]["replies"] == 3
     assert [(s["name"], s["routes"], s["workers"]) for s in st["services"]] == [

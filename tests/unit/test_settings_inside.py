@@ -37,8 +37,8 @@ TARGETS: list[tuple[Callable[..., Any], type[config.CommonConfig], set[str]]] = 
                                          "curve"}),
     (AsgiSettings, config.AsgiConfig, {"services", "reconnect_max_s", "label", "forwarded",
                                        "curve"}),
-    (Pool, config.WsgiConfig, {"target", "size", "name"}),
-    (Pool, config.AsgiConfig, {"target", "size", "name"}),
+    (Pool, config.WsgiConfig, {"target", "size", "name", "on_ready"}),
+    (Pool, config.AsgiConfig, {"target", "size", "name", "on_ready"}),
 ]
 # Defaults that differ on purpose: the dispatcher inlines nothing unless the
 # broker is given an upload_dir (cli.py passes inline_body_max only then); a

@@ -17,11 +17,12 @@ HARNESS = Path(__file__).with_name("pool_harness.py")
 
 
 class FakePool:
-    def __init__(self, folder: Path, size: int, *kwargs: str) -> None:
+    def __init__(self, folder: Path, size: int, *kwargs: str, ready: bool = True) -> None:
         self.folder = folder
         self.proc = Proc("pool", [sys.executable, str(HARNESS), str(folder), str(size),
                                   *kwargs], folder, {"PYTHONPATH": str(ROOT)})
-        self.proc.wait_ready()
+        if ready:  # the pool's READY: every slot holds a ready process
+            self.proc.wait_ready()
 
     def pids(self) -> set[int]:
         return set(children(self.proc.popen.pid))
@@ -29,8 +30,12 @@ class FakePool:
     def log(self) -> str:
         return self.proc.log_tail(1_000_000)
 
+    def marked(self, what: str, pids: set[int]) -> bool:
+        """Every one of `pids` left its `what-PID` file (pool_harness.py)."""
+        return all((self.folder / f"{what}-{pid}").exists() for pid in pids)
+
     def wait_pids(self, size: int) -> set[int]:
-        wait_for(lambda: len(self.pids()) == size and self.log().count("is ready") >= size,
+        wait_for(lambda: len(pids := self.pids()) == size and self.marked("ready", pids),
                  10, f"{size} ready processes")
         return self.pids()
 
@@ -45,8 +50,9 @@ def pools(tmp_path: Path) -> Iterator[list[FakePool]]:
             pool.proc.stop()
 
 
-def start(pools: list[FakePool], folder: Path, size: int, *kwargs: str) -> FakePool:
-    pool = FakePool(folder, size, *kwargs)
+def start(pools: list[FakePool], folder: Path, size: int, *kwargs: str,
+          ready: bool = True) -> FakePool:
+    pool = FakePool(folder, size, *kwargs, ready=ready)
     pools.append(pool)
     return pool
 
@@ -71,7 +77,7 @@ def test_hup_during_a_reload_starts_it_over(pools: list[FakePool], tmp_path: Pat
     pool.proc.send_signal(signal.SIGHUP)
     pool.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: len(pool.pids()) == 2 and not pool.pids() & old, 15, "the reload")
-    wait_for(lambda: pool.log().count("is ready") >= 4, 10, "the new processes to be ready")
+    pool.wait_pids(2)  # the new processes are ready
     assert pool.proc.popen.poll() is None
 
 
@@ -81,7 +87,7 @@ def test_reload_to_code_that_cannot_boot_keeps_the_old_processes(
     old = pool.wait_pids(2)
     (tmp_path / "broken").touch()
     pool.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "failed to boot" in pool.log(), 10, "the failed boot")
+    wait_for(lambda: list(tmp_path.glob("boot-failed-*")), 10, "the failed boot")
     wait_for(lambda: pool.pids() == old, 10, "only the old processes to be left")
     assert pool.proc.popen.poll() is None
     (tmp_path / "broken").unlink()
@@ -91,9 +97,10 @@ def test_reload_to_code_that_cannot_boot_keeps_the_old_processes(
 
 def test_a_pool_that_cannot_boot_halts(pools: list[FakePool], tmp_path: Path) -> None:
     (tmp_path / "broken").touch()
-    pool = start(pools, tmp_path, 2)
+    pool = start(pools, tmp_path, 2, ready=False)
     assert pool.proc.popen.wait(10) == 3
     assert "no process serves; stopping the pool" in pool.log()
+    assert pool.proc.stdout_lines() == []  # no READY line
 
 
 def test_max_requests_recycles_each_process_once_replaced(pools: list[FakePool],
@@ -121,8 +128,8 @@ def test_timeout_kills_a_wedged_process_and_replaces_it(pools: list[FakePool],
     pool = start(pools, tmp_path, 1, "timeout_s=1.0")
     (wedged,) = pool.wait_pids(1)
     (tmp_path / "wedge").touch()
-    wait_for(lambda: f"killing process {wedged} (slot 0): timed out: main loop stuck"
-             in pool.log(), 10, "the timeout")
+    wait_for(lambda: wedged not in pool.pids(), 10, "the timeout")
+    assert f"killing process {wedged} (slot 0): timed out: main loop stuck" in pool.log()
     (tmp_path / "wedge").unlink()
     wait_for(lambda: len(pool.pids()) == 1 and wedged not in pool.pids(), 10,
              "a replacement")
@@ -143,7 +150,7 @@ def test_second_sigterm_kills_processes_that_do_not_stop(pools: list[FakePool],
     pool = start(pools, tmp_path, 2, "graceful_timeout_s=60.0")
     pids = pool.wait_pids(2)
     pool.proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: "stopping 2 processes" in pool.log(), 5, "the first SIGTERM to be handled")
+    wait_for(lambda: pool.marked("term", pids), 5, "the first SIGTERM to reach both")
     assert pool.proc.popen.poll() is None  # waits for its stubborn processes
     pool.proc.send_signal(signal.SIGTERM)
     assert pool.proc.popen.wait(10) == 0
