@@ -63,8 +63,9 @@ from scale0.auth.keys import CurveKeys
 from scale0.config import WsgiConfig, default
 from scale0.pool.childstate import ChildState
 from scale0.wire import s0w1 as p
-from scale0.worker.loop import BrokerConn, Handler, Loop
+from scale0.worker.loop import BrokerConn, Loop
 from scale0.worker.reply import MAX_MESSAGE_BYTES, MAX_OUTSTANDING_MESSAGES, Cancelled, ReplyStream
+from scale0.worker.request import Handler
 
 __all__ = ["MAX_MESSAGE_BYTES", "MAX_OUTSTANDING_MESSAGES", "Cancelled", "Handler",
            "ReplyStream", "Worker", "WorkerSettings"]
