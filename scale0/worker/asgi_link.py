@@ -23,7 +23,7 @@ import zmq
 import zmq.asyncio
 
 from scale0.auth.keys import CurveKeys
-from scale0.worker.link import DEFAULT_SETTINGS, BrokerLink, LinkSettings
+from scale0.worker.link import BrokerLink, LinkSettings
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,7 @@ class AsgiLink(BrokerLink):
 
     __slots__ = ("index", "reader", "socket")
 
-    def __init__(self, index: int, endpoint: str, hello: bytes = b"",
-                 settings: LinkSettings = DEFAULT_SETTINGS) -> None:
+    def __init__(self, index: int, endpoint: str, hello: bytes, settings: LinkSettings) -> None:
         super().__init__(endpoint, hello, settings)
         self.index = index  # with a request id, the key of a cycle
         self.socket: zmq.asyncio.Socket | None = None

@@ -51,6 +51,7 @@ from scale0.auth.keys import CurveKeys
 from scale0.config import AsgiConfig, default
 from scale0.core.forwarded import LOOPBACK, Trust
 from scale0.pool.childstate import ChildState
+from scale0.pool.runloop import Stop
 from scale0.pool.supervise import BOOT_FAILED
 from scale0.wire import mongrel2 as m2
 from scale0.wire import s0w1 as p
@@ -102,7 +103,7 @@ class AsgiWorker:
         self._conns: dict[tuple[int, bytes], Cycle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._ctx: zmq.asyncio.Context | None = None
-        self._stopping = False
+        self._stop = Stop()  # graceful, then forced (pool/runloop.py)
         self._stop_event: asyncio.Event | None = None
         self._max_requests = state.max_requests if state is not None else 0
         # What a broker message asks of us (BrokerLink.receive) -> its handler.
@@ -123,9 +124,15 @@ class AsgiWorker:
     def run(self) -> int:
         return asyncio.run(self._main())
 
-    def stop(self) -> None:
-        """Graceful stop (signal handlers run it in the loop)."""
-        self._stopping = True
+    @property
+    def _stopping(self) -> bool:
+        return self._stop.stopping
+
+    def stop(self, force: bool | None = False) -> None:
+        """Stop: DRAIN, finish what is in flight (up to the graceful timeout),
+        BYE. `force`, or with None a second call (the second SIGTERM or SIGINT,
+        whose handlers run it in the loop), ends what is in flight now."""
+        self._stop.request(force)
         if self._stop_event is not None:
             self._stop_event.set()
 
@@ -146,7 +153,7 @@ class AsgiWorker:
         loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.stop)
+            loop.add_signal_handler(sig, self.stop, None)
         try:
             self.app_state, shutdown = await asgi_lifespan.startup(self.app, s.lifespan,
                                                                    s.graceful_timeout_s)
@@ -184,8 +191,8 @@ class AsgiWorker:
         for link in self._links:
             link.drain()
             link.flush()
-        deadline = time.monotonic() + self.settings.graceful_timeout_s
-        while time.monotonic() < deadline:
+        self._stop.begin(time.monotonic(), self.settings.graceful_timeout_s)
+        while not self._stop.overdue(time.monotonic()):  # forced: at once
             if not self._conns and all(link.drained for link in self._links):
                 return
             await asyncio.sleep(TICK_S)

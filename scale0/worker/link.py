@@ -58,6 +58,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 
+from scale0.core.backoff import Backoff, CrashPolicy
 from scale0.errors import Scale0Error
 from scale0.wire.s0w1 import CMD, VERSION, Command
 
@@ -74,13 +75,13 @@ _BYE = [VERSION, CMD[Command.BYE]]
 
 @dataclass(frozen=True, slots=True)
 class LinkSettings:
-    heartbeat_s: float = 1.0  # ours, announced in HELLO
-    liveness: int = 3  # silent intervals before a broker is given up
-    reconnect_max_s: float = 10.0  # the backoff's cap
+    """The worker's settings a link reads (no defaults here: they are the
+    worker's, declared in scale0/config)."""
+
+    heartbeat_s: float  # ours, announced in HELLO
+    liveness: int  # silent intervals before a broker is given up
+    reconnect_max_s: float  # the backoff's cap
     curve: bool = False  # a CURVE client: the silence warning says what to check
-
-
-DEFAULT_SETTINGS = LinkSettings()
 
 
 class State(Enum):
@@ -142,6 +143,10 @@ class Inbound(IntEnum):
     DRAIN_ASKED = 0x103  # an unprompted DRAIN: retire (under a pool) or stop
 
 
+def _no_jitter() -> float:
+    return 0.0
+
+
 def welcome_heartbeat_ms(payload: bytes) -> int | None:
     """The broker's heartbeat interval from a WELCOME payload, clamped; None if absent."""
     try:
@@ -158,12 +163,11 @@ def welcome_heartbeat_ms(payload: bytes) -> int | None:
 class BrokerLink:
     """One S0W1 session with one broker, as the worker sees it (module docstring)."""
 
-    __slots__ = ("backoff_s", "drain_acked", "draining", "endpoint", "expiry_s", "heartbeat_s",
+    __slots__ = ("backoff", "drain_acked", "draining", "endpoint", "expiry_s", "heartbeat_s",
                  "hello", "last_seen", "next_heartbeat", "outbox", "retry_at", "settings",
                  "state")
 
-    def __init__(self, endpoint: str, hello: bytes = b"",
-                 settings: LinkSettings = DEFAULT_SETTINGS) -> None:
+    def __init__(self, endpoint: str, hello: bytes, settings: LinkSettings) -> None:
         self.endpoint = endpoint
         self.hello = hello  # the HELLO payload (JSON), sent on every dial
         self.settings = settings
@@ -174,7 +178,11 @@ class BrokerLink:
         self.last_seen = 0.0
         self.next_heartbeat = 0.0
         self.retry_at = 0.0  # when to dial, while DISCONNECTED
-        self.backoff_s = FIRST_BACKOFF_S
+        # After a silent broker: 0.5 s doubling to reconnect_max_s, no jitter,
+        # reset by a WELCOME (the loop helper's schedule, core/backoff.py).
+        self.backoff = Backoff(CrashPolicy(
+            first_s=FIRST_BACKOFF_S, max_s=max(FIRST_BACKOFF_S, settings.reconnect_max_s),
+            healthy_s=math.inf, jitter=0.0), rand=_no_jitter)
         self.draining = False  # the worker is stopping: DRAIN after every WELCOME
         self.drain_acked = False  # the broker answered our DRAIN on this session
 
@@ -249,8 +257,7 @@ class BrokerLink:
                     now - self.last_seen, hint)
         self._go(Trigger.SILENCE)
         self.drain_acked = False
-        self.retry_at = now + self.backoff_s
-        self.backoff_s = min(self.backoff_s * 2, self.settings.reconnect_max_s)
+        self.retry_at = now + self.backoff.exited(now, 0.0)
 
     # ---- the worker's moves ----------------------------------------------------
 
@@ -307,7 +314,7 @@ class BrokerLink:
         if not self.connected:  # not on an open session: nothing to welcome
             return Inbound.NONE
         self._go(Trigger.WELCOME)
-        self.backoff_s = FIRST_BACKOFF_S
+        self.backoff.reset()
         heartbeat_ms = welcome_heartbeat_ms(frames[2] if len(frames) > 2 else b"")
         if heartbeat_ms is not None:
             # Expire the broker by its own announced interval; heartbeat it at

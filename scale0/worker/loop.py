@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -119,13 +118,11 @@ class Loop:
                 self.worker.fail(1)
             finally:
                 self.close_locked()
-                try:
-                    os.write(self.worker.done_w, b"d")  # wakes the heartbeat thread
-                except OSError:  # full (it is awake anyway) or closed
-                    pass
+                self.worker.done.wake()  # the heartbeat thread: maybe the last loop
 
     def _serve(self) -> None:
         worker = self.worker
+        stop = worker.runloop.stop  # graceful, then forced (pool/runloop.py)
         graceful_s = worker.settings.graceful_timeout_s
         while not self.closed:
             now = time.monotonic()
@@ -133,13 +130,13 @@ class Loop:
                           else max(0, math.ceil((self.next_timer - now) * 1000)))
             self._read(timeout_ms)
             now = time.monotonic()
-            if now >= self.next_timer or (worker.stopping and not self.drain_started):
+            if now >= self.next_timer or (stop.requests and not self.drain_started):
                 self.next_timer = self._timers(now)
                 if worker.exit_code:
                     return
-                if self.drain_started and not self.pending and (
+                if self.drain_started and (stop.forced or (not self.pending and (
                         all(c.drained for c in self.conns)
-                        or now - self.drain_started > graceful_s):
+                        or now - self.drain_started > graceful_s))):
                     return
             if self.pending:
                 run_request(self, self.pending.popleft())
@@ -160,6 +157,10 @@ class Loop:
             conn = self._by_socket.get(polled)
             sock = conn.socket if conn is not None else None
             if conn is None or sock is None:
+                if polled == self.worker.runloop.fileno() and not self.worker.stopping:
+                    # Not a stop (another handler's signal): empty it, or poll spins.
+                    # A stop writes after it is requested, so none is lost here.
+                    self.worker.runloop.drain()
                 continue
             while True:
                 try:
@@ -197,8 +198,9 @@ class Loop:
             for c in self.conns:
                 c.drain()
                 self._flush(c)
-        if (self.drain_started and self.current is not None
-                and now - self.drain_started > worker.settings.graceful_timeout_s):
+        if self.drain_started and self.current is not None and (
+                worker.runloop.stop.forced
+                or now - self.drain_started > worker.settings.graceful_timeout_s):
             self.current.cancelled = True  # waiting for credits past the graceful timeout
         self.detach_others_locked(now)  # a long download waits for credits here
         # A detached broker is dialled again once the long request is over (not when leaving).
@@ -275,8 +277,9 @@ class Loop:
     def _sockets_changed(self) -> None:
         items: list[tuple[zmq.Socket[bytes] | int, int]] = [
             (c.socket, _POLLIN) for c in self.conns if c.socket is not None]
-        if not self.drain_started and not self.closed and self.worker.wake_r >= 0:
-            items.append((self.worker.wake_r, _POLLIN))  # stop() wakes us at once
+        wake_fd = self.worker.runloop.fileno()
+        if not self.drain_started and not self.closed and wake_fd >= 0:
+            items.append((wake_fd, _POLLIN))  # stop() wakes us at once
         self._items = items
         self._by_socket = {c.socket: c for c in self.conns if c.socket is not None}
 

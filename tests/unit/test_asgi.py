@@ -21,8 +21,10 @@ from scale0.worker.asgi_http import HttpCycle
 from scale0.worker.asgi_link import AsgiLink
 from scale0.worker.asgi_loop import AsgiSettings
 from scale0.worker.asgi_websocket import WebSocketCycle
+from scale0.worker.link import LinkSettings
 
 SENDER = b"5ca1e000-0000-4000-8000-0000000e2e01"
+LINK = LinkSettings(heartbeat_s=1.0, liveness=3, reconnect_max_s=10.0)  # of the stand-in link
 ACCEPT = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
 
 
@@ -257,7 +259,7 @@ def ws_frame(flags: int, body: bytes) -> m2.Message:
 
 
 async def open_ws(worker: FakeWorker) -> WebSocketCycle:
-    ws = WebSocketCycle(worker, AsgiLink(0, "e"), b"\x00" * 8, handshake(), "/chat", 0.0)
+    ws = WebSocketCycle(worker, AsgiLink(0, "e", b"", LINK), b"\x00" * 8, handshake(), "/chat", 0.0)
     assert (await ws.receive()) == {"type": "websocket.connect"}
     await ws.send({"type": "websocket.accept"})
     ((flag, (body,)),) = worker.replies()
@@ -327,7 +329,7 @@ def test_fragments_are_reassembled() -> None:
 def test_websocket_close_before_accept_is_403_and_cancel_is_1006() -> None:
     async def main() -> None:
         w = FakeWorker()
-        ws = WebSocketCycle(w, AsgiLink(0, "e"), b"\x00" * 8, handshake(), "", 0.0)
+        ws = WebSocketCycle(w, AsgiLink(0, "e", b"", LINK), b"\x00" * 8, handshake(), "", 0.0)
         await ws.receive()
         await ws.send({"type": "websocket.close", "code": 1000})
         ((flag, (body, close)),) = w.replies()
@@ -344,7 +346,7 @@ def test_http_flow_control_splits_a_body_within_credits() -> None:
     async def main() -> None:
         w = FakeWorker()
         event = request(extra={b"DOWNLOAD_CREDITS": b"10"})
-        http = HttpCycle(w, AsgiLink(0, "e"), b"\x00" * 8, event, "", 0.0)
+        http = HttpCycle(w, AsgiLink(0, "e", b"", LINK), b"\x00" * 8, event, "", 0.0)
         await http.send({"type": "http.response.start", "status": 200,
                          "headers": [(b"content-length", b"30")]})
         task = asyncio.get_running_loop().create_task(

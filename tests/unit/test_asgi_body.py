@@ -14,7 +14,7 @@ from scale0.wire import mongrel2 as m2
 from scale0.wire import s0w1 as p
 from scale0.worker.asgi_http import HttpCycle
 from scale0.worker.asgi_link import AsgiLink
-from tests.unit.test_asgi import FakeWorker, request
+from tests.unit.test_asgi import LINK, FakeWorker, request
 
 RID = b"\x00" * 7 + b"\x09"
 
@@ -82,7 +82,8 @@ def test_a_streamed_body_comes_as_credited_and_reaches_the_app_whole() -> None:
     async def main() -> None:
         w = FakeWorker()
         body = random.Random(5).randbytes(1_000_000)
-        http = HttpCycle(w, AsgiLink(0, "e"), RID, streamed(body[:1000], len(body)), "", 0.0)
+        http = HttpCycle(w, AsgiLink(0, "e", b"", LINK), RID, streamed(body[:1000], len(body)),
+                         "", 0.0)
         app = Recorder()
         task = asyncio.get_running_loop().create_task(http.run(app))
         peak = await pump(w, http, task, body, 1000, 20480)
@@ -100,7 +101,7 @@ def test_a_chunked_body_ends_with_its_last_piece() -> None:
     async def main() -> None:
         w = FakeWorker()
         body = random.Random(6).randbytes(300_000)
-        http = HttpCycle(w, AsgiLink(0, "e"), RID, streamed(b"", None), "", 0.0)
+        http = HttpCycle(w, AsgiLink(0, "e", b"", LINK), RID, streamed(b"", None), "", 0.0)
         app = Recorder()
         task = asyncio.get_running_loop().create_task(http.run(app))
         await pump(w, http, task, body, 0, 65536)
@@ -113,7 +114,7 @@ def test_a_chunked_body_ends_with_its_last_piece() -> None:
 def test_a_cancel_while_the_app_waits_for_body_is_http_disconnect() -> None:
     async def main() -> None:
         w = FakeWorker()
-        http = HttpCycle(w, AsgiLink(0, "e"), RID, streamed(b"", 100_000), "", 0.0)
+        http = HttpCycle(w, AsgiLink(0, "e", b"", LINK), RID, streamed(b"", 100_000), "", 0.0)
         app = Recorder()
         task = asyncio.get_running_loop().create_task(http.run(app))
         while not w.sent:
@@ -131,7 +132,7 @@ def test_a_cancel_while_the_app_waits_for_body_is_http_disconnect() -> None:
 def test_a_body_longer_than_declared_is_400() -> None:
     async def main() -> None:
         w = FakeWorker()
-        http = HttpCycle(w, AsgiLink(0, "e"), RID, streamed(b"ab", 10), "", 0.0)
+        http = HttpCycle(w, AsgiLink(0, "e", b"", LINK), RID, streamed(b"ab", 10), "", 0.0)
         task = asyncio.get_running_loop().create_task(http.run(Recorder()))
         while not w.sent:
             await asyncio.sleep(0)
@@ -148,7 +149,7 @@ def test_an_inline_body_is_one_event_and_asks_for_nothing() -> None:
         w = FakeWorker()
         event = request(b"/up", method=b"POST", body=b"hello",
                         extra={b"content-length": b"5"})
-        http = HttpCycle(w, AsgiLink(0, "e"), RID, event, "", 0.0)
+        http = HttpCycle(w, AsgiLink(0, "e", b"", LINK), RID, event, "", 0.0)
         app = Recorder()
         await http.run(app)
         assert app.events == [{"type": "http.request", "body": b"hello", "more_body": False}]

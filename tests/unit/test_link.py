@@ -97,7 +97,7 @@ def test_beat_sends_only_a_due_heartbeat_and_never_judges_silence() -> None:
     link.beat(110.0)  # long silent, but nobody read: no expiry here
     assert sent(link) == [msg(Cmd.HEARTBEAT)] and link.state is State.WELCOMED
     assert link.next_heartbeat == 111.0
-    BrokerLink("e").beat(100.0)  # not connected: nothing
+    BrokerLink("e", HELLO, SETTINGS).beat(100.0)  # not connected: nothing
 
 
 # ---- heartbeat negotiation (sections 3.2 and 5) ----------------------------------
@@ -183,7 +183,7 @@ def test_a_welcome_resets_the_backoff() -> None:
 
 def test_a_silent_broker_before_welcome_gets_the_curve_hint(
         caplog: pytest.LogCaptureFixture) -> None:
-    link = dialled(100.0, LinkSettings(curve=True))
+    link = dialled(100.0, LinkSettings(1.0, 3, 4.0, curve=True))
     with caplog.at_level("WARNING", logger="scale0.worker.link"):
         assert link.tick(104.0)[0] is Op.CLOSE
     assert "authorized keys" in caplog.text
@@ -195,12 +195,19 @@ def test_a_silent_broker_before_welcome_gets_the_curve_hint(
 @pytest.mark.parametrize("welcome_first", [False, True])
 def test_a_brokers_bye_is_lost_and_redials_at_once(welcome_first: bool) -> None:
     link = welcomed(100.0) if welcome_first else dialled(100.0)
-    link.backoff_s = 4.0
     assert link.receive(msg(Cmd.BYE, b"extra"), 101.0) is Inbound.LOST
     assert link.state is State.DISCONNECTED and sent(link) == []
     assert link.tick(101.0)[0] is Op.OPEN  # no backoff
     assert sent(link) == [msg(Cmd.HELLO, HELLO)]
-    assert link.backoff_s == 4.0  # only a WELCOME resets it
+
+
+def test_a_bye_neither_counts_nor_resets_the_backoff() -> None:
+    link = dialled(100.0)
+    assert link.tick(104.0) == (Op.CLOSE, 104.5)
+    link.tick(104.5)
+    link.receive(msg(Cmd.BYE), 105.0)
+    assert link.tick(105.0)[0] is Op.OPEN
+    assert link.tick(108.5) == (Op.CLOSE, 109.5)  # the second silence waits 1 s
 
 
 # ---- ERROR ---------------------------------------------------------------------------
@@ -268,7 +275,7 @@ def test_detach_says_bye_even_before_welcome_and_comes_back_when_let(
 
 
 def test_detach_of_a_link_without_a_socket_does_nothing() -> None:
-    link = BrokerLink("e")
+    link = BrokerLink("e", HELLO, SETTINGS)
     assert link.detach() is Op.NONE and link.state is State.DISCONNECTED
 
 
@@ -283,7 +290,7 @@ def test_close_says_bye_only_to_a_broker_that_welcomed_us() -> None:
     assert link.tick(1000.0) == (Op.NONE, math.inf)  # gone for good
     hello_sent = dialled()
     assert hello_sent.close() is Op.CLOSE and sent(hello_sent) == []
-    never = BrokerLink("e")
+    never = BrokerLink("e", HELLO, SETTINGS)
     assert never.close() is Op.NONE and never.state is State.GONE
     detached = dialled()
     detached.detach()
@@ -309,7 +316,7 @@ def test_the_transitions_are_those_of_protocol_section_4_1() -> None:
 
 
 def test_a_move_the_table_lacks_is_a_driver_bug() -> None:
-    link = BrokerLink("e")
+    link = BrokerLink("e", HELLO, SETTINGS)
     with pytest.raises(LinkStateError, match="welcome in state disconnected"):
         link._go(Trigger.WELCOME)
     link.close()
@@ -318,7 +325,7 @@ def test_a_move_the_table_lacks_is_a_driver_bug() -> None:
 
 
 def test_wire_input_in_the_wrong_state_is_dropped_not_raised() -> None:
-    link = BrokerLink("e")  # no socket: a WELCOME or BYE cannot be for this session
+    link = BrokerLink("e", HELLO, SETTINGS)  # no socket: a WELCOME or BYE is for no session
     assert link.receive(welcome(), 1.0) is Inbound.NONE
     assert link.receive(msg(Cmd.BYE), 1.0) is Inbound.NONE
     assert link.state is State.DISCONNECTED
