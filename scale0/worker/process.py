@@ -40,7 +40,8 @@ timeout and Mongrel2 deal with dead clients).
 
 SIGTERM or SIGINT drains every loop: DRAIN to each broker, finish what is in
 flight, BYE, then exit. Past the graceful timeout the heartbeat thread closes
-the sockets of loops still inside the app (their app's next send raises).
+the sockets of loops still inside the app (their app's next send raises); a
+second SIGTERM or SIGINT does that at once (the stop of pool/runloop.py).
 A broker ERROR before WELCOME exits with status 3. A broker silent for its
 WELCOME's heartbeat_ms x liveness is reconnected with backoff. Every socket is
 closed before the context is terminated, so Context.term() never hangs.
