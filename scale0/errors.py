@@ -7,7 +7,7 @@
     |   +-- WireError                wire/s0w1.py: a malformed S0W1 message (502)
     |   +-- S0R1Error                wire/s0r1.py: a malformed S0R1 (relay) message (502)
     |   +-- BodyError                core/bodystream.py: pieces that are not the body (400, 413)
-    |   +-- BadRequest               worker/wsgi.py: a request the app cannot be given
+    |   +-- BadRequest               worker/upload.py: a request the app cannot be given
     |   +-- ApplicationError         worker/wsgi.py: the app broke PEP 3333 (500)
     |   +-- asgi.ProtocolError       worker/asgi.py: the app broke the ASGI spec (500)
     +-- ConfigError                  a setting that cannot be used (config/)
@@ -20,7 +20,9 @@
     +-- ControlError                 wire/control.py: a control command that cannot run
     +-- Unreachable, Refused         ops/ctl.py: no broker answered / it answered an error
     +-- Cancelled                    worker/reply.py: the broker cancelled the request
-    +-- ClientDisconnected           worker/asgi_loop.py: send() after the client left
+    +-- ClientDisconnected           worker/asgi_cycle.py: send() after the client left
+    +-- LifespanFailed               worker/asgi_lifespan.py: the app's startup failed
+    +-- LinkStateError               worker/link.py: a move its table lacks (a bug)
 
 Each class lives in the module whose concern it is and keeps the name it had,
 so `except m2.Mongrel2ProtocolError` goes on working; this module holds the

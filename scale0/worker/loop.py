@@ -3,9 +3,17 @@
 Theory of operation: each of a process's `--threads` loops is a worker of
 capacity 1 to every broker (its own HELLO, label ``host:pid/k``). A loop
 polls its sockets, reads each readable one until it is empty, runs a REQUEST's
-handler on its own thread and sends the reply frames straight on the DEALER
-the request came in on: no hand-off between threads per request. With several
-brokers a loop may hold one request from each; it runs them in arrival order.
+handler on its own thread (worker/request.py) and sends the reply frames
+straight on the DEALER the request came in on: no hand-off between threads
+per request. With several brokers a loop may hold one request from each; it
+runs them in arrival order.
+
+Each broker session is a `BrokerConn`: the sans-IO `BrokerLink` of
+worker/link.py (HELLO, WELCOME, heartbeats, expiry and backoff, DRAIN, BYE;
+docs/protocol.md 4.1) with this loop's DEALER. The loop owns the sockets and
+the clock: it feeds the link the broker's messages and the time, sends what
+the link queues, opens and closes the socket when told, and looks up what a
+message asks of it (a REQUEST, CANCEL, CREDIT, BODY...) in `_handlers`.
 
 The loop holds its `lock` whenever it touches its sockets, and releases it
 only while the app runs. The process's heartbeat thread (worker/process.py) takes the
@@ -14,34 +22,30 @@ broker does not expire a loop whose app runs for minutes. A lock is a full
 memory barrier, which is what ZeroMQ asks of a socket that moves between
 threads. The app's sends take the lock too (worker/reply.py).
 
-Timers (reconnect, broker expiry, heartbeats, drain) run only right after
+Timers (the links' reconnect, expiry and heartbeats; drain) run only right after
 the sockets were read to empty, so a broker's messages queued while the app
 ran count before its silence is judged.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import zmq
 from zmq.backend import zmq_poll
 
-from scale0.core.bodystream import BodyError, BodyInput, BodyReader
-from scale0.core.routing import normalize_path, split_script_name
 from scale0.net.frames import recv_frames, send_frames
-from scale0.wire import mongrel2 as m2
 from scale0.wire import s0w1 as p
-from scale0.worker.reply import Cancelled, FlowWindow, ReplyStream
+from scale0.worker.link import BrokerLink, Inbound, LinkSettings, Op
+from scale0.worker.reply import ReplyStream
+from scale0.worker.request import Pending, run_request
 
 if TYPE_CHECKING:
     from scale0.worker.process import Worker
@@ -50,44 +54,20 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.25  # at most this long between timer runs (and stop checks) when idle
 DETACH_AFTER_S = 1.0  # a request running this long makes its loop leave the other brokers
-BROKER_HEARTBEAT_MS = (10, 600_000)  # a WELCOME's heartbeat_ms outside this is clamped
 
-# A request handler runs on its loop's thread and writes to its ReplyStream;
-# it returns whether the client connection must be closed.
-Handler = Callable[[m2.HttpRequest | m2.UploadDone, str, str, ReplyStream], bool]
-
-_CMD_HEARTBEAT = [p.VERSION, p.CMD[p.Command.HEARTBEAT]]
-_CMD_DRAIN = [p.VERSION, p.CMD[p.Command.DRAIN]]
-_CMD_BYE = [p.VERSION, p.CMD[p.Command.BYE]]
 _POLLIN = zmq.POLLIN
 _SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD}
 
 
-@dataclass(slots=True, eq=False)
-class BrokerConn:
-    """One loop's session with one broker (docs/protocol.md 4.1)."""
+class BrokerConn(BrokerLink):
+    """One loop's session with one broker: the link's logic (worker/link.py,
+    docs/protocol.md 4.1) and the DEALER this loop drives it on."""
 
-    endpoint: str
-    heartbeat_s: float  # how often we send HEARTBEAT: ours, or the broker's if shorter
-    expiry_s: float  # silence after which the broker is gone: its heartbeat x liveness
-    socket: zmq.Socket[bytes] | None = None
-    welcomed: bool = False
-    last_seen: float = 0.0
-    next_heartbeat: float = 0.0
-    retry_at: float = 0.0
-    backoff_s: float = 0.5
-    drain_acked: bool = False
-    detached: bool = False  # left (BYE) while another broker's request runs long
+    __slots__ = ("socket",)
 
-
-@dataclass(slots=True)
-class _Pending:
-    conn: BrokerConn
-    rid: bytes
-    script_name: bytes
-    raw: bytes
-    window: bytes | None  # the broker's REQUEST window frame, if any (protocol.md 3.9)
-    cancelled: bool = field(default=False)
+    def __init__(self, endpoint: str, hello: bytes, settings: LinkSettings) -> None:
+        super().__init__(endpoint, hello, settings)
+        self.socket: zmq.Socket[bytes] | None = None
 
 
 class Loop:
@@ -99,11 +79,22 @@ class Loop:
         self.index = index
         self.hello = hello
         self.lock = threading.Lock()
-        self.conns = [BrokerConn(ep, s.heartbeat_s, s.heartbeat_s * s.liveness)
-                      for ep in s.connect]
+        link = LinkSettings(s.heartbeat_s, s.liveness, s.reconnect_max_s, s.curve is not None)
+        self.conns = [BrokerConn(ep, hello, link) for ep in s.connect]
+        # What a broker message asks of us (BrokerLink.receive) -> its handler.
+        self._handlers: dict[Inbound, Callable[[BrokerConn, list[bytes]], None]] = {
+            Inbound.REQUEST: self._on_request,
+            Inbound.CANCEL: self._on_cancel,
+            Inbound.CREDIT: self._on_credit,
+            Inbound.BODY: self._on_body,
+            Inbound.WELCOMED: self._on_welcomed,
+            Inbound.LOST: self._on_lost,
+            Inbound.REFUSED: self._on_refused,
+            Inbound.DRAIN_ASKED: self._on_drain_asked,
+        }
         self._items: list[tuple[zmq.Socket[bytes] | int, int]] = []
         self._by_socket: dict[object, BrokerConn] = {}  # keyed as zmq_poll answers
-        self.pending: deque[_Pending] = deque()
+        self.pending: deque[Pending] = deque()
         self.current: ReplyStream | None = None  # the request whose app runs now
         self.current_since = 0.0  # when it started
         self.alive_s = 0.0  # last time the loop ran (read by the heartbeat thread)
@@ -127,13 +118,11 @@ class Loop:
                 self.worker.fail(1)
             finally:
                 self.close_locked()
-                try:
-                    os.write(self.worker.done_w, b"d")  # wakes the heartbeat thread
-                except OSError:  # full (it is awake anyway) or closed
-                    pass
+                self.worker.done.wake()  # the heartbeat thread: maybe the last loop
 
     def _serve(self) -> None:
         worker = self.worker
+        stop = worker.runloop.stop  # graceful, then forced (pool/runloop.py)
         graceful_s = worker.settings.graceful_timeout_s
         while not self.closed:
             now = time.monotonic()
@@ -141,16 +130,16 @@ class Loop:
                           else max(0, math.ceil((self.next_timer - now) * 1000)))
             self._read(timeout_ms)
             now = time.monotonic()
-            if now >= self.next_timer or (worker.stopping and not self.drain_started):
+            if now >= self.next_timer or (stop.requests and not self.drain_started):
                 self.next_timer = self._timers(now)
                 if worker.exit_code:
                     return
-                if self.drain_started and not self.pending and (
-                        all(c.drain_acked or not c.welcomed for c in self.conns)
-                        or now - self.drain_started > graceful_s):
+                if self.drain_started and (stop.forced or (not self.pending and (
+                        all(c.drained for c in self.conns)
+                        or now - self.drain_started > graceful_s))):
                     return
             if self.pending:
-                self._run_request(self.pending.popleft())
+                run_request(self, self.pending.popleft())
 
     def _read(self, timeout_ms: int) -> None:
         """Wait up to `timeout_ms` for input, then read every readable socket
@@ -168,6 +157,10 @@ class Loop:
             conn = self._by_socket.get(polled)
             sock = conn.socket if conn is not None else None
             if conn is None or sock is None:
+                if polled == self.worker.runloop.fileno() and not self.worker.stopping:
+                    # Not a stop (another handler's signal): empty it, or poll spins.
+                    # A stop writes after it is requested, so none is lost here.
+                    self.worker.runloop.drain()
                 continue
             while True:
                 try:
@@ -192,55 +185,40 @@ class Loop:
         self.next_timer = self._timers(time.monotonic())
 
     def _heartbeat_due(self, now: float) -> float:
-        due = [c.next_heartbeat - now for c in self.conns if c.socket is not None]
+        due = [c.next_heartbeat - now for c in self.conns if c.connected]
         return max(0.001, min(due, default=TICK_S))
 
     def _timers(self, now: float) -> float:
-        """Stop, reconnect, expiry and heartbeats; returns when to run again."""
+        """Stop, then each link's timers (worker/link.py); returns when to run again."""
         self.alive_s = now
         worker = self.worker
         if worker.stopping and not self.drain_started:
             self.drain_started = now
             self._sockets_changed()  # the wake-up pipe stays readable: poll it no more
             for c in self.conns:
-                self.send(c, _CMD_DRAIN)
-        if (self.drain_started and self.current is not None
-                and now - self.drain_started > worker.settings.graceful_timeout_s):
+                c.drain()
+                self._flush(c)
+        if self.drain_started and self.current is not None and (
+                worker.runloop.stop.forced
+                or now - self.drain_started > worker.settings.graceful_timeout_s):
             self.current.cancelled = True  # waiting for credits past the graceful timeout
         self.detach_others_locked(now)  # a long download waits for credits here
+        # A detached broker is dialled again once the long request is over (not when leaving).
+        hold = self.current is not None or bool(self.drain_started)
         next_timer = now + TICK_S
         for c in self.conns:
-            if c.socket is None:
-                if c.detached and (self.current is not None or self.drain_started):
-                    continue  # back once the long request is over (not when leaving)
-                c.detached = False
-                if now >= c.retry_at:
-                    self._connect(c, now)
-                else:
-                    next_timer = min(next_timer, c.retry_at)
-                    continue
-            elif now - c.last_seen > c.expiry_s:
-                log.warning("broker %s silent for %.1fs: reconnecting%s", c.endpoint,
-                            now - c.last_seen, " (CURVE: is our key among its authorized "
-                            "keys, and --broker-key its key?)"
-                            if worker.settings.curve and not c.welcomed else "")
-                self._disconnect(c, retry_at=now + c.backoff_s)
-                c.backoff_s = min(c.backoff_s * 2, worker.settings.reconnect_max_s)
-                next_timer = min(next_timer, c.retry_at)
-                continue
-            elif now >= c.next_heartbeat:
-                c.next_heartbeat = now + c.heartbeat_s
-                self.send(c, _CMD_HEARTBEAT)
-            next_timer = min(next_timer, c.next_heartbeat)
+            op, due = c.tick(now, hold=hold)
+            self._apply(c, op)
+            next_timer = min(next_timer, due)
         return next_timer
 
     def heartbeat_locked(self, now: float) -> None:
         """From the heartbeat thread, lock held, while the app runs: HEARTBEAT
         every broker that is due one. Reads nothing (the loop does that)."""
         for c in self.conns:
-            if c.socket is not None and now >= c.next_heartbeat:
-                c.next_heartbeat = now + c.heartbeat_s
-                self.send(c, _CMD_HEARTBEAT)
+            c.beat(now)
+            if c.outbox:
+                self._flush(c)
         self.detach_others_locked(now)
 
     def detach_others_locked(self, now: float) -> None:
@@ -253,18 +231,23 @@ class Loop:
         if current is None or now - self.current_since < DETACH_AFTER_S:
             return
         for c in self.conns:
-            if c is not current.conn and c.socket is not None:
-                # BYE even before its WELCOME was read (the app may have started
-                # first): the broker registered us at our HELLO.
-                self.send(c, _CMD_BYE)
+            if c is not current.conn and c.connected:
                 log.debug("loop %d leaves broker %s while a long request runs",
                           self.index, c.endpoint)
-                self._disconnect(c, retry_at=0.0)
-                c.detached = True
+                self._apply(c, c.detach())
 
     # ---- sockets -------------------------------------------------------
 
-    def _connect(self, c: BrokerConn, now: float) -> None:
+    def _apply(self, c: BrokerConn, op: Op) -> None:
+        """Carry out a link's call: open its socket, send its outbox, close it."""
+        if op is Op.OPEN:
+            self._open(c)
+        if c.outbox:
+            self._flush(c)
+        if op is Op.CLOSE:
+            self._drop(c)
+
+    def _open(self, c: BrokerConn) -> None:
         s = self.worker.settings
         sock = self.worker.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 500)
@@ -276,22 +259,14 @@ class Loop:
             s.curve.client_socket(sock)
         sock.connect(c.endpoint)
         c.socket = sock
-        c.welcomed = c.drain_acked = False
-        c.last_seen = now
-        c.heartbeat_s = s.heartbeat_s
-        c.expiry_s = s.heartbeat_s * s.liveness  # until WELCOME tells the broker's
-        c.next_heartbeat = now + c.heartbeat_s
         self._sockets_changed()
-        self.send(c, [p.VERSION, p.CMD[p.Command.HELLO], self.hello])
 
-    def _disconnect(self, c: BrokerConn, *, retry_at: float) -> None:
-        """Drop the link to `c`. Its requests are cancelled: the broker that
-        sent them has given them up (or is gone)."""
+    def _drop(self, c: BrokerConn) -> None:
+        """Close the socket of a link that was lost or left. Its requests are
+        cancelled: the broker that sent them has given them up (or is gone)."""
         if c.socket is not None:
             c.socket.close(0)
         c.socket = None
-        c.welcomed = c.drain_acked = False
-        c.retry_at = retry_at
         self._sockets_changed()
         current = self.current
         if current is not None and current.conn is c:
@@ -302,10 +277,17 @@ class Loop:
     def _sockets_changed(self) -> None:
         items: list[tuple[zmq.Socket[bytes] | int, int]] = [
             (c.socket, _POLLIN) for c in self.conns if c.socket is not None]
-        if not self.drain_started and not self.closed and self.worker.wake_r >= 0:
-            items.append((self.worker.wake_r, _POLLIN))  # stop() wakes us at once
+        wake_fd = self.worker.runloop.fileno()
+        if not self.drain_started and not self.closed and wake_fd >= 0:
+            items.append((wake_fd, _POLLIN))  # stop() wakes us at once
         self._items = items
         self._by_socket = {c.socket: c for c in self.conns if c.socket is not None}
+
+    def _flush(self, c: BrokerConn) -> None:
+        """Send what the link queued (lock held)."""
+        for frames in c.outbox:
+            self.send(c, frames)
+        c.outbox.clear()
 
     def send(self, c: BrokerConn, frames: list[bytes]) -> None:
         """Send now on `c` (lock held); a message to a lost broker is dropped."""
@@ -323,53 +305,39 @@ class Loop:
         if self.current is not None:
             self.current.cancelled = True
         for c in self.conns:
+            c.close()
+            if bye:
+                self._flush(c)
+            c.outbox.clear()
             if c.socket is not None:
-                if bye and c.welcomed:
-                    self.send(c, _CMD_BYE)
                 c.socket.close()  # LINGER 500: the BYE and late LASTs get out
                 c.socket = None
         self._sockets_changed()
 
-    # ---- broker messages -----------------------------------------------
+    # ---- broker messages: the link (worker/link.py) takes them, then this table ----
 
     def _on_message(self, c: BrokerConn, frames: list[bytes]) -> None:
-        c.last_seen = now = time.monotonic()
-        if len(frames) < 2 or frames[0] != p.VERSION or len(frames[1]) != 1:
-            log.warning("malformed message from broker %s", c.endpoint)
-            return
-        command = frames[1][0]
-        if command == p.Command.REQUEST and len(frames) in (6, 7):
-            self.pending.append(_Pending(c, frames[2], frames[4], frames[5],
-                                         frames[6] if len(frames) == 7 else None))
-        elif command == p.Command.CREDIT and len(frames) == 4:
-            current = self.current
-            if (current is not None and current.conn is c and current.rid == frames[2]
-                    and current.flow is not None and frames[3].isdigit()):
-                current.flow.grant(int(frames[3]))
-        elif command == p.Command.CANCEL and len(frames) == 3:
-            self._cancel(c, frames[2])
-        elif command == p.Command.BODY and len(frames) == 5:
-            current = self.current  # pieces come only for the request that asked (READ)
-            if (current is not None and current.conn is c and current.rid == frames[2]
-                    and current.body is not None):
-                current.body.feed(frames[4], frames[3] == p.BODY_END)
-        elif command == p.Command.HEARTBEAT:
-            pass
-        elif command == p.Command.WELCOME:
-            self._welcomed(c, frames[2] if len(frames) > 2 else b"", now)
-        elif command == p.Command.BYE:  # the broker does not know us: announce again
-            self._disconnect(c, retry_at=0.0)
-        elif command == p.Command.DRAIN:
-            self.worker.on_drain(self, c)
-        elif command == p.Command.ERROR:
-            text = frames[3].decode("utf-8", "replace") if len(frames) > 3 else ""
-            log.error("broker %s refused us: %s", c.endpoint, text)
-            if not c.welcomed:
-                self.worker.fail(3)  # a HELLO that is refused will be refused again
-        else:
-            log.warning("unexpected command %#x from broker %s", command, c.endpoint)
+        event = c.receive(frames, time.monotonic())
+        if c.outbox:
+            self._flush(c)
+        handle = self._handlers.get(event)
+        if handle is not None:
+            handle(c, frames)
+        elif event is not Inbound.NONE:  # FRAME: this worker takes no WebSockets
+            log.warning("unexpected command %#x from broker %s", frames[1][0], c.endpoint)
 
-    def _cancel(self, c: BrokerConn, rid: bytes) -> None:
+    def _on_request(self, c: BrokerConn, frames: list[bytes]) -> None:
+        self.pending.append(Pending(c, frames[2], frames[4], frames[5],
+                                    frames[6] if len(frames) == 7 else None))
+
+    def _on_credit(self, c: BrokerConn, frames: list[bytes]) -> None:
+        current = self.current
+        if (current is not None and current.conn is c and current.rid == frames[2]
+                and current.flow is not None):
+            current.flow.grant(int(frames[3]))
+
+    def _on_cancel(self, c: BrokerConn, frames: list[bytes]) -> None:
+        rid = frames[2]
         current = self.current
         if current is not None and current.conn is c and current.rid == rid:
             current.cancelled = True  # the app's next send raises Cancelled
@@ -378,108 +346,22 @@ class Loop:
             if r.conn is c and r.rid == rid:
                 r.cancelled = True
 
-    def _welcomed(self, c: BrokerConn, payload: bytes, now: float) -> None:
-        s = self.worker.settings
-        c.welcomed = True
-        c.backoff_s = 0.5
-        heartbeat_ms = _welcome_heartbeat_ms(payload)
-        if heartbeat_ms is not None:
-            # Expire the broker by its own announced interval; heartbeat it at
-            # least that often too, so it keeps us whatever its liveness rule.
-            broker_s = heartbeat_ms / 1000
-            c.expiry_s = broker_s * s.liveness
-            c.heartbeat_s = min(s.heartbeat_s, broker_s)
-            c.next_heartbeat = min(c.next_heartbeat, now + c.heartbeat_s)
-            self.next_timer = min(self.next_timer, c.next_heartbeat)
+    def _on_body(self, c: BrokerConn, frames: list[bytes]) -> None:
+        current = self.current  # pieces come only for the request that asked (READ)
+        if (current is not None and current.conn is c and current.rid == frames[2]
+                and current.body is not None):
+            current.body.feed(frames[4], frames[3] == p.BODY_END)
+
+    def _on_welcomed(self, c: BrokerConn, frames: list[bytes]) -> None:
+        self.next_timer = min(self.next_timer, c.next_heartbeat)  # WELCOME may shorten it
         log.info("loop %d connected to broker %s", self.index, c.endpoint)
         self.worker.on_welcome()
-        if self.worker.stopping:  # reconnected while draining: say so again
-            self.send(c, _CMD_DRAIN)
 
-    # ---- requests ------------------------------------------------------
+    def _on_lost(self, c: BrokerConn, frames: list[bytes]) -> None:
+        self._drop(c)  # the broker does not know us: HELLO again at the next timer
 
-    def _run_request(self, r: _Pending) -> None:
-        """Run one request's handler on this thread; the lock is held on entry
-        and on return, and released while the app runs."""
-        now = time.monotonic()
-        self.worker.count_request()
-        try:
-            event = m2.parse_message(r.raw)
-        except m2.Mongrel2ProtocolError as exc:
-            log.warning("unparseable request from broker: %s", exc)
-            event = None
-        if r.cancelled or not isinstance(event, (m2.HttpRequest, m2.UploadDone)):
-            self.send(r.conn, [p.VERSION, p.CMD[p.Command.REPLY], r.rid, p.FLAG_LAST])
-            return
-        # The broker's window frame wins: Mongrel2 puts DOWNLOAD_CREDITS only on
-        # a connection's first request, and its window is the connection's.
-        credits = r.window if r.window is not None else event.headers.get(b"DOWNLOAD_CREDITS")
-        flow = FlowWindow(int(credits)) if type(credits) is bytes and credits.isdigit() else None
-        stream = ReplyStream(self, r.conn, r.rid, event, flow, now)
-        if m2.streamed_body(event.headers):  # upload.stream: the body follows as BODY
-            try:
-                stream.body = self._body_input(stream, event)
-            except BodyError as exc:
-                log.warning("bad streamed body from broker: %s", exc)
-                self.send(r.conn, [p.VERSION, p.CMD[p.Command.REPLY], r.rid, p.FLAG_LAST])
-                return
-        close = True
-        self.current = stream
-        self.current_since = now
-        self.lock.release()
-        try:
-            path = normalize_path(event.path)
-            try:
-                script, path_info = split_script_name(path, r.script_name.decode("latin-1"))
-            except ValueError:
-                script, path_info = split_script_name(path, "")
-            close = self.worker.handler(event, script, path_info, stream)
-        except Cancelled:
-            close = False
-        except Exception:
-            log.exception("request handler failed")
-        finally:
-            self.lock.acquire()
-            self.alive_s = time.monotonic()  # before `current` clears (worker._report)
-            self.current = None
-            if not self.closed:
-                stream.end_locked(close)
+    def _on_refused(self, c: BrokerConn, frames: list[bytes]) -> None:
+        self.worker.fail(3)  # a HELLO that is refused will be refused again
 
-
-    def _body_input(self, stream: ReplyStream, event: m2.Message) -> BodyInput:
-        """The wsgi.input of a streamed body (core/bodystream.py). The app reads it
-        on this thread: waiting for pieces reads our own socket, as waiting
-        for download credits does (worker/reply.py)."""
-        length = event.header(b"content-length")
-        reader = BodyReader(event.body, int(length) if length and length.isdigit() else None)
-
-        def wait() -> None:
-            with self.lock:
-                if not stream.cancelled and not self.closed:
-                    self.wait_io()  # reads BODY, CANCEL, ... and keeps heartbeats going
-                if stream.cancelled or self.closed:
-                    raise Cancelled
-            stream.started_s = time.monotonic()  # reading the body is progress
-
-        def grant(n: int) -> None:
-            with self.lock:
-                if not stream.cancelled and not self.closed:
-                    self.send(stream.conn, [*_READ_HEAD, stream.rid, b"%d" % n])
-
-        return BodyInput(reader, wait, grant)
-
-
-_READ_HEAD = (p.VERSION, p.CMD[p.Command.READ])
-
-
-def _welcome_heartbeat_ms(payload: bytes) -> int | None:
-    """The broker's heartbeat interval from a WELCOME payload, clamped; None if absent."""
-    try:
-        data = json.loads(payload)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    value = data.get("heartbeat_ms") if isinstance(data, dict) else None
-    if type(value) is not int:
-        return None
-    low, high = BROKER_HEARTBEAT_MS
-    return min(max(value, low), high)
+    def _on_drain_asked(self, c: BrokerConn, frames: list[bytes]) -> None:
+        self.worker.on_drain(self, c)

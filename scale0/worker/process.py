@@ -40,7 +40,8 @@ timeout and Mongrel2 deal with dead clients).
 
 SIGTERM or SIGINT drains every loop: DRAIN to each broker, finish what is in
 flight, BYE, then exit. Past the graceful timeout the heartbeat thread closes
-the sockets of loops still inside the app (their app's next send raises).
+the sockets of loops still inside the app (their app's next send raises); a
+second SIGTERM or SIGINT does that at once (the stop of pool/runloop.py).
 A broker ERROR before WELCOME exits with status 3. A broker silent for its
 WELCOME's heartbeat_ms x liveness is reconnected with backoff. Every socket is
 closed before the context is terminated, so Context.term() never hangs.
@@ -51,8 +52,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import select
-import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -62,9 +61,11 @@ import zmq
 from scale0.auth.keys import CurveKeys
 from scale0.config import WsgiConfig, default
 from scale0.pool.childstate import ChildState
+from scale0.pool.runloop import RunLoop, Wakeup
 from scale0.wire import s0w1 as p
-from scale0.worker.loop import BrokerConn, Handler, Loop
+from scale0.worker.loop import BrokerConn, Loop
 from scale0.worker.reply import MAX_MESSAGE_BYTES, MAX_OUTSTANDING_MESSAGES, Cancelled, ReplyStream
+from scale0.worker.request import Handler
 
 __all__ = ["MAX_MESSAGE_BYTES", "MAX_OUTSTANDING_MESSAGES", "Cancelled", "Handler",
            "ReplyStream", "Worker", "WorkerSettings"]
@@ -102,24 +103,28 @@ class Worker:
         self.settings = settings
         self.state = state  # the arbiter's view of us, under a Pool
         self.label = settings.label or f"{socket.gethostname()}:{os.getpid()}"
-        self.stopping = False
         self.exit_code = 0
         self._counter = itertools.count(1)  # next() is atomic: loops count without a lock
         self.requests_started = 0
         self._max_requests = state.max_requests if state is not None else 0
         self.loops: list[Loop] = []
         self._started_s = 0.0
-        self.wake_r = self.wake_w = -1  # a pipe that wakes the loops on stop()
-        self.done_r = self.done_w = -1  # a pipe that wakes us when a loop ends
+        # The loop helper (pool/runloop.py): its Stop is graceful, then forced;
+        # its wake-up pipe is polled by every loop until it drains, so a stop
+        # (or a stop signal, through set_wakeup_fd) wakes them at once. Made
+        # here so that a stop() before run() counts; run() closes it.
+        self.runloop = RunLoop()
+        self.done = Wakeup()  # a loop that ends wakes the heartbeat thread
 
-    def stop(self) -> None:
-        """Graceful stop: drain, finish in-flight requests, say BYE. Signal-safe."""
-        self.stopping = True
-        if self.wake_w >= 0:
-            try:
-                os.write(self.wake_w, b"s")  # every loop polls wake_r until it drains
-            except OSError:  # full: the loops are woken already
-                pass
+    @property
+    def stopping(self) -> bool:
+        return self.runloop.stop.stopping
+
+    def stop(self, force: bool | None = False) -> None:
+        """Stop: drain, finish in-flight requests (up to the graceful timeout),
+        say BYE. `force` (or, with None, a second call: the second SIGTERM or
+        SIGINT) ends in-flight requests now. Signal-safe and thread-safe."""
+        self.runloop.request_stop(force)
 
     def fail(self, code: int) -> None:
         """Stop at once with exit status `code` (every loop leaves at its next timer)."""
@@ -128,8 +133,8 @@ class Worker:
         self.stop()
 
     def install_signal_handlers(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self.stop())
+        """SIGTERM and SIGINT stop us, the second one forced (main thread only)."""
+        self.runloop.install_signals()
 
     # ---- called by the loops -------------------------------------------
 
@@ -161,16 +166,12 @@ class Worker:
         s = self.settings
         pid = str(os.getpid())
         self.ctx = zmq.Context()
-        self.wake_r, self.wake_w = os.pipe()
-        self.done_r, self.done_w = os.pipe()
-        for fd in (self.wake_w, self.done_r, self.done_w):
-            os.set_blocking(fd, False)
+        stop = self.runloop.stop
         self.loops = [
             Loop(self, k, p.Hello(s.services, 1, f"{self.label}/{k}", int(s.heartbeat_s * 1000),
                                   {"pid": pid, "thread": str(k), **dict(s.meta)}).encode())
             for k in range(max(1, s.capacity))]
         self._started_s = time.monotonic()
-        stop_at = 0.0
         try:
             for loop in self.loops:
                 loop.thread.start()
@@ -180,20 +181,19 @@ class Worker:
                     self._heartbeat(loop, now)
                 if self.state is not None:
                     self._report(self.state, now)
-                if self.stopping and not stop_at:
-                    stop_at = now
+                # The loops leave by the graceful timeout; past it (or forced)
+                # close those still inside the app.
+                if stop.begin(now, s.graceful_timeout_s + 2 * REPORT_EVERY_S):
                     log.info("draining: %d requests in flight",
                              sum(loop.current is not None for loop in self.loops))
-                if stop_at and now - stop_at > s.graceful_timeout_s + 2 * REPORT_EVERY_S:
+                if stop.overdue(now):
                     self._close_stuck_loops()
                     break
                 # Twice per heartbeat interval, the brokers' (WELCOME) included.
                 heartbeat_s = min(c.heartbeat_s for loop in self.loops for c in loop.conns)
-                # A loop that ends wakes us (done_w): the process leaves as
+                # A loop that ends wakes us (done): the process leaves as
                 # soon as its last loop has said BYE.
-                if select.select([self.done_r], [], [],
-                                 max(0.005, min(REPORT_EVERY_S, heartbeat_s / 2)))[0]:
-                    os.read(self.done_r, 64)
+                if self.done.wait(max(0.005, min(REPORT_EVERY_S, heartbeat_s / 2))):
                     for loop in self.loops:
                         if loop.closed:
                             loop.thread.join(JOIN_TIMEOUT_S)
@@ -204,10 +204,8 @@ class Worker:
                 self.ctx.term()  # every socket is closed: this cannot hang
             else:  # a loop never started or is stuck: leave its sockets to exit
                 log.error("worker loops did not stop; not terminating the ZeroMQ context")
-            fds = (self.wake_r, self.wake_w, self.done_r, self.done_w)
-            self.wake_r = self.wake_w = self.done_r = self.done_w = -1
-            for fd in fds:
-                os.close(fd)
+            self.runloop.close()  # restores the signal handlers it installed
+            self.done.close()
         return self.exit_code
 
     def _heartbeat(self, loop: Loop, now: float) -> None:

@@ -2,8 +2,10 @@
 
 Theory of operation: `run_wsgi` builds the environ, calls the app and turns its
 output into ``send(bytes)`` calls carrying raw HTTP/1.x response bytes, which
-Mongrel2 writes to the client as they are (MONGREL2.md, "Reply message"). No
-sockets or threads: the worker runtime maps each send() onto reply messages.
+Mongrel2 writes to the client as they are. No sockets or threads: the worker
+runtime maps each send() onto reply messages. The environ is built by
+worker/wsgi_environ.py, a spooled upload opened by worker/upload.py; this
+module is the app's side: start_response, the response's framing and bytes.
 
 `_Response` keeps "status set" apart from "headers sent" (wsgiref, werkzeug):
 headers wait for the first non-empty block or the end (PEP 3333, "Buffering and
@@ -17,31 +19,39 @@ to close the client connection: Mongrel2 never does it by itself.
 from __future__ import annotations
 
 import http
-import io
 import logging
 import os
 import re
-import stat
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
 from scale0.core.bodystream import BodyInput
-from scale0.core.forwarded import LOOPBACK, Trust
-from scale0.core.forwarded import apply as apply_forwarded
 from scale0.errors import ProtocolError
-from scale0.wire.mongrel2 import Headers, HttpRequest, UploadDone
+from scale0.wire.mongrel2 import HttpRequest, UploadDone
+from scale0.worker.upload import BadRequest
+from scale0.worker.wsgi_environ import (
+    CACHE_MAX,
+    TOKEN_RE,
+    FileWrapper,
+    WsgiSettings,
+    build_environ,
+    header_text,
+    header_tokens,
+)
 
 if TYPE_CHECKING:
     from wsgiref.types import WSGIApplication
 
     from _typeshed import OptExcInfo
 
+__all__ = ["ApplicationError", "BadRequest", "FileWrapper", "ResponseInfo", "WsgiSettings",
+           "build_environ", "run_wsgi"]
+
 logger = logging.getLogger(__name__)
 
-# RFC 9110 5.6.2 token; status and field values: no CTLs except HTAB, latin-1 only.
-_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Status and field values: no CTLs except HTAB, latin-1 only (RFC 9110 5.5).
 _VALUE_RE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 _STATUS_RE = re.compile(r"([1-5][0-9]{2}) [\t\x20-\x7e\x80-\xff]*")
 # PEP 3333 "Other HTTP Features": apps must not send hop-by-hop headers.
@@ -50,19 +60,6 @@ _HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "te", 
 _warned_hop_by_hop: set[str] = set()
 _STATUS_CODES: dict[str, int] = {}  # valid status lines seen -> their code (bounded)
 _HEADER_NAMES: dict[str, str] = {}  # valid response header names seen -> lowercased
-# Mongrel2's own upload headers; a client can forge them (MONGREL2.md, "Uploads").
-_UPLOAD_HEADERS = frozenset((b"x-mongrel2-upload-start", b"x-mongrel2-upload-done"))
-
-
-@dataclass(frozen=True, slots=True)
-class WsgiSettings:
-    upload_dir: str | None = None  # where Mongrel2's upload.temp_store writes, as seen here
-    server_name: str = "localhost"  # SERVER_NAME when the request has no Host header
-    server_port: str = "80"
-    multithread: bool = False
-    multiprocess: bool = False
-    delete_uploads: bool = True  # unlink the temp_store file after the response
-    forwarded: Trust = LOOPBACK  # whose X-Forwarded-Proto / client address to believe
 
 
 @dataclass(slots=True)
@@ -73,206 +70,11 @@ class ResponseInfo:
     ended: bool = False  # the final bytes went to run_wsgi's `last` callback
 
 
-class BadRequest(ProtocolError):
-    """The request cannot be given to the app; answer `status` (its
-    `status_hint`) and close."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message, status_hint=status)
-        self.status = status
-        self.message = message
-
-
 class ApplicationError(ProtocolError, RuntimeError):
     """The app broke a PEP 3333 rule (bad status/headers, no start_response...)."""
 
     def __init__(self, msg: str, *, status_hint: int = 500) -> None:
         super().__init__(msg, status_hint=status_hint)
-
-
-class _Readable(Protocol):
-    def read(self, size: int = ..., /) -> bytes: ...
-
-
-class FileWrapper:
-    """wsgi.file_wrapper (PEP 3333 "Optional Platform-Specific File Handling")."""
-
-    def __init__(self, filelike: _Readable, blksize: int = 8192) -> None:
-        self.filelike = filelike
-        self.blksize = blksize
-
-    def __iter__(self) -> Iterator[bytes]:
-        while block := self.filelike.read(self.blksize):
-            yield block
-
-    def close(self) -> None:
-        close = getattr(self.filelike, "close", None)
-        if close is not None:
-            close()
-
-
-def _header(headers: Headers, name: bytes) -> str | None:
-    """A client header as str; repeats joined (RFC 9110 5.3), cookies with '; '."""
-    value = headers.get(name)
-    if value is None:
-        return None
-    if isinstance(value, list):
-        value = (b"; " if name == b"cookie" else b", ").join(value)
-    return value.decode("latin-1")
-
-
-def _tokens(value: str | None) -> set[str]:
-    return {t.strip().lower() for t in value.split(",")} if value else set()
-
-
-def _server_address(host: str | None, scheme: str, settings: WsgiSettings) -> tuple[str, str]:
-    if not host:
-        return settings.server_name, settings.server_port
-    default_port = "443" if scheme == "https" else "80"
-    if host.startswith("["):  # IPv6 literal: "[::1]:8080"
-        name, _, rest = host.partition("]")
-        name, port = name + "]", rest[1:] if rest.startswith(":") else ""
-    else:
-        name, _, port = host.partition(":")
-    return name, port if port.isascii() and port.isdigit() else default_port
-
-
-def _open_upload(upload_path: bytes, upload_dir: str | None) -> BinaryIO:
-    """Open the temp_store file named by a client-forgeable path, only inside upload_dir."""
-    if upload_dir is None:
-        raise BadRequest(400, "uploads are not accepted here")
-    name = os.fsdecode(os.path.basename(upload_path))
-    if name in ("", ".", "..") or "\0" in name:
-        raise BadRequest(400, "invalid upload path")
-    real_dir = os.path.realpath(upload_dir)
-    candidate = os.path.join(real_dir, name)
-    if os.path.dirname(os.path.realpath(candidate)) != real_dir:  # symlink escape
-        raise BadRequest(400, "upload path outside the upload folder")
-
-    def opener(path: str, flags: int) -> int:
-        # O_NOFOLLOW: no symlink swapped in after the check; O_NONBLOCK: a FIFO can't hang us.
-        return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
-
-    try:
-        file = open(candidate, "rb", opener=opener)  # noqa: SIM115 - closed by run_wsgi
-    except OSError as exc:
-        raise BadRequest(400, f"upload file unreadable: {exc.strerror}") from exc
-    if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-        file.close()
-        raise BadRequest(400, "upload path is not a regular file")
-    os.set_blocking(file.fileno(), True)
-    return file
-
-
-# Caches of pure functions of client- or app-chosen strings, bounded so that a
-# client sending ever new header names cannot grow them: once full, the value
-# is computed each time (same result, only slower).
-_CACHE_MAX = 1024
-_SKIP = ""  # _ENVIRON_KEYS value of a request header the environ does not carry
-_ENVIRON_KEYS: dict[bytes, str] = {}  # client header name -> environ key, or _SKIP
-_SERVER_ADDRESSES: dict[tuple[bytes, str], tuple[str, str]] = {}
-# The last (settings, errors) and their constant environ: a process has one of each.
-_constant: tuple[WsgiSettings | None, TextIO | None, dict[str, Any]] = (None, None, {})
-
-
-def _environ_key(key: bytes) -> str:
-    """The environ key of client header `key` (PEP 3333 "environ Variables"), or _SKIP."""
-    # Mongrel2 lowercases client names, so any uppercase key is its own (MONGREL2.md);
-    # '_' names are dropped as werkzeug does: they would collide with '-' ones.
-    if key in _UPLOAD_HEADERS or b"_" in key or key.lower() != key:
-        return _SKIP
-    name = key.decode("latin-1")
-    if not _TOKEN_RE.fullmatch(name) or name == "content-length":  # length: from the body
-        return _SKIP
-    if name == "content-type":  # PEP 3333: no HTTP_ prefix
-        return "CONTENT_TYPE"
-    return "HTTP_" + name.upper().replace("-", "_")
-
-
-def _constant_environ(settings: WsgiSettings, errors: TextIO) -> dict[str, Any]:
-    """The environ entries that are the same for every request of this process."""
-    global _constant
-    last_settings, last_errors, environ = _constant
-    if last_settings is not settings or last_errors is not errors:
-        environ = {
-            "wsgi.version": (1, 0),
-            "wsgi.errors": errors,
-            "wsgi.multithread": settings.multithread,
-            "wsgi.multiprocess": settings.multiprocess,
-            "wsgi.run_once": False,
-            "wsgi.file_wrapper": FileWrapper,
-            "wsgi.input_terminated": True,  # the whole body is here: reading to EOF is safe
-        }
-        _constant = (settings, errors, environ)  # one assignment: atomic for other threads
-    return environ
-
-
-def build_environ(request: HttpRequest | UploadDone, *, script_name: str, path_info: str,
-                  settings: WsgiSettings, errors: TextIO,
-                  body: BodyInput | None = None) -> dict[str, Any]:
-    """The PEP 3333 environ ("environ Variables"); opens the upload for UploadDone."""
-    headers = request.headers
-    raw_scheme = headers.get(b"URL_SCHEME")
-    if raw_scheme == b"http" or raw_scheme is None:
-        scheme = "http"
-    else:
-        scheme = (_header(headers, b"URL_SCHEME") or "http").lower()
-        scheme = scheme if scheme in ("http", "https") else "http"
-    query = _header(headers, b"QUERY") or ""
-    uri = _header(headers, b"URI")
-    if uri is None:
-        uri = request.path.decode("latin-1") + ("?" + query if query else "")
-    raw_host = headers.get(b"host")
-    if type(raw_host) is bytes and raw_host:
-        address = _SERVER_ADDRESSES.get((raw_host, scheme))
-        if address is None:
-            address = _server_address(raw_host.decode("latin-1"), scheme, settings)
-            if len(_SERVER_ADDRESSES) < _CACHE_MAX:
-                _SERVER_ADDRESSES[raw_host, scheme] = address
-    else:
-        address = _server_address(_header(headers, b"host"), scheme, settings)
-    environ = _constant_environ(settings, errors).copy()
-    environ["REQUEST_METHOD"] = _header(headers, b"METHOD") or "GET"
-    environ["SCRIPT_NAME"] = script_name
-    environ["PATH_INFO"] = path_info
-    environ["QUERY_STRING"] = query
-    environ["SERVER_NAME"], environ["SERVER_PORT"] = address
-    environ["SERVER_PROTOCOL"] = _header(headers, b"VERSION") or "HTTP/1.0"
-    environ["REQUEST_URI"] = environ["RAW_URI"] = uri
-    environ["wsgi.url_scheme"] = scheme
-    environ["scale0.conn_id"] = request.conn_id
-    remote_addr = _header(headers, b"REMOTE_ADDR")
-    if remote_addr is not None:
-        environ["REMOTE_ADDR"] = remote_addr
-    keys = _ENVIRON_KEYS
-    for key, value in headers.items():
-        environ_key = keys.get(key)
-        if environ_key is None:
-            environ_key = _environ_key(key)
-            if len(keys) < _CACHE_MAX:
-                keys[key] = environ_key
-        if environ_key:
-            if type(value) is bytes:
-                environ[environ_key] = value.decode("latin-1")
-            else:
-                environ[environ_key] = _header(headers, key) or ""
-    apply_forwarded(environ, headers, settings.forwarded)  # core/forwarded.py
-    if body is not None:  # upload.stream: the body arrives as the app reads (core/bodystream.py)
-        environ["wsgi.input"] = body
-        length = headers.get(b"content-length")
-        if type(length) is bytes and length.isdigit():
-            environ["CONTENT_LENGTH"] = length.decode("ascii")
-        else:  # chunked: the length is not known; the input ends with the body
-            environ.pop("CONTENT_LENGTH", None)
-    elif isinstance(request, UploadDone):
-        file = _open_upload(request.upload_path, settings.upload_dir)
-        environ["wsgi.input"] = file
-        environ["CONTENT_LENGTH"] = str(os.fstat(file.fileno()).st_size)
-    else:
-        environ["wsgi.input"] = io.BytesIO(request.body)
-        if request.body or b"content-length" in headers:
-            environ["CONTENT_LENGTH"] = str(len(request.body))
-    return environ
 
 
 class _Response:
@@ -286,7 +88,7 @@ class _Response:
         self.head_only = request.method == b"HEAD"
         self.http11 = request.header(b"VERSION") == b"HTTP/1.1"
         if b"connection" in request.headers:
-            connection = _tokens(_header(request.headers, b"connection"))
+            connection = header_tokens(header_text(request.headers, b"connection"))
             self.request_close = "close" in connection
             self.request_keep_alive = "keep-alive" in connection
         else:
@@ -326,7 +128,7 @@ class _Response:
             if not _STATUS_RE.fullmatch(status):
                 raise ApplicationError(f"invalid status {status!r}")
             code = int(status[:3])
-            if len(_STATUS_CODES) < _CACHE_MAX:
+            if len(_STATUS_CODES) < CACHE_MAX:
                 _STATUS_CODES[status] = code
         kept: list[tuple[str, str]] = []
         app_length: int | None = None
@@ -339,10 +141,10 @@ class _Response:
             name, value = item
             lname = names.get(name)
             if lname is None:
-                if not _TOKEN_RE.fullmatch(name):
+                if not TOKEN_RE.fullmatch(name):
                     raise ApplicationError(f"invalid header {name!r}: {value!r}")
                 lname = name.lower()
-                if len(names) < _CACHE_MAX:
+                if len(names) < CACHE_MAX:
                     names[name] = lname
             # Printable ASCII (0x20-0x7e) is what _VALUE_RE accepts outside HTAB and 0x80-0xff.
             if not (value.isascii() and value.isprintable()) and not _VALUE_RE.fullmatch(value):
@@ -357,7 +159,7 @@ class _Response:
                 elif app_length != int(value):  # RFC 9112 6.3: conflicting lengths
                     raise ApplicationError("conflicting Content-Length headers")
             elif lname in _HOP_BY_HOP:
-                tokens = _tokens(value) if lname == "connection" else {lname}
+                tokens = header_tokens(value) if lname == "connection" else {lname}
                 app_close = app_close or "close" in tokens
                 if tokens - {"close"} and lname not in _warned_hop_by_hop:
                     _warned_hop_by_hop.add(lname)

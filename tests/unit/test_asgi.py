@@ -1,5 +1,5 @@
 """The pure ASGI pieces (scale0/worker/asgi.py) and the per-connection state of the
-runtime (asgi_worker._Http, _WebSocket) on byte fixtures shaped like what
+runtime (asgi_http.HttpCycle, asgi_websocket.WebSocketCycle) on byte fixtures shaped like what
 Mongrel2 1.12 sends (tnetstring handler protocol)."""
 
 from __future__ import annotations
@@ -16,9 +16,15 @@ import tnetstring
 from scale0.wire import mongrel2 as m2
 from scale0.wire import s0w1 as p
 from scale0.worker import asgi
-from scale0.worker.asgi_loop import AsgiSettings, ClientDisconnected, _Http, _Link, _WebSocket
+from scale0.worker.asgi_cycle import ClientDisconnected
+from scale0.worker.asgi_http import HttpCycle
+from scale0.worker.asgi_link import AsgiLink
+from scale0.worker.asgi_loop import AsgiSettings
+from scale0.worker.asgi_websocket import WebSocketCycle
+from scale0.worker.link import LinkSettings
 
 SENDER = b"5ca1e000-0000-4000-8000-0000000e2e01"
+LINK = LinkSettings(heartbeat_s=1.0, liveness=3, reconnect_max_s=10.0)  # of the stand-in link
 ACCEPT = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
 
 
@@ -229,7 +235,7 @@ class FakeWorker:
         self.sent: list[list[bytes]] = []
         self.tasks: list[asyncio.Task[None]] = []
 
-    def send(self, link: _Link, frames: list[bytes]) -> None:
+    def send(self, link: AsgiLink, frames: list[bytes]) -> None:
         self.sent.append(frames)
 
     def spawn(self, coro: Any) -> asyncio.Task[None]:
@@ -252,8 +258,8 @@ def ws_frame(flags: int, body: bytes) -> m2.Message:
                                                   b"FLAGS": b"0x%X" % flags}, body))
 
 
-async def open_ws(worker: FakeWorker) -> _WebSocket:
-    ws = _WebSocket(worker, _Link(0, "e"), b"\x00" * 8, handshake(), "/chat", 0.0)
+async def open_ws(worker: FakeWorker) -> WebSocketCycle:
+    ws = WebSocketCycle(worker, AsgiLink(0, "e", b"", LINK), b"\x00" * 8, handshake(), "/chat", 0.0)
     assert (await ws.receive()) == {"type": "websocket.connect"}
     await ws.send({"type": "websocket.accept"})
     ((flag, (body,)),) = worker.replies()
@@ -323,7 +329,7 @@ def test_fragments_are_reassembled() -> None:
 def test_websocket_close_before_accept_is_403_and_cancel_is_1006() -> None:
     async def main() -> None:
         w = FakeWorker()
-        ws = _WebSocket(w, _Link(0, "e"), b"\x00" * 8, handshake(), "", 0.0)
+        ws = WebSocketCycle(w, AsgiLink(0, "e", b"", LINK), b"\x00" * 8, handshake(), "", 0.0)
         await ws.receive()
         await ws.send({"type": "websocket.close", "code": 1000})
         ((flag, (body, close)),) = w.replies()
@@ -340,7 +346,7 @@ def test_http_flow_control_splits_a_body_within_credits() -> None:
     async def main() -> None:
         w = FakeWorker()
         event = request(extra={b"DOWNLOAD_CREDITS": b"10"})
-        http = _Http(w, _Link(0, "e"), b"\x00" * 8, event, "", 0.0)
+        http = HttpCycle(w, AsgiLink(0, "e", b"", LINK), b"\x00" * 8, event, "", 0.0)
         await http.send({"type": "http.response.start", "status": 200,
                          "headers": [(b"content-length", b"30")]})
         task = asyncio.get_running_loop().create_task(

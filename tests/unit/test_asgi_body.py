@@ -1,4 +1,4 @@
-"""Streamed request bodies at the ASGI worker (asgi_worker._Http + scale0/core/bodystream.py)
+"""Streamed request bodies at the ASGI worker (asgi_http.HttpCycle + scale0/core/bodystream.py)
 against a stand-in worker that records what would go to the broker: READ
 credits out, BODY pieces in, `http.request` events with more_body to the app."""
 
@@ -12,8 +12,9 @@ from typing import Any
 from scale0.core.bodystream import WINDOW_BYTES
 from scale0.wire import mongrel2 as m2
 from scale0.wire import s0w1 as p
-from scale0.worker.asgi_loop import _Http, _Link
-from tests.unit.test_asgi import FakeWorker, request
+from scale0.worker.asgi_http import HttpCycle
+from scale0.worker.asgi_link import AsgiLink
+from tests.unit.test_asgi import LINK, FakeWorker, request
 
 RID = b"\x00" * 7 + b"\x09"
 
@@ -58,7 +59,7 @@ class Recorder:
         await send({"type": "http.response.body", "body": text})
 
 
-async def pump(w: FakeWorker, http: _Http, task: asyncio.Task[None], body: bytes,
+async def pump(w: FakeWorker, http: HttpCycle, task: asyncio.Task[None], body: bytes,
                sent: int, piece: int) -> int:
     """Play Mongrel2 and the broker: send pieces only as credited; the most
     credits ever outstanding plus buffered at the worker."""
@@ -81,7 +82,8 @@ def test_a_streamed_body_comes_as_credited_and_reaches_the_app_whole() -> None:
     async def main() -> None:
         w = FakeWorker()
         body = random.Random(5).randbytes(1_000_000)
-        http = _Http(w, _Link(0, "e"), RID, streamed(body[:1000], len(body)), "", 0.0)
+        http = HttpCycle(w, AsgiLink(0, "e", b"", LINK), RID, streamed(body[:1000], len(body)),
+                         "", 0.0)
         app = Recorder()
         task = asyncio.get_running_loop().create_task(http.run(app))
         peak = await pump(w, http, task, body, 1000, 20480)
@@ -99,7 +101,7 @@ def test_a_chunked_body_ends_with_its_last_piece() -> None:
     async def main() -> None:
         w = FakeWorker()
         body = random.Random(6).randbytes(300_000)
-        http = _Http(w, _Link(0, "e"), RID, streamed(b"", None), "", 0.0)
+        http = HttpCycle(w, AsgiLink(0, "e", b"", LINK), RID, streamed(b"", None), "", 0.0)
         app = Recorder()
         task = asyncio.get_running_loop().create_task(http.run(app))
         await pump(w, http, task, body, 0, 65536)
@@ -112,7 +114,7 @@ def test_a_chunked_body_ends_with_its_last_piece() -> None:
 def test_a_cancel_while_the_app_waits_for_body_is_http_disconnect() -> None:
     async def main() -> None:
         w = FakeWorker()
-        http = _Http(w, _Link(0, "e"), RID, streamed(b"", 100_000), "", 0.0)
+        http = HttpCycle(w, AsgiLink(0, "e", b"", LINK), RID, streamed(b"", 100_000), "", 0.0)
         app = Recorder()
         task = asyncio.get_running_loop().create_task(http.run(app))
         while not w.sent:
@@ -130,7 +132,7 @@ def test_a_cancel_while_the_app_waits_for_body_is_http_disconnect() -> None:
 def test_a_body_longer_than_declared_is_400() -> None:
     async def main() -> None:
         w = FakeWorker()
-        http = _Http(w, _Link(0, "e"), RID, streamed(b"ab", 10), "", 0.0)
+        http = HttpCycle(w, AsgiLink(0, "e", b"", LINK), RID, streamed(b"ab", 10), "", 0.0)
         task = asyncio.get_running_loop().create_task(http.run(Recorder()))
         while not w.sent:
             await asyncio.sleep(0)
@@ -147,7 +149,7 @@ def test_an_inline_body_is_one_event_and_asks_for_nothing() -> None:
         w = FakeWorker()
         event = request(b"/up", method=b"POST", body=b"hello",
                         extra={b"content-length": b"5"})
-        http = _Http(w, _Link(0, "e"), RID, event, "", 0.0)
+        http = HttpCycle(w, AsgiLink(0, "e", b"", LINK), RID, event, "", 0.0)
         app = Recorder()
         await http.run(app)
         assert app.events == [{"type": "http.request", "body": b"hello", "more_body": False}]
