@@ -315,10 +315,33 @@ def test_a_5_s_link_cut_under_load_no_hang_and_service_back(hosts: Hosts) -> Non
 def test_a_broker_host_cut_and_the_other_broker_carries_on(hosts: Hosts) -> None:
     """Broker B's host is cut off: the relay expires B (heartbeat x liveness),
     closes B's client connections and deals new ones to A only; service goes
-    on. B comes back and joins again."""
-    def served_b() -> int:
-        return sum(w["served"] for w in hosts.status(hosts.control_b)["workers"])
+    on. B comes back and joins again: new connections go to it again.
 
+    The relay deals connections, not requests (sticky connections,
+    protocol.md Appendix B): the load's keep-alive connections stay with the
+    broker that got their first request, so the load reaches B only if B had
+    joined when they opened, and after the cut (when B's were closed and
+    reopened at A) never again. B taking part is seen on new connections."""
+    def served_b(service: str = "remote") -> int:
+        return sum(w["served"] for w in hosts.status(hosts.control_b)["workers"]
+                   if service in w["services"])
+
+    def b_takes_new_connections() -> bool:
+        """One request on a new connection, to `local` (served at both
+        brokers, and by none of the load's requests, so no request B held
+        from before the cut counts): the relay deals new connections to the
+        broker it used least recently, so one in two goes to B once B has
+        joined."""
+        before = served_b("local")
+        try:
+            ok = hosts.get("/local/", 10).status_code == 200
+        except requests.RequestException:
+            return False
+        return ok and served_b("local") > before
+
+    # B says HELLO to the relay only when its startup grace ends, which may be
+    # after the fixture's first requests (all answered by A).
+    wait_for(b_takes_new_connections, 30, "broker B to take new connections", 0.2)
     with NsLoad(hosts.net.ns("front"), lambda n: f"{HTTP}/remote/?{n}", clients=4,
                 max_s=120, timeout_s=10) as load:
         load.wait_more(40)
@@ -339,8 +362,7 @@ def test_a_broker_host_cut_and_the_other_broker_carries_on(hosts: Hosts) -> None
             time.sleep(max(0.0, 5 - (time.monotonic() - cut_at)))
         finally:
             hosts.net.link("b2", up=True)
-        before = served_b()
-        wait_for(lambda: served_b() > before, 60, "broker B serving again", 0.5)
+        wait_for(b_takes_new_connections, 60, "broker B serving again", 0.5)
         load.wait_more(20)
     # A request in flight at B when its host went away cannot be answered:
     # the relay (given Mongrel2's recv_spec) closes B's client connections
