@@ -14,7 +14,7 @@ STAMP  := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 CONFIG ?= scale0.toml
 
-.PHONY: run test unit e2e lint bench bench-long profile deps mongrel2 browser nftables wrk nginx clean
+.PHONY: run test unit integration e2e lint bench bench-long profile deps mongrel2 browser nftables wrk nginx clean
 
 run: deps
 	$(BIN)/scale0 up --config $(CONFIG) --exit-with-parent
@@ -24,6 +24,9 @@ test: deps browser nftables
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
+
+integration: deps
+	$(BIN)/python -m pytest -q tests/integration
 
 e2e: deps browser nftables
 	$(BIN)/python -m pytest -q tests/e2e

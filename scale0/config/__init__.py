@@ -32,7 +32,7 @@ setting to a field or parameter by its `to` name (`queue_timeout` ->
 here (`default(WsgiConfig, "threads")`), with one exception the layering
 forces: core/ imports nothing outside wire/ and core/, so the settings that
 `DispatchSettings` (core/dispatch.py) holds are declared here with its
-defaults as theirs. tests/unit/test_settings_inside.py checks both: every name
+defaults as theirs. tests/integration/test_settings_inside.py checks both: every name
 an internal object takes is a setting or listed as its own, and every
 internal default equals the declared one.
 

@@ -40,7 +40,7 @@ from scale0.ops.accesslog import FIELDS as ACCESS_LOG_FIELDS
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # The broker's dispatch settings keep their defaults in core/dispatch.py:
-# core/ may import nothing outside wire/ and core/ (tests/unit/test_purity.py),
+# core/ may import nothing outside wire/ and core/ (tests/integration/test_purity.py),
 # so it cannot read them from here; these declarations read them from there
 # instead, and each default is still written once.
 _D = DispatchSettings()

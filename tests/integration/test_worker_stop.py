@@ -8,7 +8,7 @@ import threading
 
 from scale0.wire import s0w1 as p
 from scale0.worker.process import ReplyStream, Worker, WorkerSettings
-from tests.unit.test_worker import RESPONSE, Cmd, FakeBroker, broker, request_message
+from tests.integration.test_worker import RESPONSE, Cmd, FakeBroker, broker, request_message
 
 __all__ = ["broker"]  # the fixture
 

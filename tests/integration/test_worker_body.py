@@ -14,7 +14,7 @@ import tnetstring
 
 from scale0.wire import s0w1 as p
 from scale0.worker.process import ReplyStream, Worker, WorkerSettings
-from tests.unit.test_worker import SENDER, FakeBroker
+from tests.integration.test_worker import SENDER, FakeBroker
 
 Cmd = p.Command
 

@@ -1,4 +1,4 @@
-"""A Pool of fake workers, for tests/unit/test_supervise.py (run as a script).
+"""A Pool of fake workers, for tests/integration/test_supervise.py (run as a script).
 
 argv: DIR SIZE [KEY=VALUE ...] (Pool keyword arguments). A fake worker
 behaves as the files in DIR say: `broken` -> it cannot boot (BOOT_FAILED);

@@ -17,8 +17,7 @@ from scale0.core.dispatch import Dispatcher, DispatchSettings, Done
 from scale0.ops import control as c
 from scale0.ops import ctl
 from scale0.wire import s0w1 as p
-
-from .test_dispatch import SENDER, m2_request, ok_reply
+from tests.unit.test_dispatch import SENDER, m2_request, ok_reply
 
 NOW = 100.0
 
