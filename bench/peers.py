@@ -154,74 +154,49 @@ def _start_nginx(scenario: Scenario, tmp: Path, upstream_port: int,
                                extra_logs=(prefix / "error.log",), child_role="nginx worker"))
 
 
-def start_gunicorn(tmp: Path) -> Scenario:
+def _start_peer(tmp: Path, name: str, process: str, argv: list[str],
+                websocket: bool = False) -> Scenario:
+    """nginx -> `argv` (a server of WORKERS processes named `process`) on a
+    free upstream port; every peer starts, and is waited for, this way."""
     tmp.mkdir(parents=True, exist_ok=True)
-    scenario = Scenario("gunicorn", free_port())
+    scenario = Scenario(name, free_port())
     try:
         upstream = free_port()
-        argv = [_venv_tool("gunicorn"), "-w", str(WORKERS), "-k", "sync",
-                "-b", f"127.0.0.1:{upstream}"]
-        if gunicorn_has_no_control_socket():
-            argv.append("--no-control-socket")
-        scenario.procs.append(Proc("gunicorn", [*argv, APP], ROOT, tmp,
-                                   child_role="gunicorn worker"))
-        _start_nginx(scenario, tmp, upstream)
+        argv = [part.replace("{port}", str(upstream)) for part in argv]
+        scenario.procs.append(Proc(process, argv, ROOT, tmp, child_role=f"{process} worker"))
+        _start_nginx(scenario, tmp, upstream, websocket=websocket)
         scenario.wait_ready()
-        scenario.wait_children("gunicorn", WORKERS)
+        scenario.wait_children(process, WORKERS)
     except BaseException:
         scenario.stop()
         raise
     return scenario
+
+
+def start_gunicorn(tmp: Path) -> Scenario:
+    """nginx -> gunicorn, WORKERS sync workers, serving APP."""
+    argv = [_venv_tool("gunicorn"), "-w", str(WORKERS), "-k", "sync", "-b", "127.0.0.1:{port}"]
+    if gunicorn_has_no_control_socket():
+        argv.append("--no-control-socket")
+    return _start_peer(tmp, "gunicorn", "gunicorn", [*argv, APP])
 
 
 def start_granian(tmp: Path) -> Scenario:
-    tmp.mkdir(parents=True, exist_ok=True)
-    scenario = Scenario("granian", free_port())
-    try:
-        upstream = free_port()
-        argv = [_venv_tool("granian"), "--interface", "wsgi", "--workers", str(WORKERS),
-                "--no-ws", "--host", "127.0.0.1", "--port", str(upstream), APP]
-        scenario.procs.append(Proc("granian", argv, ROOT, tmp, child_role="granian worker"))
-        _start_nginx(scenario, tmp, upstream)
-        scenario.wait_ready()
-        scenario.wait_children("granian", WORKERS)
-    except BaseException:
-        scenario.stop()
-        raise
-    return scenario
+    """nginx -> granian --interface wsgi, WORKERS workers, serving APP."""
+    return _start_peer(tmp, "granian", "granian", [
+        _venv_tool("granian"), "--interface", "wsgi", "--workers", str(WORKERS),
+        "--no-ws", "--host", "127.0.0.1", "--port", "{port}", APP])
 
 
 def start_uvicorn(tmp: Path) -> Scenario:
     """nginx -> uvicorn --workers 2 serving ASGI_APP (HTTP and the /ws echo)."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    scenario = Scenario("uvicorn", free_port())
-    try:
-        upstream = free_port()
-        argv = [_venv_tool("uvicorn"), "--workers", str(WORKERS), "--host", "127.0.0.1",
-                "--port", str(upstream), "--no-access-log", "--ws", "websockets", ASGI_APP]
-        scenario.procs.append(Proc("uvicorn", argv, ROOT, tmp, child_role="uvicorn worker"))
-        _start_nginx(scenario, tmp, upstream, websocket=True)
-        scenario.wait_ready()
-        scenario.wait_children("uvicorn", WORKERS)
-    except BaseException:
-        scenario.stop()
-        raise
-    return scenario
+    return _start_peer(tmp, "uvicorn", "uvicorn", [
+        _venv_tool("uvicorn"), "--workers", str(WORKERS), "--host", "127.0.0.1",
+        "--port", "{port}", "--no-access-log", "--ws", "websockets", ASGI_APP], websocket=True)
 
 
 def start_granian_asgi(tmp: Path) -> Scenario:
     """nginx -> granian --interface asgi --workers 2 serving ASGI_APP."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    scenario = Scenario("granian asgi", free_port())
-    try:
-        upstream = free_port()
-        argv = [_venv_tool("granian"), "--interface", "asgi", "--workers", str(WORKERS),
-                "--host", "127.0.0.1", "--port", str(upstream), ASGI_APP]
-        scenario.procs.append(Proc("granian", argv, ROOT, tmp, child_role="granian worker"))
-        _start_nginx(scenario, tmp, upstream, websocket=True)
-        scenario.wait_ready()
-        scenario.wait_children("granian", WORKERS)
-    except BaseException:
-        scenario.stop()
-        raise
-    return scenario
+    return _start_peer(tmp, "granian asgi", "granian", [
+        _venv_tool("granian"), "--interface", "asgi", "--workers", str(WORKERS),
+        "--host", "127.0.0.1", "--port", "{port}", ASGI_APP], websocket=True)

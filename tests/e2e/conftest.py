@@ -234,8 +234,26 @@ class Stack:
         """A worker pool; `upload_dir`: given Mongrel2's upload folder (shared disk).
         `ready`: wait for its READY line (its processes are WELCOMEd by the
         brokers); False for a pool that is never let in."""
-        argv = [sys.executable, "-m", "scale0.cli", "wsgi", app,
-                "--processes", str(processes), "--threads", str(threads),
+        return self._start_workers("wsgi", "pool", app, ["--threads", str(threads), *args],
+                                   service, routes, processes, env, connect, upload_dir, ready)
+
+    def start_asgi(self, app: str, *args: str, service: str | None = None,
+                   routes: tuple[str, ...] = ("/",), processes: int = 1,
+                   concurrency: int = 50, env: dict[str, str] | None = None,
+                   ready: bool = True) -> Proc:
+        """A `scale0 asgi` pool (apps from tests/e2e/asgi_apps.py); `ready` as
+        for start_pool."""
+        return self._start_workers("asgi", "asgi", app,
+                                   ["--concurrency", str(concurrency), *args],
+                                   service, routes, processes, env, None, True, ready)
+
+    def _start_workers(self, command: str, label: str, app: str, args: list[str],
+                       service: str | None, routes: tuple[str, ...], processes: int,
+                       env: dict[str, str] | None, connect: list[str] | None,
+                       upload_dir: bool, ready: bool) -> Proc:
+        """`scale0 wsgi|asgi APP`: what start_pool and start_asgi share."""
+        argv = [sys.executable, "-m", "scale0.cli", command, app,
+                "--processes", str(processes),
                 *(("--upload-dir", str(self.m2.upload_dir)) if upload_dir else ()), *args]
         for endpoint in connect or self.broker_endpoints:
             argv += ["--connect", endpoint]
@@ -244,30 +262,7 @@ class Stack:
         for route in routes:
             argv += ["--route", route]
         env = {"PYTHONPATH": f"{APPS_DIR}{os.pathsep}{ROOT}", **(env or {})}
-        proc = Proc(f"pool-{service or app.replace(':', '-')}-{len(self.procs)}", argv,
-                    self.tmp, env)
-        self.procs.append(proc)
-        if ready:
-            proc.wait_ready()
-        return proc
-
-    def start_asgi(self, app: str, *args: str, service: str | None = None,
-                   routes: tuple[str, ...] = ("/",), processes: int = 1,
-                   concurrency: int = 50, env: dict[str, str] | None = None,
-                   ready: bool = True) -> Proc:
-        """A `scale0 asgi` pool (apps from tests/e2e/asgi_apps.py); `ready` as
-        for start_pool."""
-        argv = [sys.executable, "-m", "scale0.cli", "asgi", app, "--processes", str(processes),
-                "--concurrency", str(concurrency), "--upload-dir", str(self.m2.upload_dir),
-                *args]
-        for endpoint in self.broker_endpoints:
-            argv += ["--connect", endpoint]
-        if service:
-            argv += ["--service", service]
-        for route in routes:
-            argv += ["--route", route]
-        env = {"PYTHONPATH": f"{APPS_DIR}{os.pathsep}{ROOT}", **(env or {})}
-        proc = Proc(f"asgi-{service or app.replace(':', '-')}-{len(self.procs)}", argv,
+        proc = Proc(f"{label}-{service or app.replace(':', '-')}-{len(self.procs)}", argv,
                     self.tmp, env)
         self.procs.append(proc)
         if ready:
