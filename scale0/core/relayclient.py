@@ -53,7 +53,9 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class Disconnect:
-    """Leave the relay for good: nothing more will be read from it."""
+    """Leave the relay for good: nothing more will be read from it. The
+    link keeps the connection until the broker exits, so replies already
+    queued for the relay still go out."""
 
 
 DISCONNECT: Final = Disconnect()

@@ -264,11 +264,12 @@ class RelayLink(Link):
                 except zmq.ZMQError:
                     continue
                 self.client.sent(action.frame)
-            else:  # Disconnect: BYE came (nothing follows it), or the relay did not answer
-                try:
-                    self.dealer.disconnect(self.spec.send_spec)
-                except zmq.ZMQError:
-                    pass
+            # Disconnect (BYE came, or the relay did not answer): `closed` is
+            # now true, so the loop stops reading the DEALER. It stays
+            # connected until close() at exit, whose LINGER sends the replies
+            # still queued in it: zmq_disconnect would drop them (libzmq ends
+            # the pipe without delay), losing answers to requests read
+            # between LEAVE and BYE (tests/integration/test_relay_link.py).
 
     def status(self) -> dict[str, Any]:
         joined = self.client.joined

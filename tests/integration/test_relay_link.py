@@ -1,0 +1,170 @@
+"""A broker's relay link over real sockets: a fake relay (a ROUTER speaking
+S0R1) and a raw S0W1 worker, the broker's own loop in a thread.
+
+The case here is the end of the handover when replies go through the
+relay: requests the relay sent before it read our LEAVE are answered after
+it, and their replies must reach the relay even when BYE comes right after
+them. `zmq_disconnect` drops what a DEALER still has queued, so the broker
+must not disconnect its link once replies can be in it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import zmq
+
+from scale0.net.broker import Broker, LinkSpec
+from scale0.wire import s0r1
+from scale0.wire import s0w1 as p
+from tests.unit.test_dispatch import SENDER, m2_request
+
+# Large enough that the broker's last replies still wait in its DEALER (not
+# yet in the kernel) when BYE comes, as they do on a loaded machine.
+PAYLOAD = b"x" * 65536
+BODY = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(PAYLOAD), PAYLOAD)
+
+
+def _wait(ready: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+class RawWorker(threading.Thread):
+    """Answers every REQUEST at once with one LAST REPLY; counts the answers."""
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> None:
+        super().__init__(daemon=True)
+        self.ctx, self.endpoint = ctx, endpoint
+        self.welcomed = threading.Event()
+        self.stopping = threading.Event()
+        self.answered = 0
+
+    def run(self) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        hello = {"services": [{"name": "app", "routes": ["/"]}], "capacity": 1000,
+                 "worker": "raw", "heartbeat_ms": 1000}
+        sock.send_multipart([p.VERSION, p.CMD[p.Command.HELLO], json.dumps(hello).encode()])
+        try:
+            while not self.stopping.is_set():
+                if not sock.poll(20):
+                    continue
+                frames = sock.recv_multipart()
+                command = frames[1]
+                if command == p.CMD[p.Command.WELCOME]:
+                    self.welcomed.set()
+                elif command == p.CMD[p.Command.REQUEST]:
+                    raw = frames[5]
+                    sender, conn_id = raw.split(b" ", 2)[:2]
+                    reply = b"%s %d:%s, %s" % (sender, len(conn_id), conn_id, BODY)
+                    sock.send_multipart([p.VERSION, p.CMD[p.Command.REPLY], frames[2],
+                                         b"\x01", reply])
+                    self.answered += 1
+        finally:
+            sock.close(0)
+
+
+class FakeRelay:
+    """The relay's end of S0R1: a ROUTER that collects the replies it is sent."""
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.broker = b""  # the broker's routing id, from its HELLO
+        self.replies: list[bytes] = []
+
+    def expect(self, command: bytes, timeout_s: float = 10.0) -> None:
+        """Read until the broker sends `command`, collecting replies meanwhile."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.sock.poll(20):
+                continue
+            ident, *frames = self.sock.recv_multipart()
+            message = s0r1.split_from_broker(frames)
+            if isinstance(message, s0r1.Replies):
+                self.replies.extend(message.replies)
+            elif message.split(b" ")[0] == command:
+                self.broker = ident
+                return
+        raise AssertionError(f"the broker sent no {command!r}")
+
+    def collect(self, n: int, timeout_s: float = 10.0, *, slowly: bool = False) -> None:
+        """Up to `n` replies in all. `slowly`: a relay that reads one message
+        per millisecond, so the broker's side of the link stays backed up."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.replies) < n and time.monotonic() < deadline:
+            if slowly:
+                time.sleep(0.001)
+            if self.sock.poll(20):
+                _, *frames = self.sock.recv_multipart()
+                message = s0r1.split_from_broker(frames)
+                if isinstance(message, s0r1.Replies):
+                    self.replies.extend(message.replies)
+
+    def send_requests(self, conn_ids: range) -> None:
+        self.sock.send_multipart([self.broker, *(m2_request(c, b"/") for c in conn_ids)])
+
+    def send(self, control: s0r1.Control) -> None:
+        self.sock.send_multipart([self.broker, *s0r1.control_message(control)])
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    yield context
+    context.term()
+
+
+def test_replies_to_requests_read_between_leave_and_bye_reach_the_relay(
+        ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    relay = FakeRelay(ctx)
+    broker = Broker([LinkSpec.parse(f"relay+tcp://127.0.0.1:{relay.port}")],
+                    "tcp://127.0.0.1:0", context=ctx, startup_grace_s=0.0)
+
+    def run() -> None:
+        try:
+            broker.run()
+        finally:
+            broker.close()
+
+    loop = threading.Thread(target=run, daemon=True)
+    worker: RawWorker | None = None
+    try:
+        loop.start()
+        _wait(lambda: bool(broker.endpoint), "the broker to bind")
+        worker = RawWorker(ctx, broker.endpoint)
+        worker.start()
+        assert worker.welcomed.wait(10), "the broker did not WELCOME the worker"
+        relay.expect(s0r1.HELLO)
+        relay.send_requests(range(1, 21))
+        relay.collect(20)
+        assert len(relay.replies) == 20
+        broker.stop()
+        relay.expect(s0r1.DRAIN)
+        relay.expect(s0r1.LEAVE)
+        # Sent before this relay read LEAVE: the broker serves them too.
+        relay.send_requests(range(21, 221))
+        relay.send(s0r1.Control.BYE)  # the broker answers them after it
+        relay.collect(220, slowly=True)
+        loop.join(10)
+        assert not loop.is_alive(), "the broker did not stop"
+        answered = sorted(int(r.split(b" ")[1].split(b":")[1].rstrip(b",")) for r in relay.replies)
+        assert answered == list(range(1, 221))
+        assert all(r.startswith(SENDER + b" ") for r in relay.replies)
+    finally:
+        broker.stop(force=True)
+        loop.join(10)
+        if worker is not None:
+            worker.stopping.set()
+            worker.join(10)
+        relay.sock.close(0)
