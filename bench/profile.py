@@ -12,10 +12,15 @@ The summary (top functions by own time, per process, and CPU µs per request
 of each process during the profile) replaces section "profile" of
 docs/benchmarks.md; the section it replaces becomes "profile-previous", so a
 run before and one after a change sit side by side.
+
+BENCH_PROFILE_PATH (default `/`) profiles another URL of examples.hello, e.g.
+`/bytes/1048576`; BENCH_PROFILE_DOC=0 prints the summary without writing it
+to docs/benchmarks.md (for a look at a case the doc does not keep).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -116,7 +121,7 @@ def profile_table(profile: Profile) -> str:
 
 
 def render(profiles: list[Profile], cpu: dict[str, float], rps: float, connections: int,
-           duration_s: int, rate: int) -> str:
+           duration_s: int, rate: int, path: str = "/") -> str:
     cpu_rows = "\n".join(f"| {role} | {us:.0f} |" for role, us in cpu.items())
     tables = "\n\n".join(profile_table(p) for p in profiles)
     return f"""\
@@ -124,8 +129,8 @@ def render(profiles: list[Profile], cpu: dict[str, float], rps: float, connectio
 
 Written by `make profile` (`bench/profile.py`); `make bench` keeps this
 section, and the next `make profile` moves it to "Previous profile". The
-shape `make run` starts under `wrk -c{connections}` on `GET /` (hello,
-keep-alive) for {duration_s} s: {rps:,.0f} req/s while profiled. `py-spy
+shape `make run` starts under `wrk -c{connections}` on `GET {path}` (keep-alive)
+for {duration_s} s: {rps:,.0f} req/s while profiled. `py-spy
 record --nonblocking --rate {rate}` sampled the broker, the relay and pool
 worker 1 at the same time (py-spy itself takes CPU from the same 2 cores, so
 req/s and CPU here are lower and higher than in the tables above). Idle
@@ -152,6 +157,10 @@ def main() -> int:
         duration_s = _env_int("BENCH_PROFILE_DURATION", 20)
         connections = _env_int("BENCH_PROFILE_CONNECTIONS", 16)
         rate = _env_int("BENCH_PROFILE_RATE", 200)
+        path = os.environ.get("BENCH_PROFILE_PATH", "/")
+        to_doc = os.environ.get("BENCH_PROFILE_DOC", "1") != "0"
+        if not path.startswith("/"):
+            raise BenchError(f"BENCH_PROFILE_PATH must start with '/': {path!r}")
         spy = py_spy()
         wrk.require_wrk()
     except BenchError as exc:
@@ -165,7 +174,7 @@ def main() -> int:
     try:
         scenario = start_scale0(tmp / "profile", relay=True)
         check_answers([scenario])
-        case = Case("hello (19 B)", "/", connections)
+        case = Case("hello (19 B)" if path == "/" else path, path, connections)
         settings = Settings(duration_s=duration_s, runs=1, wrk_threads=2)
         measured_run(scenario, case, settings, 2)  # warm-up
         pids = dict(scenario.processes())
@@ -207,8 +216,11 @@ def main() -> int:
             log(f"profile: logs kept in {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    text = render(profiles, run.cpu_us, run.wrk.requests_per_s, connections, duration_s, rate)
+    text = render(profiles, run.cpu_us, run.wrk.requests_per_s, connections, duration_s, rate,
+                  path)
     print(text)
+    if not to_doc:
+        return 0
     previous = doc.section_body(DOC_PATH, "profile")
     updates = {"profile": text}
     if previous is not None:
