@@ -1017,6 +1017,14 @@ def test_a_retried_request_gets_the_held_credits_in_its_new_window() -> None:
     assert retried.ident == b"w2" and retried.window == b"102400"
 
 
+def test_a_credits_message_with_an_absurd_connection_id_is_counted_not_raised() -> None:
+    h = Harness()
+    h.hello(b"w1")
+    raw = m2_credits(1, 100).replace(b" 1 @*", b" " + b"9" * 5000 + b" @*", 1)
+    h.m2(raw)  # Python's int() refuses 5000 digits: the fast path must not get there
+    assert h.d.counters.bad_mongrel2 == 1
+
+
 def test_credits_after_the_last_request_of_a_connection_settle_its_window() -> None:
     h = Harness()
     h.hello(b"w1")
@@ -1434,6 +1442,10 @@ def test_body_over_max_body_bytes_is_413() -> None:
     h.request(1, method=b"POST", body=b"x" * 11)
     h.take_error(413, 1, close=True)
     assert h.d.counters.too_large == 1
+    # A length of 5000 digits: Python's int() refuses it, the broker answers 413.
+    h.request(3, method=b"POST", extra={b"content-length": b"9" * 5000})
+    h.take_error(413, 3, close=True)
+    assert h.d.counters.too_large == 2
     h.request(2, method=b"POST", body=b"x" * 10)
     assert h.take_one_request().conn_id == 2
 
