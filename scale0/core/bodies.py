@@ -8,17 +8,13 @@
   each piece goes to the worker holding the request as BODY, within the
   credits that worker grants with READ.
 * Reply credits (``download.flow_control``, protocol.md 3.9): relayed to
-  the worker of the connection's active request as CREDIT, once it needs
-  them: a worker given a window sends its first piece without waiting, so
-  until its first REPLY that is not the last they are summed in the request
-  (`held_credits`) and go out with that REPLY; a reply that is whole in its
-  LAST (the usual) needs no CREDIT at all.
+  the worker of the connection's active request as CREDIT.
 """
 
 from __future__ import annotations
 
 from scale0.core.lifecycle import pack_id
-from scale0.core.records import Request, Worker
+from scale0.core.records import Worker
 from scale0.core.registry import Registry
 from scale0.wire import mongrel2 as m2
 from scale0.wire import s0w1 as p
@@ -34,15 +30,10 @@ class Bodies(Registry):
         on_conn = self.connections.get(key)
         if on_conn:
             r = on_conn[0]
-            if r.worker is None:
-                return  # queued: its REQUEST will carry the window these restored
-            if r.window and not r.reply_started:
-                r.held_credits += credits
-            else:
-                self._send_credit(r, r.worker, credits)
-
-    def _send_credit(self, r: Request, w: Worker, credits: int) -> None:
-        self.to_workers.append([w.ident, p.VERSION, _CREDIT, pack_id(r.rid), b"%d" % credits])
+            if r.worker is not None:
+                self.to_workers.append([
+                    r.worker.ident, p.VERSION, _CREDIT, pack_id(r.rid), b"%d" % credits,
+                ])
 
     def _on_chunk(self, link: int, event: m2.UploadChunk, now: float) -> None:
         """The next piece of the active request's streamed body: to its worker

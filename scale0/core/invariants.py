@@ -85,8 +85,6 @@ def check(d: Dispatcher) -> None:
                     or d.connections.get((r.link, r.conn_id), (None,))[0] is not r):
                 raise AssertionError(f"in-flight request {r.rid}: no deadline, or not "
                                      "first on its connection")
-            if r.held_credits and (r.reply_started or not r.window):
-                raise AssertionError(f"in-flight request {r.rid} holds credits it needs now")
             place(r, f"worker {w.label}")
     for key, on_conn in d.connections.items():
         if not on_conn:

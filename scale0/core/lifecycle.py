@@ -66,10 +66,8 @@ class Lifecycle(DispatchState):
         frames = [w.ident, p.VERSION, _REQUEST, pack_id(r.rid), r.service.name_bytes,
                   r.script_name, r.raw]
         window = self.link_credits.get(r.link)
-        r.held_credits = 0  # a retry's window counts them: they lowered `unacked`
         if window is not None:  # what is left of the connection's window
-            r.window = max(0, window - self.unacked.get((r.link, r.conn_id), 0))
-            frames.append(b"%d" % r.window)
+            frames.append(b"%d" % max(0, window - self.unacked.get((r.link, r.conn_id), 0)))
         self.to_workers.append(frames)
         self._update_ready(w)
 

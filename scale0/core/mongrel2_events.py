@@ -24,10 +24,14 @@ class Mongrel2Events(WebSockets):
         self._now = now
         if raw.endswith(_CREDITS_TAIL):
             # download.flow_control sends one per write; most arrive after the
-            # request ended. Those need no parse (the only per-reply extra cost).
-            # Only a '@' path is a special message: a request body may end alike.
+            # request ended (Mongrel2 reports the write before the client can
+            # send its next request). Those need no parse (the only per-reply
+            # extra cost). Only a '@' path is a special message: a request
+            # body may end alike. A longer id is malformed (and int() refuses
+            # thousands of digits): parse_message decides.
             head = raw.split(b" ", 3)
-            if len(head) == 4 and head[2][:1] == b"@" and head[1].isdigit():
+            if (len(head) == 4 and head[2][:1] == b"@" and head[1].isdigit()
+                    and len(head[1]) <= m2.MAX_ID_DIGITS):
                 key = (link, int(head[1]))
                 if key not in self.connections:
                     if key not in self.unacked:
@@ -79,7 +83,7 @@ class Mongrel2Events(WebSockets):
         key = (link, conn_id)
         if link not in self.link_credits:
             window = req.header(b"DOWNLOAD_CREDITS")  # upper case: Mongrel2's own
-            if window is not None and window.isdigit():
+            if window is not None and window.isdigit() and len(window) <= m2.MAX_ID_DIGITS:
                 self.link_credits[link] = int(window)
         refused = 0
         match = None
@@ -88,8 +92,7 @@ class Mongrel2Events(WebSockets):
         spooled = b""
         if isinstance(req, m2.UploadDone) and self.uploads.pop(key, None) == req.upload_path:
             spooled = req.upload_path
-        length = req.header(b"content-length")
-        declared = int(length) if length is not None and length.isdigit() else None
+        declared = m2.content_length(req.header(b"content-length"))
         if problem:  # duplicate Host, conflicting lengths (core/screen.py)
             self.counters.bad_requests += 1
             self.warnings.warning("bad request", now, "bad request on conn %d: %s", conn_id,

@@ -36,11 +36,6 @@ class Request:
     deadline: float = 0.0
     worker: Worker | None = None
     reply_started: bool = False
-    # download.flow_control (protocol.md 3.9): the window its REQUEST carried
-    # (0: none, or none left), and the credits kept back from its worker while
-    # it has not started a reply within that window (it needs none until then).
-    window: int = 0
-    held_credits: int = 0
     cancelled: bool = False
     attempts: int = 0
     reply_prefix: bytes = b""

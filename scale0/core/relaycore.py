@@ -61,8 +61,10 @@ class RelayCore:
     `ready` is in `peers`, not draining and has credit > 0; `ready` is LRU.
     """
 
-    def __init__(self, heartbeat_s: float = 1.0, liveness: int = 3, *,
-                 max_peer_heartbeat_s: float = 30.0, close_lost: bool = False) -> None:
+    def __init__(self, heartbeat_s: float, liveness: int, *, max_peer_heartbeat_s: float,
+                 close_lost: bool = False) -> None:
+        # No defaults here: `scale0 relay`'s declared settings (config/declared.py)
+        # are the one source, and net/relay.py passes them.
         self.heartbeat_s = heartbeat_s
         self.liveness = liveness
         self.expiry_s = heartbeat_s * liveness
@@ -269,7 +271,7 @@ class RelayCore:
         for key in keys:
             del self.owners[key]
             sender, _, conn_id = key.partition(b" ")
-            if conn_id.isdigit() and len(conn_id) <= 20:
+            if conn_id.isdigit() and len(conn_id) <= m2.MAX_ID_DIGITS:
                 by_sender.setdefault(sender, []).append(int(conn_id))
         self.lost_connections += len(keys)
         if keys:

@@ -80,7 +80,7 @@ def framing_problem(headers: m2.Headers) -> str:
     values = length if isinstance(length, list) else [length]
     if not all(value.isdigit() for value in values):
         return "invalid Content-Length (RFC 9112 section 6.3)"
-    if len({int(value) for value in values}) > 1:
+    if len({value.lstrip(b"0") for value in values}) > 1:  # no int(): any number of digits
         return "conflicting Content-Length headers (RFC 9110 section 8.6)"
     return ""
 

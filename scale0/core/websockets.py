@@ -40,7 +40,7 @@ class WebSockets(Bodies):
         sender, conn_id = event.sender, event.conn_id
         if link not in self.link_credits:  # as in _on_request: the link's window size
             window = event.header(b"DOWNLOAD_CREDITS")
-            if window is not None and window.isdigit():
+            if window is not None and window.isdigit() and len(window) <= m2.MAX_ID_DIGITS:
                 self.link_credits[link] = int(window)
         try:
             prefix = m2.reply_prefix(sender, conn_id)

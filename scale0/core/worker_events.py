@@ -153,9 +153,6 @@ class WorkerEvents(Mongrel2Events):
                     # not for the whole download. now + timeout is the latest
                     # deadline, so `active` stays in deadline order.
                     r.reply_started = True
-                    if r.held_credits:  # it may wait for them from now on
-                        self._send_credit(r, w, r.held_credits)
-                        r.held_credits = 0
                     r.deadline = now + r.service.timeout_s
                     r.service.active.move_to_end(rid)
                 elif messages:

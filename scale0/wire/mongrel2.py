@@ -155,7 +155,7 @@ Event = (
 # ---- Parsing (Mongrel2 -> handler) ----
 
 _MAX_LEN_DIGITS = 10  # netstring lengths: ASCII decimal, at most 10 digits
-_MAX_ID_DIGITS = 20  # conn ids fit a uint64 (Mongrel2 uses uint32)
+MAX_ID_DIGITS = 20  # conn ids fit a uint64 (Mongrel2 uses uint32)
 _COMMA, _BRACE = ord(","), ord("}")
 _HEX = b"0123456789abcdefABCDEF"
 # json protocol: Mongrel2 escapes only '"' and '\\' (MONGREL2.md), so raw TABs
@@ -171,6 +171,21 @@ def _decimal(raw: bytes, max_digits: int) -> bool:
     """Canonical ASCII decimal: no sign, no spaces, no leading zero."""
     # bytes.isdigit() is ASCII-only; raw[0] != 0x30 rejects "007" but not "0".
     return 0 < len(raw) <= max_digits and raw.isdigit() and (raw[0] != 0x30 or len(raw) == 1)
+
+
+MAX_LENGTH_DIGITS = 18  # a longer Content-Length is over any body limit (and int64)
+
+
+def content_length(value: bytes | None) -> int | None:
+    """A Content-Length header value as a number; None when absent or not
+    decimal digits. A value of more than MAX_LENGTH_DIGITS digits (leading
+    zeros aside) comes back as 10**MAX_LENGTH_DIGITS, over every limit, so
+    that no caller runs int() on thousands of digits, which Python refuses
+    with ValueError."""
+    if value is None or not value.isdigit():
+        return None
+    value = value.lstrip(b"0") or b"0"
+    return int(value) if len(value) <= MAX_LENGTH_DIGITS else 10 ** MAX_LENGTH_DIGITS
 
 
 def _netstring(data: bytes, pos: int, what: str) -> tuple[int, int]:
@@ -251,7 +266,7 @@ def parse_message(data: bytes) -> Event:
     if sp1 <= 0 or sp2 < 0 or sp3 <= sp2 + 1:
         raise _error("expected 'SENDER CONN_ID PATH NETSTRINGS', none empty")
     raw_id = data[sp1 + 1 : sp2]
-    if not (raw_id.isdigit() and len(raw_id) <= _MAX_ID_DIGITS):
+    if not (raw_id.isdigit() and len(raw_id) <= MAX_ID_DIGITS):
         raise _error("CONN_ID is not a decimal number")
 
     pos = sp3 + 1
@@ -306,7 +321,7 @@ def _classify(sender: bytes, conn_id: int, path: bytes, headers: Headers, body: 
         # upper-case name cannot come from a client (Mongrel2 lowercases theirs).
         offset = _single(headers, b"UPLOAD_STREAM")
         if offset is not None:
-            if not _decimal(offset, _MAX_ID_DIGITS):
+            if not _decimal(offset, MAX_ID_DIGITS):
                 raise _error("UPLOAD_STREAM is not a decimal offset")
             return UploadChunk(*fields, offset=int(offset),
                                done=b"UPLOAD_STREAM_DONE" in headers)
@@ -323,7 +338,7 @@ def _classify(sender: bytes, conn_id: int, path: bytes, headers: Headers, body: 
             return Disconnect(*fields)
         if kind == "credits":
             raw = _single(headers, b"DOWNLOAD_CREDITS")
-            if raw is None or not _decimal(raw, _MAX_ID_DIGITS):
+            if raw is None or not _decimal(raw, MAX_ID_DIGITS):
                 raise _error("credits: DOWNLOAD_CREDITS missing or not decimal")
             return Credits(*fields, credits=int(raw))
         return JsonMessage(*fields, data=data)
@@ -360,14 +375,14 @@ def credits_of(data: bytes) -> int | None:
             return None
         end = colon + 1 + int(size)
         digits = data[colon + 1:end]
-        ok = data[end:end + 1] == b"," and _decimal(digits, _MAX_ID_DIGITS)
+        ok = data[end:end + 1] == b"," and _decimal(digits, MAX_ID_DIGITS)
         return int(digits) if ok else None
     i = data.find(_JSON_CREDITS)
     if i >= 0:  # JSON: "DOWNLOAD_CREDITS":"DIGITS"
         j = i + len(_JSON_CREDITS)
-        k = data.find(b'"', j, j + _MAX_ID_DIGITS + 1)
+        k = data.find(b'"', j, j + MAX_ID_DIGITS + 1)
         digits = data[j:k] if k > j else b""
-        return int(digits) if _decimal(digits, _MAX_ID_DIGITS) else None
+        return int(digits) if _decimal(digits, MAX_ID_DIGITS) else None
     return None
 
 
@@ -478,7 +493,7 @@ def parse_reply(data: bytes) -> Reply:
     raw_ids = (field[2:] if ctl else field).split(b" ")
     if not 1 <= len(raw_ids) <= MAX_REPLY_TARGETS:
         raise _error(f"reply: needs 1..{MAX_REPLY_TARGETS} conn ids")
-    if not all(_decimal(raw, _MAX_ID_DIGITS) for raw in raw_ids):
+    if not all(_decimal(raw, MAX_ID_DIGITS) for raw in raw_ids):
         raise _error("reply: conn ids must be decimal")
     conn_ids = tuple(int(raw) for raw in raw_ids)
     return Reply(data[:sp], conn_ids, data[end + 2 :], ctl)

@@ -143,9 +143,8 @@ class HttpCycle(Cycle):
                     return
                 self._upload_left = os.fstat(self._upload.fileno()).st_size
             elif m2.streamed_body(event.headers):  # the body follows as BODY pieces
-                length = event.header(b"content-length")
                 self._body = BodyReader(event.body,
-                                        int(length) if length and length.isdigit() else None)
+                                        m2.content_length(event.header(b"content-length")))
             await app(scope, self.receive, self.send)
         except ClientDisconnected:
             pass

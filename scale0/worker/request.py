@@ -107,8 +107,7 @@ def _body_input(loop: Loop, stream: ReplyStream, event: m2.Message) -> BodyInput
     """The wsgi.input of a streamed body (core/bodystream.py). The app reads it
     on this thread: waiting for pieces reads our own socket, as waiting
     for download credits does (worker/reply.py)."""
-    length = event.header(b"content-length")
-    reader = BodyReader(event.body, int(length) if length and length.isdigit() else None)
+    reader = BodyReader(event.body, m2.content_length(event.header(b"content-length")))
 
     def wait() -> None:
         with loop.lock:

@@ -26,6 +26,7 @@ from scale0.wire.mongrel2 import (
     WebSocketFrame,
     WebSocketHandshake,
     close_reply,
+    content_length,
     credits_of,
     ctl_reply,
     error_response,
@@ -636,3 +637,12 @@ def test_round_trip_replies(sender: bytes, conn_ids: int | list[int], body: byte
     assert (ctl.sender, ctl.conn_ids, ctl.ctl) == (sender, ids, True)
     if len(ids) == 1:
         assert reply(sender, conn_ids, body).startswith(reply_prefix(sender, ids[0]))
+
+
+@pytest.mark.parametrize("value, number", [
+    (None, None), (b"", None), (b"-1", None), (b"1 ", None), (b"0x10", None),
+    (b"0", 0), (b"000", 0), (b"0042", 42), (b"9" * 18, 10**18 - 1),
+    (b"9" * 19, 10**18), (b"9" * 5000, 10**18), (b"0" * 5000 + b"7", 7),
+])
+def test_content_length_is_a_bounded_number(value: bytes | None, number: int | None) -> None:
+    assert content_length(value) == number

@@ -23,7 +23,7 @@ def credits(conn: int) -> bytes:
 
 
 def core(*brokers: bytes, window: int = 10) -> RelayCore:
-    c = RelayCore(heartbeat_s=1.0, liveness=3)
+    c = RelayCore(heartbeat_s=1.0, liveness=3, max_peer_heartbeat_s=30.0)
     for ident in brokers:
         c.on_broker(ident, b"HELLO S0R1 %d" % window, 0.0)
     return c
@@ -127,7 +127,7 @@ def test_bad_input_is_counted_not_raised() -> None:
 
 
 def test_with_no_broker_at_all_the_relay_stops_reading() -> None:
-    c = RelayCore()
+    c = RelayCore(heartbeat_s=1.0, liveness=3, max_peer_heartbeat_s=30.0)
     assert not c.intake  # requests wait in Mongrel2
     c.on_mongrel2(req(1))  # one read in a race is kept, not lost
     c.on_broker(b"A", b"HELLO S0R1 10", 0.0)
@@ -135,7 +135,7 @@ def test_with_no_broker_at_all_the_relay_stops_reading() -> None:
 
 
 def test_hello_again_keeps_the_connections_and_its_heartbeat_sets_the_expiry() -> None:
-    c = RelayCore(heartbeat_s=1.0, liveness=3)
+    c = RelayCore(heartbeat_s=1.0, liveness=3, max_peer_heartbeat_s=30.0)
     c.on_broker(b"A", b"HELLO S0R1 10 5000", 0.0)  # a broker beating every 5 s
     c.on_mongrel2(req(1))
     sent(c)

@@ -13,7 +13,8 @@ S2 = b"5ca1e000-0000-4000-8000-000000000002"
 
 
 def relay(*brokers: bytes, close_lost: bool = True, hb_ms: int = 1000) -> RelayCore:
-    c = RelayCore(heartbeat_s=1.0, liveness=3, close_lost=close_lost)
+    c = RelayCore(heartbeat_s=1.0, liveness=3, max_peer_heartbeat_s=30.0,
+                  close_lost=close_lost)
     for ident in brokers:
         c.on_broker(ident, b"HELLO S0R1 1000 %d" % hb_ms, 0.0)
     return c
