@@ -77,6 +77,18 @@ def decode_request_id(frame: bytes) -> int:
     return value
 
 
+MAX_COUNT_DIGITS = 12  # byte counts (CREDIT n, READ n, a REQUEST's window) stay far below
+
+
+def count_of(frame: bytes | None) -> int | None:
+    """A byte-count frame (CREDIT's n, READ's n, a REQUEST's window): ASCII
+    decimal of at most MAX_COUNT_DIGITS digits; None for anything else, so
+    that no peer can make us int() thousands of digits (a ValueError)."""
+    if frame is None or not frame.isdigit() or len(frame) > MAX_COUNT_DIGITS:
+        return None
+    return int(frame)
+
+
 MAX_SERVICES = 64
 MAX_ROUTES = 256
 MAX_NAME_LEN = 128

@@ -126,8 +126,7 @@ class Cycle:
         # The broker's window frame wins: Mongrel2 announces DOWNLOAD_CREDITS on a
         # connection's first request only, and the window is the connection's.
         credits = window if window is not None else event.header(b"DOWNLOAD_CREDITS")
-        self.flow = Flow(int(credits) if credits is not None and credits.isdigit() else None,
-                         now)
+        self.flow = Flow(p.count_of(credits), now)
         self.ended = False
         self._lock = asyncio.Lock()  # one writer at a time: pieces keep their order
 

@@ -292,7 +292,7 @@ class AsgiWorker:
     def _on_credit(self, link: AsgiLink, frames: list[bytes]) -> None:
         conn = self._conns.get((link.index, frames[2]))
         if conn is not None:
-            conn.flow.grant(int(frames[3]))
+            conn.flow.grant(int(frames[3]))  # a count: BrokerLink.receive checked it
 
     def _on_cancel(self, link: AsgiLink, frames: list[bytes]) -> None:
         conn = self._conns.get((link.index, frames[2]))

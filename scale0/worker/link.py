@@ -60,7 +60,7 @@ from enum import Enum, IntEnum
 
 from scale0.core.backoff import Backoff, CrashPolicy
 from scale0.errors import Scale0Error
-from scale0.wire.s0w1 import CMD, VERSION, Command
+from scale0.wire.s0w1 import CMD, VERSION, Command, count_of
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,8 @@ class BrokerLink:
         rule = _FOR_DRIVER.get(command)
         if rule is not None:
             event, counts, digits_at = rule
-            if len(frames) in counts and (digits_at is None or frames[digits_at].isdigit()):
+            if len(frames) in counts and (digits_at is None
+                                          or count_of(frames[digits_at]) is not None):
                 return event
         else:
             handle = _LINK_COMMANDS.get(command)

@@ -334,7 +334,7 @@ class Loop:
         current = self.current
         if (current is not None and current.conn is c and current.rid == frames[2]
                 and current.flow is not None):
-            current.flow.grant(int(frames[3]))
+            current.flow.grant(int(frames[3]))  # a count: BrokerLink.receive checked it
 
     def _on_cancel(self, c: BrokerConn, frames: list[bytes]) -> None:
         rid = frames[2]

@@ -71,7 +71,8 @@ def run_request(loop: Loop, r: Pending) -> None:
     # The broker's window frame wins: Mongrel2 puts DOWNLOAD_CREDITS only on
     # a connection's first request, and its window is the connection's.
     credits = r.window if r.window is not None else event.headers.get(b"DOWNLOAD_CREDITS")
-    flow = FlowWindow(int(credits)) if type(credits) is bytes and credits.isdigit() else None
+    window = p.count_of(credits) if type(credits) is bytes else None
+    flow = FlowWindow(window) if window is not None else None
     stream = ReplyStream(loop, r.conn, r.rid, event, flow, now)
     if m2.streamed_body(event.headers):  # upload.stream: the body follows as BODY
         try:

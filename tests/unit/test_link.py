@@ -347,6 +347,7 @@ RID = b"\x00" * 7 + b"\x01"
     (msg(Cmd.REQUEST, RID, b"svc", b"", b"m2", b"1", b"2"), Inbound.NONE),
     (msg(Cmd.CANCEL), Inbound.NONE),
     (msg(Cmd.CREDIT, RID, b"-1"), Inbound.NONE),
+    (msg(Cmd.CREDIT, RID, b"9" * 5000), Inbound.NONE),  # int() would refuse it
     (msg(Cmd.CREDIT, RID), Inbound.NONE),
     (msg(Cmd.BODY, RID, b"x"), Inbound.NONE),
     (msg(Cmd.FRAME, RID), Inbound.NONE),

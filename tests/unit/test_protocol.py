@@ -56,3 +56,9 @@ def test_request_id_codec() -> None:
     assert p.decode_request_id(p.encode_request_id(2**48 + 5)) == 2**48 + 5
     with pytest.raises(p.WireError):
         p.decode_request_id(b"\x00" * 7)
+
+
+def test_count_frames_are_bounded_decimals() -> None:
+    assert [p.count_of(f) for f in (b"0", b"102400", b"9" * 12)] == [0, 102400, 10**12 - 1]
+    assert [p.count_of(f) for f in (None, b"", b"-1", b"1.5", b"9" * 13, b"9" * 5000)] == [
+        None] * 6
