@@ -22,7 +22,10 @@ processes back in line with these rules:
   yet are stopped at once: a HUP during a reload starts the reload over.
 * A process that reached its request limit (`max_requests` + a random
   0..`max_requests_jitter`, fixed per process) asks to retire and is
-  superseded the same way, alone.
+  superseded the same way, alone; but while `size` processes are already
+  on their way out (superseded, stopping or killed) it waits and keeps
+  serving, so however slowly processes drain, a pool never holds more than
+  2 x size of them through recycling.
 * `timeout_s`: a process whose oldest request (time blocked on flow-control
   credits not counted) or whose silent main loop is older than that gets
   SIGKILL, an ERROR log line, and a replacement. Boot time counts as silence,
@@ -320,10 +323,17 @@ class Pool:
                         log.warning("%s: process %d reached its request limit; not replaced "
                                     "while new processes cannot boot", self.name, child.pid)
                     continue
+                if self._leaving() >= self.size:
+                    continue  # asked again at the next check; it serves meanwhile
                 child.superseded = True
                 log.info("%s: process %d (slot %d) asks to be replaced (its request limit "
                          "of %d, or a broker's drain): replacing it",
                          self.name, child.pid, child.slot, state.max_requests)
+
+    def _leaving(self) -> int:
+        """Processes on their way out: superseded, stopping, or killed."""
+        return sum(1 for c in self._children.values()
+                   if c.superseded or c.stopping_at or c.killed)
 
     def _announce_ready(self) -> None:
         if self.on_ready is not None and sum(c.seen_ready for c in self._current()) >= self.size:

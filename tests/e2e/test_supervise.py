@@ -155,11 +155,12 @@ def test_max_requests_recycles_processes_under_load(fresh_stack: Stack) -> None:
 
     with Load(lambda _: s.url("/sleep?0.01")) as load:
         target = load.sent() + 300  # about six lifetimes of each process
-        wait_for(lambda: sample() or load.sent() >= target, 60, "300 answers")
+        # Processes are replaced again and again (as fast as the old ones drain).
+        wait_for(lambda: sample() or (load.sent() >= target and len(seen - first) >= 4), 60,
+                 "300 answers and 4 replacements")
     assert set(load.outcomes) == {"2xx"}, dict(load.outcomes)
-    assert len(seen - first) >= 4, seen  # processes were replaced, again and again
-    # bounded: 2 current + 2 superseded serving + a few draining on their way out
-    assert most <= 6, most
+    # bounded: 2 current + at most 2 on their way out (superseded or draining)
+    assert most <= 4, most
     assert pool.log_tail(1_000_000).count("asks to be replaced") >= 4
     wait_for(lambda: len(_pids(pool)) == 2, 30, "the pool to settle at two processes")
 

@@ -3,8 +3,9 @@
 argv: DIR SIZE [KEY=VALUE ...] (Pool keyword arguments). A fake worker
 behaves as the files in DIR say: `broken` -> it cannot boot (BOOT_FAILED);
 `wedge` -> once ready its loop stops reporting; `stubborn` -> it ignores
-SIGTERM. Otherwise it reports alive and ready, "serves" a request every
-20 ms (asking to retire at its limit) and exits 0 on SIGTERM.
+SIGTERM; `slow-stop` -> after SIGTERM it drains for SLOW_STOP_S (serving
+nothing) before it exits. Otherwise it reports alive and ready, "serves" a
+request every 20 ms (asking to retire at its limit) and exits 0 on SIGTERM.
 
 What the tests wait on, in DIR: `ready-PID` once the process reported
 ready, `boot-failed-PID` once it failed to boot, `term-PID` once it got
@@ -23,6 +24,8 @@ from pathlib import Path
 from scale0.pool.childstate import current
 from scale0.pool.supervise import BOOT_FAILED, Pool
 
+SLOW_STOP_S = 1.0
+
 
 def fake_worker(folder: Path) -> int:
     pid = os.getpid()
@@ -30,11 +33,15 @@ def fake_worker(folder: Path) -> int:
         (folder / f"boot-failed-{pid}").touch()
         return BOOT_FAILED
     stop = False
+    stop_at = 0.0  # slow-stop: draining until then
 
     def on_term(*_: object) -> None:
-        nonlocal stop
+        nonlocal stop, stop_at
         (folder / f"term-{pid}").touch()
-        stop = not (folder / "stubborn").exists()
+        if (folder / "slow-stop").exists():
+            stop_at = time.monotonic() + SLOW_STOP_S
+        else:
+            stop = not (folder / "stubborn").exists()
 
     signal.signal(signal.SIGTERM, on_term)
     state = current()
@@ -48,6 +55,10 @@ def fake_worker(folder: Path) -> int:
             state.set_ready()
         if (folder / "wedge").exists():
             time.sleep(3600)
+        if stop_at:  # draining: no new requests
+            stop = now >= stop_at
+            time.sleep(0.02)
+            continue
         served += 1
         if state.max_requests and served >= state.max_requests:
             state.ask_retire()

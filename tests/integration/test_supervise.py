@@ -123,6 +123,26 @@ def test_max_requests_recycles_each_process_once_replaced(pools: list[FakePool],
     assert all(25 <= n <= 35 for n in limits) and len(set(limits)) > 1
 
 
+def test_processes_on_their_way_out_are_bounded_when_they_drain_slowly(
+        pools: list[FakePool], tmp_path: Path) -> None:
+    # A request limit reached every ~60 ms, a drain of 1 s: without a bound,
+    # retired processes pile up (one more every ~60 ms per slot).
+    (tmp_path / "slow-stop").touch()
+    pool = start(pools, tmp_path, 2, "max_requests=3")
+    first = pool.wait_pids(2)
+    seen, most = set(first), 0
+
+    def sample() -> bool:
+        nonlocal most
+        now = pool.pids()
+        seen.update(now)
+        most = max(most, len(now))
+        return len(seen - first) >= 6
+
+    wait_for(sample, 30, "six replacements")  # it keeps recycling, as fast as they leave
+    assert most <= 4, most  # 2 current + at most 2 superseded or stopping
+
+
 def test_timeout_kills_a_wedged_process_and_replaces_it(pools: list[FakePool],
                                                         tmp_path: Path) -> None:
     pool = start(pools, tmp_path, 1, "timeout_s=1.0")
