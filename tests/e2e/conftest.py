@@ -270,14 +270,21 @@ class Stack:
         return proc
 
     def wait_ok(self, path: str, timeout_s: float = 15.0) -> requests.Response:
+        last = ["no answer yet"]  # what the last try got, for the failure message
+
         def ok() -> requests.Response | None:
             try:
                 r = requests.get(self.url(path), timeout=2)
-            except requests.RequestException:
+            except requests.RequestException as exc:
+                last[0] = f"{type(exc).__name__}: {exc}"
                 return None
+            last[0] = f"{r.status_code}: {r.text[:200]!r}"
             return r if r.status_code == 200 else None
 
-        return wait_for(ok, timeout_s, f"200 from {path}")  # type: ignore[no-any-return]
+        try:
+            return wait_for(ok, timeout_s, f"200 from {path}")  # type: ignore[no-any-return]
+        except AssertionError as exc:
+            raise AssertionError(f"{exc} (last: {last[0]})") from None
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
