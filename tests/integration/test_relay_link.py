@@ -83,18 +83,24 @@ class FakeRelay:
         self.broker = b""  # the broker's routing id, from its HELLO
         self.replies: list[bytes] = []
 
+    def _read(self) -> bytes | None:
+        """One message within 20 ms: replies are collected, a command returned."""
+        if not self.sock.poll(20):
+            return None
+        ident, *frames = self.sock.recv_multipart()
+        message = s0r1.split_from_broker(frames)
+        if isinstance(message, s0r1.Replies):
+            self.replies.extend(message.replies)
+            return None
+        self.broker = ident
+        return message
+
     def expect(self, command: bytes, timeout_s: float = 10.0) -> None:
         """Read until the broker sends `command`, collecting replies meanwhile."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if not self.sock.poll(20):
-                continue
-            ident, *frames = self.sock.recv_multipart()
-            message = s0r1.split_from_broker(frames)
-            if isinstance(message, s0r1.Replies):
-                self.replies.extend(message.replies)
-            elif message.split(b" ")[0] == command:
-                self.broker = ident
+            message = self._read()
+            if message is not None and message.split(b" ")[0] == command:
                 return
         raise AssertionError(f"the broker sent no {command!r}")
 
@@ -105,11 +111,7 @@ class FakeRelay:
         while len(self.replies) < n and time.monotonic() < deadline:
             if slowly:
                 time.sleep(0.001)
-            if self.sock.poll(20):
-                _, *frames = self.sock.recv_multipart()
-                message = s0r1.split_from_broker(frames)
-                if isinstance(message, s0r1.Replies):
-                    self.replies.extend(message.replies)
+            self._read()
 
     def send_requests(self, conn_ids: range) -> None:
         self.sock.send_multipart([self.broker, *(m2_request(c, b"/") for c in conn_ids)])

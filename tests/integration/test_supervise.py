@@ -103,9 +103,9 @@ def test_a_pool_that_cannot_boot_halts(pools: list[FakePool], tmp_path: Path) ->
     assert pool.proc.stdout_lines() == []  # no READY line
 
 
-def test_max_requests_recycles_each_process_once_replaced(pools: list[FakePool],
-                                                          tmp_path: Path) -> None:
-    pool = start(pools, tmp_path, 2, "max_requests=25", "max_requests_jitter=10")
+def _most_alive_until_replaced(pool: FakePool, replacements: int, what: str) -> int:
+    """Watch a 2-process pool until `replacements` new processes have come;
+    return the most that were alive at once."""
     first = pool.wait_pids(2)
     seen, most = set(first), 0
 
@@ -114,9 +114,16 @@ def test_max_requests_recycles_each_process_once_replaced(pools: list[FakePool],
         now = pool.pids()
         seen.update(now)
         most = max(most, len(now))
-        return len(seen) >= 8
+        return len(seen - first) >= replacements
 
-    wait_for(sample, 30, "three rounds of replacements")
+    wait_for(sample, 30, what)
+    return most
+
+
+def test_max_requests_recycles_each_process_once_replaced(pools: list[FakePool],
+                                                          tmp_path: Path) -> None:
+    pool = start(pools, tmp_path, 2, "max_requests=25", "max_requests_jitter=10")
+    most = _most_alive_until_replaced(pool, 6, "three rounds of replacements")
     assert most <= 4  # 2 serving + 2 replacements (a fake worker stops at once)
     limits = [int(line.rsplit("max ", 1)[1].split()[0])
               for line in pool.log().splitlines() if "started process" in line]
@@ -129,17 +136,8 @@ def test_processes_on_their_way_out_are_bounded_when_they_drain_slowly(
     # retired processes pile up (one more every ~60 ms per slot).
     (tmp_path / "slow-stop").touch()
     pool = start(pools, tmp_path, 2, "max_requests=3")
-    first = pool.wait_pids(2)
-    seen, most = set(first), 0
-
-    def sample() -> bool:
-        nonlocal most
-        now = pool.pids()
-        seen.update(now)
-        most = max(most, len(now))
-        return len(seen - first) >= 6
-
-    wait_for(sample, 30, "six replacements")  # it keeps recycling, as fast as they leave
+    # It keeps recycling, as fast as they leave.
+    most = _most_alive_until_replaced(pool, 6, "six replacements")
     assert most <= 4, most  # 2 current + at most 2 superseded or stopping
 
 
