@@ -22,6 +22,7 @@ from scale0.config.kinds import (
     NON_NEGATIVE_INT,
     POSITIVE_FLOAT,
     POSITIVE_INT,
+    PREFETCH,
     PUBLIC_KEY,
     RECV_SPEC,
     ROUTE,
@@ -181,6 +182,11 @@ class BrokerConfig(CurveServerConfig):
     eject_time: float = setting(
         _D.eject_s, "how long an ejection lasts, times the worker's ejections since its last "
         "reply in time (at most 10x)", POSITIVE_FLOAT, metavar="SECONDS", to="eject_s")
+    recall_after: float = setting(
+        _D.recall_after_s, "a worker holding prefetched requests (a worker's --prefetch) that "
+        "has finished nothing for this long is stalled: what waits there is recalled and "
+        "sent to a free worker, and nothing more is sent to wait there", POSITIVE_FLOAT,
+        metavar="SECONDS", to="recall_after_s")
     max_peer_heartbeat: float = _max_peer_heartbeat()
     websocket_idle_timeout: float = setting(
         _D.websocket_idle_timeout_s, "close a WebSocket (1001) with no frame either way for "
@@ -269,6 +275,11 @@ class WsgiConfig(PoolConfig):
                        metavar="MODULE:APP")
     threads: int = setting(1, "requests handled at once per process", POSITIVE_INT,
                            metavar="N", to="capacity")
+    prefetch: int = setting(
+        8, "GET, HEAD and OPTIONS requests that may wait at each thread behind the one it "
+        "runs, sent by a broker only while every thread of the service is busy, and "
+        "recalled to a free one if this thread stalls (0: none; docs/operating.md)",
+        PREFETCH, metavar="N")
 
 
 @dataclass(frozen=True, slots=True)

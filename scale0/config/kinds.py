@@ -66,6 +66,12 @@ def _capacity(value: int) -> int:
     return value
 
 
+def _prefetch(value: int) -> int:
+    if not 0 <= value <= 10_000:  # s0w1.MAX_PREFETCH: what a HELLO may announce
+        raise ValueError(value)
+    return value
+
+
 def _text(value: str) -> str:
     if not value:
         raise ValueError(value)
@@ -200,6 +206,7 @@ POSITIVE_INT = Kind("an integer > 0", (int,), int, _positive)
 POSITIVE_FLOAT = Kind("a number > 0", (int, float), float, lambda v: float(_positive(v)))
 NON_NEGATIVE_INT = Kind("an integer >= 0", (int,), int, _non_negative)
 CAPACITY = Kind("an integer from 1 to 10000", (int,), int, _capacity)
+PREFETCH = Kind("an integer from 0 to 10000", (int,), int, _prefetch)
 NON_NEGATIVE_FLOAT = Kind("a number >= 0", (int, float), float,
                           lambda v: float(_non_negative(v)))
 def _heartbeat_s(value: int | float) -> float:

@@ -109,6 +109,10 @@ class DispatchSettings:
     max_peer_heartbeat_s: float = 30.0
     # A WebSocket with no frame either way for this long is closed (1001).
     websocket_idle_timeout_s: float = 300.0
+    # Prefetch (protocol.md 4.6): a worker holding waiting requests that has
+    # finished nothing for this long is stalled; what waits there is recalled
+    # for a free worker, and nothing more is sent to wait there.
+    recall_after_s: float = 0.05
 
 
 class Dispatcher(WorkerEvents):
@@ -141,6 +145,8 @@ class Dispatcher(WorkerEvents):
             self._heartbeat(now)
         if now >= self.book.next_deadline():
             self._forget_routes(now)
+        if self.prefetching and now >= self._next_recall:
+            self._recall_stalled(now)
         self.warnings.flush(now)
 
     def _keep_alive(self, now: float) -> None:
@@ -170,6 +176,8 @@ class Dispatcher(WorkerEvents):
     def next_deadline(self) -> float:
         """When on_tick next has work. O(services); the loop calls it once per wake-up."""
         deadline = min(self._next_heartbeat, self._next_keepalive, self.book.next_deadline())
+        if self.prefetching:  # while requests wait at workers: look for stalls now and then
+            deadline = min(deadline, self._next_recall)
         for service in self.services.values():
             for pending in (service.queue, service.active):
                 if pending:
@@ -195,7 +203,8 @@ class Dispatcher(WorkerEvents):
         } for sv in sorted(self.services.values(), key=lambda sv: sv.name)]
         workers = [{
             "id": w.ident.hex(), "label": w.label, "services": [sv.name for sv in w.services],
-            "capacity": w.capacity, "in_flight": len(w.in_flight), "draining": w.draining,
+            "capacity": w.capacity, "in_flight": len(w.in_flight), "prefetch": w.prefetch,
+            "draining": w.draining,
             "state": "leaving" if w.leaving else "draining" if w.held else "ready",
             "served": w.served, "age_s": round(now - w.connected_at, 3),
             "ejected_s": round(max(0.0, w.ejected_until - now), 3) if w.ejected_until else 0,

@@ -74,6 +74,9 @@ class DispatchState:
         # connection stays within it too.
         self.link_credits: dict[int, int] = {}
         self.unacked: OrderedDict[tuple[int, int], int] = OrderedDict()
+        # Workers at which requests wait (prefetch, protocol.md 4.6): where
+        # on_tick looks for requests to recall.
+        self.prefetching: dict[bytes, Worker] = {}
         self._starting: set[tuple[int, int]] = set()  # connections in _start_next
         self._nowhere = Service("", b"")  # of refused requests; never has workers
         self.to_workers: list[list[bytes]] = []
@@ -96,6 +99,7 @@ class DispatchState:
         # match a request of this one.
         self._next_rid = random.randrange(1, 1 << 48)
         self._next_heartbeat = 0.0
+        self._next_recall = 0.0  # when on_tick next looks for stalled workers (prefetch)
         self._next_keepalive = s.keepalive_s
         self._timeouts = dict(s.service_timeouts)
         self._maintenance = dict(s.maintenance_pages)
@@ -114,14 +118,64 @@ class DispatchState:
         return service
 
     def _update_ready(self, w: Worker) -> None:
-        free = (not w.draining and not w.ejected_until and len(w.in_flight) < w.capacity
-                and w.ident in self.workers)
+        """Put `w` where dispatch looks for it: in each service's `ready` LRU
+        while it has a free slot; in its `room` bucket while its slots are
+        taken and it has prefetch room; in `prefetching` while requests wait at it."""
+        n = len(w.in_flight)
+        taking = not w.draining and not w.ejected_until and w.ident in self.workers
+        free = taking and n < w.capacity
         for service in w.services:
             if free:
                 if w.ident not in service.ready:
                     service.ready[w.ident] = w  # re-insert at the back: LRU
             else:
                 service.ready.pop(w.ident, None)
+        if w.prefetch:
+            waiting = n - w.capacity
+            level = waiting if taking and 0 <= waiting < w.prefetch else -1
+            if level != w.room_level:
+                self._move_room(w, level)
+            if waiting > 0:
+                self.prefetching[w.ident] = w
+            else:
+                self.prefetching.pop(w.ident, None)
+
+    def _move_room(self, w: Worker, level: int) -> None:
+        """Move `w` to bucket `level` of its services' `room` (-1: out of it)."""
+        for service in w.services:
+            room = service.room
+            if w.room_level >= 0:
+                bucket = room.get(w.room_level)
+                if bucket is not None:
+                    bucket.pop(w.ident, None)
+                    if not bucket:
+                        del room[w.room_level]
+            if level >= 0:
+                bucket = room.get(level)
+                if bucket is None:
+                    bucket = room[level] = OrderedDict()
+                bucket[w.ident] = w  # at the back: least recently given one first
+        w.room_level = level
+
+    def _stalled(self, w: Worker, now: float) -> bool:
+        """`w` finished nothing for recall_after_s while busy: what waits
+        there may wait long (protocol.md 4.6)."""
+        return now - w.progress_at >= self.settings.recall_after_s
+
+    def _prefetch_target(self, service: Service, now: float) -> Worker | None:
+        """The worker a request of `service` may wait at: fewest waiting
+        first, least recently given one among equals, never a stalled one
+        (which leaves `room` until it progresses). None: none has room."""
+        room = service.room
+        for level in sorted(room):
+            bucket = room.get(level)
+            while bucket:
+                w = next(iter(bucket.values()))
+                if not self._stalled(w, now):
+                    return w
+                self._move_room(w, -1)  # back in at its next LAST (_update_ready)
+                bucket = room.get(level)
+        return None
 
     def _credited(self, key: tuple[int, int], credits: int) -> None:
         left = self.unacked.get(key)

@@ -11,6 +11,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from scale0.core import dispatch_state
+from scale0.core.lifecycle import may_wait
 from scale0.core.records import Request
 
 if TYPE_CHECKING:
@@ -64,9 +65,30 @@ def check(d: Dispatcher) -> None:
             raise AssertionError(f"unacked {n} on conn {conn_id} of link {link}")
     if len(d.unacked) > dispatch_state.MAX_UNACKED_CONNECTIONS:
         raise AssertionError("too many connections with unacked bytes")
+    for service in d.services.values():
+        for level, bucket in service.room.items():
+            if not bucket:
+                raise AssertionError(f"{service.name}: empty room bucket {level}")
+            for ident, w in bucket.items():
+                if (d.workers.get(ident) is not w or w.draining or w.ejected_until
+                        or w.room_level != level or len(w.in_flight) - w.capacity != level
+                        or not 0 <= level < w.prefetch or service not in w.services):
+                    raise AssertionError(f"{service.name}: worker {w.label} in room {level} "
+                                         f"with {len(w.in_flight)} of {w.capacity}+{w.prefetch}")
+    for ident, w in d.prefetching.items():
+        if d.workers.get(ident) is not w or len(w.in_flight) <= w.capacity:
+            raise AssertionError(f"worker {w.label} prefetching with nothing waiting")
     for w in d.workers.values():
-        if len(w.in_flight) > w.capacity:
-            raise AssertionError(f"worker {w.label} over capacity")
+        if len(w.in_flight) > w.capacity + w.prefetch:
+            raise AssertionError(f"worker {w.label} over capacity and prefetch")
+        if len(w.in_flight) > w.capacity and w.ident not in d.prefetching:
+            raise AssertionError(f"worker {w.label}: requests wait there, not in prefetching")
+        for r in list(w.in_flight.values())[w.capacity:]:
+            if not may_wait(r):
+                raise AssertionError(f"request {r.rid} ({r.method!r}) waits at {w.label}")
+        for service in w.services:
+            if w.room_level >= 0 and w.ident not in service.room.get(w.room_level, {}):
+                raise AssertionError(f"worker {w.label} missing from {service.name}'s room")
         if w.held != d._operator_drained(w) or w.draining != (w.held or w.leaving):
             raise AssertionError(f"worker {w.label}: draining is not held or leaving")
         free = not w.draining and not w.ejected_until and len(w.in_flight) < w.capacity

@@ -16,7 +16,7 @@ from collections import deque
 
 from scale0.core import spool
 from scale0.core.dispatch_state import DispatchState
-from scale0.core.records import REFUSED_TEXT, Request, Service, Worker, head
+from scale0.core.records import REFUSED_TEXT, SAFE_TO_RETRY, Request, Service, Worker, head
 from scale0.wire import mongrel2 as m2
 from scale0.wire import s0w1 as p
 
@@ -27,6 +27,13 @@ _REQUEST = p.CMD[p.Command.REQUEST]
 pack_id = struct.Struct(">Q").pack
 
 
+def may_wait(r: Request) -> bool:
+    """Whether `r` may wait at a busy worker (prefetch, protocol.md 4.6):
+    only a request that could be retried elsewhere if that worker died
+    before running it."""
+    return r.method in SAFE_TO_RETRY and not r.streamed
+
+
 class Lifecycle(DispatchState):
     def _route(self, r: Request, now: float) -> None:
         """Send `r` to its service's LRU ready worker, or queue it."""
@@ -35,6 +42,10 @@ class Lifecycle(DispatchState):
             self._fail(r, r.refused, REFUSED_TEXT.get(r.refused, ""))
         elif service.ready:
             self._send(r, service.ready.popitem(last=False)[1], now)
+        elif service.room and not service.queue and may_wait(r) and (
+                w := self._prefetch_target(service, now)) is not None:
+            self.counters.prefetched += 1
+            self._send(r, w, now)  # it waits there, in order (protocol.md 4.6)
         elif not service.workers:
             self.counters.no_worker += 1
             self._fail(r, 503, "no worker serves this service",
@@ -60,6 +71,8 @@ class Lifecycle(DispatchState):
         r.worker = w
         r.worker_label = w.label
         r.attempts += 1
+        if not w.in_flight:
+            w.progress_at = now  # idle until now: its stall clock starts here
         w.in_flight[r.rid] = r
         r.deadline = now + r.service.timeout_s
         r.service.active[r.rid] = r
@@ -91,6 +104,7 @@ class Lifecycle(DispatchState):
         """`r` is over at `w`: free the slot, start the next on its connection."""
         w.in_flight.pop(r.rid, None)
         r.worker = None
+        w.progress_at = now
         if not r.cancelled:  # a reply in time: the streak of timeouts is over
             w.timeouts_in_row = w.ejections = 0
         self._forget(r, cancel=False)
@@ -98,19 +112,28 @@ class Lifecycle(DispatchState):
         self._pull_queued(w, now)
 
     def _pull_queued(self, w: Worker, now: float) -> None:
-        """Give a free worker the oldest queued requests of its services."""
-        while (w.ident in self.workers and not w.draining and not w.ejected_until
-               and len(w.in_flight) < w.capacity):
+        """Give a free worker the oldest queued requests of its services: into
+        its free slots, then into its prefetch room while the oldest may
+        wait there (protocol.md 4.6) and it is not stalled. Oldest first:
+        a request that may not wait blocks the ones behind it, so nothing
+        overtakes it for good."""
+        while w.ident in self.workers and not w.draining and not w.ejected_until:
+            n = len(w.in_flight)
+            free = n < w.capacity
+            if not free and (n >= w.capacity + w.prefetch or self._stalled(w, now)):
+                return
             oldest: Service | None = None
             for service in w.services:
                 if service.queue and (oldest is None or head(service.queue).received_at
                                       < head(oldest.queue).received_at):
                     oldest = service
-            if oldest is None:
+            if oldest is None or not (free or may_wait(head(oldest.queue))):
                 return
             r = oldest.queue.popitem(last=False)[1]
             for service in w.services:
                 service.ready.pop(w.ident, None)
+            if not free:
+                self.counters.prefetched += 1
             self._send(r, w, now)
 
     def _fail(self, r: Request, status: int, text: str, *, close: bool = False,

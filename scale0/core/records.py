@@ -50,6 +50,7 @@ class Request:
     streamed: bool = False
     body_in: int = 0  # body bytes received from Mongrel2 so far
     body_done: bool = False  # its last piece has come
+    recalled: bool = False  # RECALL sent to its worker (at most once: protocol.md 4.6)
 
 
 @dataclass(slots=True, eq=False)
@@ -79,6 +80,14 @@ class Worker:
     ejected_until: float = 0.0  # ejected (no new requests) until then; 0.0: not ejected
     websocket: bool = False  # announced protocol.FEATURE_WEBSOCKET
     streams_bodies: bool = False  # HELLO meta bodies=stream: it takes BODY and sends READ
+    # Prefetch (protocol.md 4.6): up to `prefetch` requests may wait at it
+    # beyond `capacity`. `progress_at`: when it last finished a request, or
+    # started on one while idle; a worker holding waiting requests that has
+    # not progressed for recall_after_s is stalled. `room_level`: the bucket
+    # of Service.room it is in (its waiting requests), -1 for none.
+    prefetch: int = 0
+    progress_at: float = 0.0
+    room_level: int = -1
 
 
 @dataclass(slots=True, eq=False)
@@ -92,6 +101,9 @@ class Service:
     queue: OrderedDict[int, Request] = field(default_factory=OrderedDict)
     active: OrderedDict[int, Request] = field(default_factory=OrderedDict)
     workers: dict[bytes, Worker] = field(default_factory=dict)
+    # Workers whose slots are all taken but that have prefetch room, by how
+    # many requests wait at each (its room_level); each bucket an LRU.
+    room: dict[int, OrderedDict[bytes, Worker]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +155,9 @@ class Counters:
     websocket_refused: int = 0  # upgrades to a service that does not take them, or malformed
     websocket_timeouts: int = 0  # closed for idleness
     websocket_strays: int = 0  # frames of a connection with no WebSocket here: closed
+    prefetched: int = 0  # requests sent to wait at a busy worker (protocol.md 4.6)
+    recalls: int = 0  # RECALLs sent: a request waiting at a stalled worker
+    returns: int = 0  # recalled requests given back (RETURN) and routed again
     body_pieces: int = 0  # upload.stream pieces forwarded to workers as BODY
     body_dropped: int = 0  # pieces for no streaming request (it ended or was refused)
 

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 MAX_EJECTION_FACTOR = 10  # an ejection lasts eject_s x min(ejections, this)
 MIN_PEER_HEARTBEAT_S = 0.01  # protocol.md 3.1: heartbeat_ms is at least 10
+_RECALL = p.CMD[p.Command.RECALL]
 
 
 class Registry(Lifecycle):
@@ -60,14 +61,16 @@ class Registry(Lifecycle):
                    beat_s=beat_s, next_beat=now + beat_s,
                    reads_uploads=hello.meta.get("uploads") == "file",
                    websocket=p.FEATURE_WEBSOCKET in hello.features,
-                   streams_bodies=hello.meta.get("bodies") == "stream")
+                   streams_bodies=hello.meta.get("bodies") == "stream",
+                   prefetch=hello.prefetch)
         w.draining = w.held = self._operator_drained(w)  # kept over a reconnect
         self.workers[ident] = w
         for service in services:
             service.workers[ident] = w
         self.to_workers.append([ident, *p.welcome("scale0", int(self.settings.heartbeat_s * 1000))])
-        log.info("worker %s ready: services=%s capacity=%d heartbeat=%gs", w.label,
-                 ",".join(s.name for s in services), w.capacity, expiry_s / self.settings.liveness)
+        log.info("worker %s ready: services=%s capacity=%d prefetch=%d heartbeat=%gs", w.label,
+                 ",".join(s.name for s in services), w.capacity, w.prefetch,
+                 expiry_s / self.settings.liveness)
         if beat_s < self.settings.heartbeat_s:  # else the next regular tick is soon enough
             self._next_heartbeat = min(self._next_heartbeat, w.next_beat)
         self._update_ready(w)
@@ -134,6 +137,9 @@ class Registry(Lifecycle):
         for service in w.services:
             service.ready.pop(w.ident, None)
             service.workers.pop(w.ident, None)
+        if w.room_level >= 0:
+            self._move_room(w, -1)
+        self.prefetching.pop(w.ident, None)
         orphans = list(w.in_flight.values())
         w.in_flight.clear()
         for r in orphans:
@@ -216,6 +222,56 @@ class Registry(Lifecycle):
             service = self.services.get(name)
             if service is not None:
                 self._maybe_forget_service(service)
+
+    def _recall_stalled(self, now: float) -> None:
+        """Take back what waits at stalled workers for the free ones (protocol.md
+        4.6): per service, at most one RECALL per worker ready now, newest
+        waiting request first (the furthest from its turn). Each request is
+        recalled at most once; one its worker has started meanwhile simply
+        runs there. O(workers with waiting requests)."""
+        self._next_recall = now + self.settings.recall_after_s / 2
+        wanted: dict[str, int] = {}  # service -> RECALLs it can still use
+        for w in list(self.prefetching.values()):
+            if not self._stalled(w, now):
+                continue
+            waiting = list(w.in_flight.values())[w.capacity:]
+            for r in reversed(waiting):
+                if r.recalled or r.cancelled or r.reply_started:
+                    continue
+                service = r.service
+                free = wanted.get(service.name)
+                if free is None:
+                    free = wanted[service.name] = len(service.ready)
+                if free <= 0:
+                    continue
+                wanted[service.name] = free - 1
+                r.recalled = True
+                self.counters.recalls += 1
+                self.to_workers.append([w.ident, p.VERSION, _RECALL, p.encode_request_id(r.rid)])
+
+    def _on_return(self, w: Worker, frames: list[bytes], now: float) -> None:
+        """RETURN: a recalled request that `w` never started. It was no
+        attempt; it is routed again, to a free worker if one is left."""
+        if len(frames) != 3:
+            raise p.WireError("RETURN takes one request id")
+        rid = p.decode_request_id(frames[2])
+        r = w.in_flight.get(rid)
+        if r is None:
+            self.counters.late_replies += 1  # it ended here meanwhile (a 504's LAST came first)
+            return
+        if not r.recalled or r.reply_started:
+            raise p.WireError(f"RETURN of request {rid}, which was not recalled")
+        del w.in_flight[rid]
+        r.worker = None
+        r.attempts -= 1
+        r.service.active.pop(rid, None)
+        self.counters.returns += 1
+        self._update_ready(w)
+        if r.cancelled:
+            self._forget(r, cancel=False)
+        else:
+            self._route(r, now)
+        self._pull_queued(w, now)
 
     # ---- management (ops/control.py) ---------------------------------------
 

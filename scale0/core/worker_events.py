@@ -46,6 +46,7 @@ class WorkerEvents(Mongrel2Events):
         handlers: dict[p.Command, Handler] = {
             p.Command.HELLO: self._cmd_hello,
             p.Command.REPLY: self._on_reply,
+            p.Command.RETURN: self._cmd_return,
             p.Command.HEARTBEAT: self._cmd_heartbeat,
             p.Command.READ: self._cmd_read,
             p.Command.DRAIN: self._cmd_drain,
@@ -103,6 +104,11 @@ class WorkerEvents(Mongrel2Events):
                   now: float) -> None:
         assert w is not None  # TRANSITIONS: registered states only
         self._on_read(w, frames)
+
+    def _cmd_return(self, w: Worker | None, ident: bytes, frames: list[bytes],
+                    now: float) -> None:
+        assert w is not None  # TRANSITIONS: registered states only
+        self._on_return(w, frames, now)
 
     def _cmd_drain(self, w: Worker | None, ident: bytes, frames: list[bytes],
                    now: float) -> None:

@@ -26,7 +26,7 @@ class WorkerState(enum.Enum):
     """protocol.md 4.2. REMOVED is also the state of an identity never registered."""
 
     READY = "ready"  # registered, not draining, fewer requests than its capacity
-    BUSY = "busy"  # requests = capacity: in no ready queue
+    BUSY = "busy"  # requests >= capacity (more wait with prefetch): in no ready queue
     DRAINING = "draining"  # its DRAIN, `ctl recycle`, or `ctl drain` (until undrain)
     EJECTED = "ejected"  # eject_after request timeouts in a row, for a while
     REMOVED = "removed"  # BYE, expiry, EHOSTUNREACH, a new HELLO; or unknown
@@ -68,6 +68,8 @@ TRANSITIONS: dict[Command, Row] = {
     Command.HELLO: {s: _HELLO_TO | {s} for s in WorkerState},
     # A LAST frees a slot, which a queued request may take again.
     Command.REPLY: {**_each(_SERVING, _SERVING), **_each(frozenset({DRAINING, EJECTED}))},
+    # A RETURN gives back a request that waited (prefetch): a slot may free too.
+    Command.RETURN: {**_each(_SERVING, _SERVING), **_each(frozenset({DRAINING, EJECTED}))},
     Command.HEARTBEAT: _each(REGISTERED),
     Command.READ: _each(REGISTERED),
     Command.DRAIN: _each(REGISTERED, frozenset({DRAINING})),

@@ -34,6 +34,8 @@ class Command(IntEnum):
     FRAME = 0x0B  # B->W [request_id, mongrel2 message]: a later message of a WebSocket
     BODY = 0x0C  # B->W [request_id, flags, bytes]: the next piece of the request body
     READ = 0x0D  # W->B [request_id, decimal bytes]: let this many more body bytes come
+    RECALL = 0x0E  # B->W [request_id]: give this request back if it has not started
+    RETURN = 0x0F  # W->B [request_id]: a recalled request, never started: it is the broker's
 
 
 # One-byte frames, built once: the hot path compares and sends these.
@@ -93,6 +95,7 @@ MAX_SERVICES = 64
 MAX_ROUTES = 256
 MAX_NAME_LEN = 128
 MAX_CAPACITY = 10_000
+MAX_PREFETCH = 10_000
 FEATURE_WEBSOCKET = "websocket"  # HELLO features: takes WebSocket handshakes and FRAMEs
 
 
@@ -112,6 +115,9 @@ class Hello:
     heartbeat_ms: int = 1000
     meta: dict[str, str] = field(default_factory=dict)
     features: tuple[str, ...] = ()  # e.g. FEATURE_WEBSOCKET; unknown ones are ignored
+    # Requests that may wait at the worker beyond `capacity`, run in arrival
+    # order as slots free (docs/protocol.md 4.6); 0: none.
+    prefetch: int = 0
 
     def encode(self) -> bytes:
         data: dict[str, object] = {
@@ -123,6 +129,8 @@ class Hello:
         }
         if self.features:
             data["features"] = list(self.features)
+        if self.prefetch:
+            data["prefetch"] = self.prefetch
         return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
@@ -137,6 +145,9 @@ class Hello:
         capacity = data.get("capacity")
         if type(capacity) is not int or not 1 <= capacity <= MAX_CAPACITY:
             raise WireError(f"HELLO capacity must be an int in 1..{MAX_CAPACITY}: {capacity!r}")
+        prefetch = data.get("prefetch", 0)
+        if type(prefetch) is not int or not 0 <= prefetch <= MAX_PREFETCH:
+            raise WireError(f"HELLO prefetch must be an int in 0..{MAX_PREFETCH}: {prefetch!r}")
         heartbeat_ms = data.get("heartbeat_ms", 1000)
         if type(heartbeat_ms) is not int or not 10 <= heartbeat_ms <= 600_000:
             raise WireError(f"HELLO heartbeat_ms must be an int in 10..600000: {heartbeat_ms!r}")
@@ -173,7 +184,8 @@ class Hello:
             isinstance(f, str) and len(f) <= 64 for f in features
         ):
             raise WireError("HELLO features must be a list of at most 64 short strings")
-        return cls(tuple(services), capacity, worker, heartbeat_ms, meta, tuple(features))
+        return cls(tuple(services), capacity, worker, heartbeat_ms, meta, tuple(features),
+                   prefetch)
 
 
 def _valid_name(name: str) -> bool:

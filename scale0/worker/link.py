@@ -13,7 +13,7 @@ the time, and calls
 * `receive(frames, now)` with every message from the broker. The link's own
   commands (WELCOME, BYE, DRAIN, ERROR, HEARTBEAT) are handled here, through
   the table `_LINK_COMMANDS`; a request's (REQUEST, CANCEL, CREDIT, BODY,
-  FRAME) is checked for its frame count (`_FOR_DRIVER`) and handed back as
+  FRAME, RECALL) is checked for its frame count (`_FOR_DRIVER`) and handed back as
   an `Inbound`, which the driver looks up in its own table. Either way the
   answer says what the driver must do; `Inbound.NONE` is nothing;
 * `beat(now)` where only heartbeats may go out (the WSGI heartbeat thread,
@@ -136,6 +136,7 @@ class Inbound(IntEnum):
     CREDIT = Command.CREDIT  # [V, cmd, rid, n], n decimal digits
     BODY = Command.BODY  # [V, cmd, rid, flags, bytes]
     FRAME = Command.FRAME  # [V, cmd, rid, message]
+    RECALL = Command.RECALL  # [V, cmd, rid]
     # The link's own news:
     WELCOMED = 0x100  # registered now (the process may be ready)
     LOST = 0x101  # BYE from the broker: close the socket; its requests are given up
@@ -362,6 +363,7 @@ _FOR_DRIVER: dict[int, tuple[Inbound, tuple[int, ...], int | None]] = {
     Command.CREDIT: (Inbound.CREDIT, (4,), 3),
     Command.BODY: (Inbound.BODY, (5,), None),
     Command.FRAME: (Inbound.FRAME, (4,), None),
+    Command.RECALL: (Inbound.RECALL, (3,), None),
 }
 
 # The link's own commands; extra frames are ignored (docs/protocol.md section 3).

@@ -18,7 +18,8 @@ message asks of it (a REQUEST, CANCEL, CREDIT, BODY...) in `_handlers`.
 The loop holds its `lock` whenever it touches its sockets, and releases it
 only while the app runs. The process's heartbeat thread (worker/process.py) takes the
 lock then, and only then, to send HEARTBEATs on the loop's sockets, so a
-broker does not expire a loop whose app runs for minutes. A lock is a full
+broker does not expire a loop whose app runs for minutes, and to read what
+came meanwhile (a RECALL of a request waiting behind the app's, a CANCEL). A lock is a full
 memory barrier, which is what ZeroMQ asks of a socket that moves between
 threads. The app's sends take the lock too (worker/reply.py).
 
@@ -56,6 +57,7 @@ TICK_S = 0.25  # at most this long between timer runs (and stop checks) when idl
 DETACH_AFTER_S = 1.0  # a request running this long makes its loop leave the other brokers
 
 _POLLIN = zmq.POLLIN
+_RETURN = p.CMD[p.Command.RETURN]
 _SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD}
 
 
@@ -85,6 +87,7 @@ class Loop:
         self._handlers: dict[Inbound, Callable[[BrokerConn, list[bytes]], None]] = {
             Inbound.REQUEST: self._on_request,
             Inbound.CANCEL: self._on_cancel,
+            Inbound.RECALL: self._on_recall,
             Inbound.CREDIT: self._on_credit,
             Inbound.BODY: self._on_body,
             Inbound.WELCOMED: self._on_welcomed,
@@ -214,11 +217,14 @@ class Loop:
 
     def heartbeat_locked(self, now: float) -> None:
         """From the heartbeat thread, lock held, while the app runs: HEARTBEAT
-        every broker that is due one. Reads nothing (the loop does that)."""
+        every broker that is due one, and read what has come meanwhile, so a
+        RECALL of a request waiting behind this one (docs/protocol.md 4.6), or
+        a CANCEL of this one, does not wait for the app to return."""
         for c in self.conns:
             c.beat(now)
             if c.outbox:
                 self._flush(c)
+        self.read_now()
         self.detach_others_locked(now)
 
     def detach_others_locked(self, now: float) -> None:
@@ -329,6 +335,17 @@ class Loop:
     def _on_request(self, c: BrokerConn, frames: list[bytes]) -> None:
         self.pending.append(Pending(c, frames[2], frames[4], frames[5],
                                     frames[6] if len(frames) == 7 else None))
+
+    def _on_recall(self, c: BrokerConn, frames: list[bytes]) -> None:
+        """The broker wants a request that waits here back (docs/protocol.md 4.6):
+        RETURN it if it has not started; one that runs (or ran) is not ours to give."""
+        rid = frames[2]
+        for r in self.pending:
+            if r.conn is c and r.rid == rid:
+                if not r.cancelled:  # a cancelled one ends with its LAST, as always
+                    self.pending.remove(r)
+                    self.send(c, [p.VERSION, _RETURN, rid])
+                return
 
     def _on_credit(self, c: BrokerConn, frames: list[bytes]) -> None:
         current = self.current

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import socket
 import time
@@ -75,6 +76,7 @@ log = logging.getLogger(__name__)
 REPORT_EVERY_S = 0.25  # ChildState updates; the arbiter checks about once a second
 READY_WAIT_S = 5.0  # then one WELCOME of several is enough to be ready
 JOIN_TIMEOUT_S = 2.0  # for a loop to end once its sockets were closed under it
+READ_BEHIND_S = 0.02  # an app running this long with requests behind it: its sockets are read
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,7 @@ class WorkerSettings:
     services: tuple[p.ServiceSpec, ...]
     # Defaults as declared (config/declared.py); cli.py builds it with config.build.
     capacity: int = default(WsgiConfig, "threads")  # the number of loops (threads) here
+    prefetch: int = default(WsgiConfig, "prefetch")  # per loop: requests waiting behind its own
     heartbeat_s: float = default(WsgiConfig, "heartbeat")
     liveness: int = default(WsgiConfig, "liveness")
     graceful_timeout_s: float = default(WsgiConfig, "graceful_timeout")
@@ -169,7 +172,8 @@ class Worker:
         stop = self.runloop.stop
         self.loops = [
             Loop(self, k, p.Hello(s.services, 1, f"{self.label}/{k}", int(s.heartbeat_s * 1000),
-                                  {"pid": pid, "thread": str(k), **dict(s.meta)}).encode())
+                                  {"pid": pid, "thread": str(k), **dict(s.meta)},
+                                  prefetch=s.prefetch).encode())
             for k in range(max(1, s.capacity))]
         self._started_s = time.monotonic()
         try:
@@ -189,11 +193,14 @@ class Worker:
                 if stop.overdue(now):
                     self._close_stuck_loops()
                     break
-                # Twice per heartbeat interval, the brokers' (WELCOME) included.
+                # Twice per heartbeat interval, the brokers' (WELCOME) included;
+                # and once an app has run READ_BEHIND_S with requests waiting
+                # behind it, so that a RECALL of one is answered (docs/protocol.md 4.6).
                 heartbeat_s = min(c.heartbeat_s for loop in self.loops for c in loop.conns)
+                wait_s = min(REPORT_EVERY_S, heartbeat_s / 2, self._read_behind_in(now))
                 # A loop that ends wakes us (done): the process leaves as
                 # soon as its last loop has said BYE.
-                if self.done.wait(max(0.005, min(REPORT_EVERY_S, heartbeat_s / 2))):
+                if self.done.wait(max(0.005, wait_s)):
                     for loop in self.loops:
                         if loop.closed:
                             loop.thread.join(JOIN_TIMEOUT_S)
@@ -208,9 +215,23 @@ class Worker:
             self.done.close()
         return self.exit_code
 
+    def _read_behind_in(self, now: float) -> float:
+        """How soon a loop whose app has run READ_BEHIND_S with requests
+        waiting behind it is due a read (inf: none is). A quick request never
+        makes this thread wake for it."""
+        due = math.inf
+        for loop in self.loops:
+            if loop.current is not None and loop.pending:
+                due = min(due, max(0.0, loop.current_since + READ_BEHIND_S - now))
+        return due
+
     def _heartbeat(self, loop: Loop, now: float) -> None:
-        """HEARTBEAT for `loop` if its app runs: the loop then holds no lock."""
-        if loop.current is not None and loop.lock.acquire(blocking=False):
+        """HEARTBEAT for `loop` if its app runs (the loop then holds no lock),
+        and read its sockets once the app has run READ_BEHIND_S."""
+        if loop.current is None or (now - loop.current_since < READ_BEHIND_S
+                                    and now < min(c.next_heartbeat for c in loop.conns)):
+            return
+        if loop.lock.acquire(blocking=False):
             try:
                 if loop.current is not None and not loop.closed:
                     loop.heartbeat_locked(now)

@@ -217,3 +217,46 @@ def test_a_long_request_leaves_the_other_brokers_until_it_is_over(broker: FakeBr
         release.set()
         assert running.stop() == 0
         other.close()
+
+
+def test_a_request_waiting_behind_a_long_one_is_returned_when_recalled(
+        broker: FakeBroker) -> None:
+    """Prefetch (docs/protocol.md 4.6): REQUESTs sent while the app runs wait
+    in order; a RECALL of one that has not started is answered RETURN while
+    the app still runs; a RECALL of the running one is ignored (it ends with
+    its LAST), and the rest run in order."""
+    started = threading.Event()
+    release = threading.Event()
+    ran: list[int] = []
+
+    def first_is_slow(event: Any, script_name: str, path_info: str,
+                      stream: ReplyStream) -> bool:
+        ran.append(event.conn_id)
+        if event.conn_id == 1:
+            started.set()
+            release.wait(20)
+        stream.last(RESPONSE, False)
+        return False
+
+    running = Running(broker, handle=first_is_slow)
+    try:
+        hello = broker.recv_command(Cmd.HELLO)
+        ident = hello[0]
+        assert p.Hello.decode(hello[3]).prefetch > 0  # --prefetch's default
+        broker.welcome(ident)
+        rids = {n: p.encode_request_id(100 + n) for n in (1, 2, 3)}
+        broker.send(ident, Cmd.REQUEST, rids[1], b"svc", b"", request_message(1))
+        assert started.wait(10)
+        for n in (2, 3):  # they wait behind request 1
+            broker.send(ident, Cmd.REQUEST, rids[n], b"svc", b"", request_message(n))
+        broker.send(ident, Cmd.RECALL, rids[2])
+        broker.send(ident, Cmd.RECALL, rids[1])  # running: not ours to give back
+        returned = broker.recv_command(Cmd.RETURN, timeout_s=10)
+        assert returned[3:] == [rids[2]] and not release.is_set()  # while 1 still runs
+        release.set()
+        replies = [broker.recv_command(Cmd.REPLY)[3:5] for _ in range(2)]
+        assert replies == [[rids[1], p.FLAG_LAST], [rids[3], p.FLAG_LAST]]
+    finally:
+        release.set()
+        assert running.stop() == 0
+    assert ran == [1, 3]  # request 2 never ran here: it went back

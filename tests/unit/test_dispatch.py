@@ -173,7 +173,7 @@ class Harness:
         self.frames(ident, [p.VERSION, p.CMD[command], *args])
 
     def hello(self, ident: bytes, services: dict[str, tuple[str, ...]] | None = None,
-              capacity: int = 1, heartbeat_ms: int = 0) -> None:
+              capacity: int = 1, heartbeat_ms: int = 0, prefetch: int = 0) -> None:
         """Register a worker (default: service 'app' at '/app') and eat its WELCOME."""
         if services is None:
             services = {"app": ("/app",)}
@@ -181,7 +181,8 @@ class Harness:
         # Configured alike: the worker announces the broker's own interval.
         heartbeat_ms = heartbeat_ms or min(int(self.d.settings.heartbeat_s * 1000), 600_000)
         self.worker(ident, Cmd.HELLO, p.Hello(specs, capacity, worker=ident.decode(),
-                                              heartbeat_ms=heartbeat_ms).encode())
+                                              heartbeat_ms=heartbeat_ms,
+                                              prefetch=prefetch).encode())
         welcome = [f for f in self.d.to_workers if f[2] == p.CMD[Cmd.WELCOME]]
         assert [f[0] for f in welcome] == [ident]
         assert json.loads(welcome[0][3])["heartbeat_ms"] == int(
@@ -1462,6 +1463,7 @@ class FakeWorker:
     alive: bool = False
     silent: bool = False  # stops heartbeating (hung process)
     jobs: dict[int, Job] = field(default_factory=dict)
+    recalled: set[int] = field(default_factory=set)  # RECALLs not answered yet
 
 
 @dataclass
@@ -1492,6 +1494,7 @@ class DispatchMachine(RuleBasedStateMachine):
     def absorb(self) -> None:
         h = self.h
         h.d.check_invariants()
+        returns: list[tuple[bytes, int]] = []
         for msg in h.take_workers():
             fake = self.workers[msg.ident]
             if msg.command == Cmd.REQUEST:
@@ -1499,6 +1502,11 @@ class DispatchMachine(RuleBasedStateMachine):
                 fake.jobs[msg.rid] = Job(Sent(msg.ident, *msg.args))
             elif msg.command in (Cmd.CANCEL, Cmd.CREDIT):
                 pass  # the fake worker ignores both; it still sends its LAST reply
+            elif msg.command == Cmd.RECALL:
+                assert msg.rid in fake.jobs and msg.rid not in fake.recalled
+                fake.recalled.add(msg.rid)  # RETURNed by return_recalled, or ignored
+                if msg.rid % 2 and not fake.jobs[msg.rid].started:
+                    returns.append((msg.ident, msg.rid))  # some at once
             else:
                 assert msg.command in (Cmd.HEARTBEAT, Cmd.WELCOME, Cmd.DRAIN), msg
         raw, h.d.to_mongrel2 = h.d.to_mongrel2, []
@@ -1524,6 +1532,13 @@ class DispatchMachine(RuleBasedStateMachine):
             if fake.alive and ident not in h.d.workers:  # expired
                 fake.alive = False
                 fake.jobs.clear()
+            fake.recalled &= fake.jobs.keys()
+        for ident, rid in returns:
+            job = self.workers[ident].jobs.pop(rid, None)
+            if job is not None:
+                self.workers[ident].recalled.discard(rid)
+                h.worker(ident, Cmd.RETURN, job.sent.rid_frame)
+                self.absorb()
 
     @invariant()
     def invariants_hold(self) -> None:
@@ -1534,21 +1549,35 @@ class DispatchMachine(RuleBasedStateMachine):
         return open_conns[pick % len(open_conns)] if open_conns else None
 
     # -- rules
-    @initialize(capacity=st.integers(1, 3))
-    def start_workers(self, capacity: int) -> None:
-        self.hello(b"w0", {"a", "b"}, capacity)
-        self.hello(b"w1", {"a"}, 1)
+    @initialize(capacity=st.integers(1, 3), prefetch=st.integers(0, 2))
+    def start_workers(self, capacity: int, prefetch: int) -> None:
+        self.hello(b"w0", {"a", "b"}, capacity, prefetch)
+        self.hello(b"w1", {"a"}, 1, prefetch)
 
     @rule(ident=st.sampled_from(IDENTS),
           services=st.sets(st.sampled_from(("a", "b")), min_size=1),
-          capacity=st.integers(1, 3))
-    def hello(self, ident: bytes, services: set[str], capacity: int) -> None:
+          capacity=st.integers(1, 3), prefetch=st.integers(0, 2))
+    def hello(self, ident: bytes, services: set[str], capacity: int, prefetch: int) -> None:
         fake = self.workers[ident]
         routes = {"a": ("/a",), "b": ("/b",)}
         specs = tuple(p.ServiceSpec(s, routes[s]) for s in sorted(services))
         fake.jobs.clear()
         fake.alive, fake.silent = True, False
-        self.h.worker(ident, Cmd.HELLO, p.Hello(specs, capacity).encode())
+        self.h.worker(ident, Cmd.HELLO, p.Hello(specs, capacity, prefetch=prefetch).encode())
+        self.absorb()
+
+    @rule(pick=st.integers(0, 1000))
+    def return_recalled(self, pick: int) -> None:
+        """A worker gives back a recalled request it has not started."""
+        recalled = [(ident, rid) for ident, fake in self.workers.items() if fake.alive
+                    for rid in sorted(fake.recalled) if not fake.jobs[rid].started]
+        if not recalled:
+            return
+        ident, rid = recalled[pick % len(recalled)]
+        fake = self.workers[ident]
+        job = fake.jobs.pop(rid)
+        fake.recalled.discard(rid)
+        self.h.worker(ident, Cmd.RETURN, job.sent.rid_frame)
         self.absorb()
 
     @rule(new=st.booleans(), link=st.integers(0, 1), pick=st.integers(0, 1000),
@@ -1609,6 +1638,29 @@ class DispatchMachine(RuleBasedStateMachine):
         self.h.reply(job.sent, *messages, last=last)
         self.absorb()
 
+    @rule(n=st.integers(2, 6), link=st.integers(0, 1))
+    def burst(self, n: int, link: int) -> None:
+        """GETs on new connections, more than the free slots: some wait at workers."""
+        for _ in range(n):
+            self.request(True, link, 0, b"/a", b"GET", False, False)
+
+    @rule(ident=st.sampled_from(IDENTS))
+    def finish_all(self, ident: bytes) -> None:
+        """A worker answers everything it holds (so it is free while others
+        may hold waiting requests: what RECALL is for)."""
+        fake = self.workers[ident]
+        if not fake.alive:
+            return
+        for rid, job in list(fake.jobs.items()):
+            event = job.sent.event
+            head = b"" if job.started else b"HTTP/1.1 200 OK\r\nX-Token: %s\r\n\r\n" % (
+                event.header(b"x-token") or b"")
+            del fake.jobs[rid]
+            self.finished.append(job.sent)
+            self.h.reply(job.sent, *([ok_reply(event.sender, event.conn_id, head)] if head
+                                     else []))
+            self.absorb()
+
     @rule(pick=st.integers(0, 1000), kind=st.sampled_from(("whole", "start", "last")))
     def reply_more(self, pick: int, kind: str) -> None:
         self.reply(pick, kind)  # replies are the common case: give them more weight
@@ -1662,7 +1714,7 @@ class DispatchMachine(RuleBasedStateMachine):
             self.h.m2(m2_credits(conn_id, 4096), link=link)
             self.absorb()
 
-    @rule(dt=st.sampled_from((0.0, 0.5, 1.0, 2.5, 7.0)))
+    @rule(dt=st.sampled_from((0.0, 0.03, 0.06, 0.5, 1.0, 2.5, 7.0)))
     def tick(self, dt: float) -> None:
         self.advance(self.h.now + dt)
 

@@ -369,7 +369,7 @@ def test_the_command_table(frames: list[bytes], expected: Inbound) -> None:
 
 def test_every_command_a_broker_sends_has_a_row() -> None:
     to_worker = {Cmd.REQUEST, Cmd.HEARTBEAT, Cmd.BYE, Cmd.DRAIN, Cmd.CANCEL, Cmd.CREDIT,
-                 Cmd.WELCOME, Cmd.ERROR, Cmd.FRAME, Cmd.BODY}
+                 Cmd.WELCOME, Cmd.ERROR, Cmd.FRAME, Cmd.BODY, Cmd.RECALL}
     rows = set(link_module._FOR_DRIVER) | set(link_module._LINK_COMMANDS)
     assert rows == to_worker
     assert not set(link_module._FOR_DRIVER) & set(link_module._LINK_COMMANDS)

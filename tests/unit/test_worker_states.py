@@ -118,6 +118,7 @@ ARGS: dict[p.Command, tuple[bytes, ...]] = {
     p.Command.REPLY: (RID, p.FLAG_LAST, ok_reply(SENDER, 1)),
     p.Command.HEARTBEAT: (),
     p.Command.READ: (RID, b"10"),
+    p.Command.RETURN: (RID,),
     p.Command.DRAIN: (),
     p.Command.BYE: (),
 }
