@@ -216,7 +216,7 @@ def render_status(st: dict[str, Any]) -> str:
                      f"{s['timeout_s']:g}s"] for s in st["services"]]), "",
              table(["WORKER", "ID", "SERVICES", "LOAD", "STATE", "AGE", "SERVED"],
                    [[w["label"], w["id"], ",".join(w["services"]),
-                     f"{w['in_flight']}/{w['capacity']}", _worker_state(w),
+                     _load(w), _worker_state(w),
                      duration(w["age_s"]), w["served"]] for w in st["workers"]]), ""]
     limits = st.get("limits")
     if limits:
@@ -242,6 +242,12 @@ def render_status(st: dict[str, Any]) -> str:
                      f"{keys['hellos_refused']}, messages of revoked keys dropped="
                      f"{keys['revoked_messages']}")
     return "\n".join(parts)
+
+
+def _load(w: dict[str, Any]) -> str:
+    """'in flight/capacity', and '+prefetch' for a worker that lets requests wait."""
+    prefetch = w.get("prefetch", 0)
+    return f"{w['in_flight']}/{w['capacity']}" + (f"+{prefetch}" if prefetch else "")
 
 
 def _worker_state(w: dict[str, Any]) -> str:

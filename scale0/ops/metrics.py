@@ -65,6 +65,9 @@ _SIMPLE_COUNTERS = (
     ("scale0_routes_forgotten",
      "Announced routes forgotten after their last worker crashed and the grace passed.",
      "routes_forgotten"),
+    ("scale0_prefetched",
+     "Requests sent to wait at a busy worker (its --prefetch) while none was free.",
+     "prefetched"),
 )
 # Counters with one label: (metric, help, label, ((label value, counter field), ...)).
 _LABELLED_COUNTERS = (
@@ -79,6 +82,9 @@ _LABELLED_COUNTERS = (
     ("scale0_hellos_refused", "Worker HELLOs refused (ERROR): a route owned by another "
      "service (409), or the broker at a limit (429).", "reason",
      (("route_owned", "hello_conflicts"), ("limit", "hello_limits"))),
+    ("scale0_recalls", "Requests waiting at a stalled worker taken back for a free one: "
+     "RECALLs sent, and those the worker gave back (RETURN).", "step",
+     (("sent", "recalls"), ("returned", "returns"))),
 )
 
 

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -269,6 +270,13 @@ class Stack:
             proc.wait_ready()
         return proc
 
+    @property
+    def marks(self) -> Path:
+        """The folder where e2e_apps marks what reached the app (E2E_MARK_DIR)."""
+        marks = self.tmp / "marks"
+        marks.mkdir(exist_ok=True)
+        return marks
+
     def wait_ok(self, path: str, timeout_s: float = 15.0) -> requests.Response:
         last = ["no answer yet"]  # what the last try got, for the failure message
 
@@ -301,6 +309,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield s
     finally:
         s.stop()
+
+
+@pytest.fixture
+def control() -> Iterator[str]:
+    """A broker control socket path short enough for a unix socket."""
+    path = Path(tempfile.mkdtemp(prefix="s0ctl-", dir="/tmp"))
+    try:
+        yield f"ipc://{path}/b.ctl"
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

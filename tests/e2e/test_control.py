@@ -96,7 +96,7 @@ def test_status_shows_service_route_and_workers_with_growing_served_count(
     assert any(line.split()[:2] == ["app", "/app"] for line in lines)
     rows = [line.split() for line in lines
             if line.startswith(tuple(w["label"] for w in workers))]
-    assert [row[2:5] for row in rows] == [["app", "0/1", "ready"]] * 2
+    assert [row[2:5] for row in rows] == [["app", "0/1+8", "ready"]] * 2  # --prefetch 8
     assert sum(int(row[-1]) for row in rows) == before + 5
 
 

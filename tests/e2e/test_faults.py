@@ -17,15 +17,9 @@ def _children(proc: Proc) -> list[int]:
     return [int(pid) for pid in out.stdout.split()]
 
 
-def _marks(stack: Stack) -> Path:
-    marks = stack.tmp / "marks"
-    marks.mkdir(exist_ok=True)
-    return marks
-
-
 def _slow_and_fast_pools(stack: Stack) -> tuple[Proc, Proc, Path]:
     """Two one-process pools of the same service; the first one answers first."""
-    marks = _marks(stack)
+    marks = stack.marks
     first = stack.start_pool("e2e_apps:app", service="app", routes=("/",), threads=1,
                              env={"E2E_MARK_DIR": str(marks)})
     stack.wait_ok("/")
@@ -85,7 +79,7 @@ def test_broker_restart_workers_come_back(fresh_stack: Stack) -> None:
 def test_sigterm_on_a_pool_finishes_in_flight_requests(fresh_stack: Stack) -> None:
     fresh_stack.start_mongrel2()
     fresh_stack.start_broker()
-    marks = _marks(fresh_stack)
+    marks = fresh_stack.marks
     stays = fresh_stack.start_pool("e2e_apps:app", service="app", routes=("/",), threads=1)
     fresh_stack.wait_ok("/")
     leaves = fresh_stack.start_pool("e2e_apps:app", service="app", routes=("/",), threads=2,

@@ -4,34 +4,13 @@ that runs the app on its own thread (scale0/worker/loop.py), on the real stack."
 from __future__ import annotations
 
 import concurrent.futures
-import shutil
 import socket
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 import requests
 
 from .conftest import Stack, wait_for
 from .e2e_apps import BIG, HUGE
 from .test_control import status
-
-
-@pytest.fixture
-def control() -> Iterator[str]:
-    """A broker control socket path short enough for a unix socket."""
-    path = Path(tempfile.mkdtemp(prefix="s0loops-", dir="/tmp"))
-    try:
-        yield f"ipc://{path}/b.ctl"
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _marks(stack: Stack) -> Path:
-    marks = stack.tmp / "marks"
-    marks.mkdir(exist_ok=True)
-    return marks
 
 
 def _labels(control: str) -> set[str]:
@@ -58,7 +37,7 @@ def test_a_long_request_is_not_expired_and_the_other_loops_serve(
     the request sleeps 4 s in the app of a loop of capacity 1, whose
     heartbeats the process's heartbeat thread sends meanwhile."""
     s = fresh_stack
-    marks = _marks(s)
+    marks = s.marks
     s.start_mongrel2()
     s.start_broker("--control", control, "--heartbeat", "0.2")
     s.start_pool("e2e_apps:app", "--heartbeat", "0.2", service="app", routes=("/",),
@@ -82,7 +61,7 @@ def test_a_long_request_is_not_expired_and_the_other_loops_serve(
 
 def test_threads_run_slow_requests_at_once(fresh_stack: Stack) -> None:
     s = fresh_stack
-    marks = _marks(s)
+    marks = s.marks
     s.start_mongrel2()
     s.start_broker()
     s.start_pool("e2e_apps:app", service="app", routes=("/",), processes=1, threads=3,
@@ -120,7 +99,7 @@ def test_cancel_reaches_a_request_waiting_for_credits(fresh_stack: Stack) -> Non
     request waiting for credits; its disconnect must free the only loop, long
     before the broker's 60 s request timeout would."""
     s = fresh_stack
-    marks = _marks(s)
+    marks = s.marks
     s.start_mongrel2()
     s.start_broker()
     s.start_pool("e2e_apps:app", service="app", routes=("/",), processes=1, threads=1,
