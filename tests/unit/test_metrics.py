@@ -168,7 +168,8 @@ def test_metric_types_and_help() -> None:
         "scale0_late_replies": "counter", "scale0_client_gone": "counter",
         "scale0_timeouts": "counter", "scale0_malformed": "counter", "scale0_refused": "counter",
         "scale0_hellos_refused": "counter", "scale0_worker_ejections": "counter",
-        "scale0_routes_forgotten": "counter", "scale0_workers_ejected": "gauge",
+        "scale0_routes_forgotten": "counter", "scale0_prefetched": "counter",
+        "scale0_recalls": "counter", "scale0_workers_ejected": "gauge",
         "scale0_state_limit": "gauge",
     }
     assert {name: kind for name, (kind, _) in found.items()} == expected
