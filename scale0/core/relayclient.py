@@ -24,6 +24,12 @@ Theory of operation::
 * LEAVE only when nothing is in progress here: a request, an upload whose
   done message the relay would give another broker, or a reply held for the
   relay. Everything that arrives between LEAVE and BYE is served too.
+* Until then, connections move one by one: once the relay has answered
+  DRAIN with DRAINING, every connection of ours that holds nothing here
+  (and whose download credits are all back) is RELEASEd with the count of
+  its messages read since DRAINING; the relay deals its next message to
+  another broker if it sent us no more than that. So keep-alive clients
+  that never pause all at once cannot keep a draining broker busy.
 * A forced or timed-out stop still says LEAVE as it exits (`on_close`): the
   relay forgets our connections at once rather than at our expiry.
 """
@@ -78,6 +84,10 @@ class RelayClient:
         self.left_at = 0.0  # when LEAVE was sent
         self.bye = False  # BYE came: nothing more will
         self.closed = False  # disconnected for good
+        # Since DRAINING: messages read per connection (b"SENDER CONN_ID"),
+        # and the connections to RELEASE once nothing of theirs is held here.
+        self.counts: dict[bytes, int] | None = None
+        self.watch: set[bytes] = set()
 
     @property
     def handing_over(self) -> bool:
@@ -124,11 +134,39 @@ class RelayClient:
             return []
         return self._handlers[control](self, now, may_join, busy_after_bye)
 
+    def took_message(self, key: bytes) -> None:
+        """A Mongrel2 message of connection `key` was read (only while counting)."""
+        counts = self.counts
+        if counts is not None:
+            counts[key] = counts.get(key, 0) + 1
+            self.watch.add(key)
+
+    def releases(self, held: set[bytes], idle: Callable[[bytes], bool]) -> list[Action]:
+        """While draining, before LEAVE: RELEASE each watched connection that
+        holds nothing here. `held`: connections with a request here (watched
+        from now on); `idle(key)`: nothing else of it is here either (no
+        upload, no download credits owed)."""
+        if self.counts is None or self.left_at or self.closed:
+            return []
+        watch = self.watch
+        watch |= held
+        free = [key for key in watch if key not in held and idle(key)]
+        counts = self.counts
+        for key in free:
+            watch.discard(key)
+        return [Send(s0r1.encode_release(key, counts.get(key, 0))) for key in free]
+
     def on_malformed(self, error: s0r1.S0R1Error, now: float) -> None:
         self.warnings.warning("relay message", now, "unexpected message from the relay at %s: %s",
                               self.spec, error)
 
     def _on_heartbeat(self, now: float, may_join: bool, busy: bool) -> list[Action]:
+        return []
+
+    def _on_draining(self, now: float, may_join: bool, busy: bool) -> list[Action]:
+        """The relay's answer to DRAIN: count from here (Appendix B, RELEASE)."""
+        if self.leave_by and not self.left_at:
+            self.counts, self.watch = {}, set()
         return []
 
     def _on_who(self, now: float, may_join: bool, busy: bool) -> list[Action]:
@@ -142,6 +180,7 @@ class RelayClient:
     _handlers: ClassVar[dict[s0r1.Control,
                              Callable[[RelayClient, float, bool, bool], list[Action]]]] = {
         s0r1.Control.HEARTBEAT: _on_heartbeat,
+        s0r1.Control.DRAINING: _on_draining,
         s0r1.Control.WHO: _on_who,
         s0r1.Control.BYE: _on_bye,
     }

@@ -14,9 +14,11 @@ what it leaves in `to_brokers` (``[ident, *frames]``) and `to_mongrel2`
   broker able to take it, new connections wait in `pending`, and with none
   connected at all `intake` says to stop reading Mongrel2 (requests wait
   there, not lost). A sticky message is always delivered.
-* **Leaving is a handshake.** DRAIN: no new connections for this broker.
-  LEAVE: forget my connections; the core answers BYE after everything it
-  sent that broker before. A broker that expires or is unreachable is
+* **Leaving is a handshake.** DRAIN: no new connections for this broker
+  (answered DRAINING). RELEASE: it holds nothing of one of its connections
+  and has read all of it sent since DRAINING, so the connection's next
+  message goes elsewhere. LEAVE: forget my connections; the core answers
+  BYE after everything it sent that broker before. A broker that expires or is unreachable is
   lost: its connections are forgotten (and, with `close_lost`, closed).
 
 Commands are a table (command type -> handler); a malformed one is counted
@@ -43,6 +45,7 @@ MAX_CLOSE_TARGETS = 128  # Mongrel2's limits.handler_targets: ids per reply
 MIN_PEER_HEARTBEAT_S = 0.01  # HELLO's heartbeat_ms as the worker protocol bounds it
 
 HEARTBEAT, BYE, WHO = s0r1.Control.HEARTBEAT, s0r1.Control.BYE, s0r1.Control.WHO
+DRAINING = s0r1.Control.DRAINING
 
 
 @dataclass(slots=True, eq=False)
@@ -52,6 +55,9 @@ class BrokerPeer:
     expires_at: float
     expiry_s: float  # its heartbeat (from HELLO) x our liveness
     draining: bool = False
+    # Since its DRAIN was answered DRAINING: messages sent it per connection,
+    # what a RELEASE's count is checked against. None: not draining.
+    since_drain: dict[bytes, int] | None = None
 
 
 class RelayCore:
@@ -84,6 +90,7 @@ class RelayCore:
         self.owners: OrderedDict[bytes, BrokerPeer] = OrderedDict()  # by b'SENDER CONN_ID'
         self.to_brokers: list[list[bytes]] = []
         self.dropped = 0  # per-connection messages with no broker to take them
+        self.released = 0  # connections a draining broker RELEASEd, dealt anew
         self.malformed = 0
         self._next_heartbeat = 0.0
         self._now = 0.0  # of the last tick: the rate-limited log's clock on the Mongrel2 path
@@ -122,6 +129,9 @@ class RelayCore:
             self.owners.move_to_end(key)
             if special and raw.find(b'"disconnect"', k, k + 64) >= 0:
                 del self.owners[key]
+            since = owner.since_drain
+            if since is not None:
+                since[key] = since.get(key, 0) + 1
             owner.credit -= 1
             self.to_brokers.append([owner.ident, raw])
             if owner.credit <= 0:  # else its place in `ready` (or not) stays right
@@ -174,6 +184,7 @@ class RelayCore:
         expiry_s = self.peer_expiry_s(hello.heartbeat_ms)
         if peer is not None:  # joined again (after WHO): keep its connections
             peer.credit, peer.draining, peer.expiry_s = hello.window, False, expiry_s
+            peer.since_drain = None
             return peer
         peer = self.peers[ident] = BrokerPeer(ident, hello.window, now + expiry_s, expiry_s)
         log.info("broker %s joined (window %d)", ident.hex(), peer.credit)
@@ -188,8 +199,26 @@ class RelayCore:
         return True
 
     def _on_drain(self, peer: BrokerPeer, _: s0r1.BrokerCommand) -> bool:
+        """No new connections for it; DRAINING goes after all it was sent
+        before, and from then on its connections' messages are counted."""
         peer.draining = True
+        peer.since_drain = {}
+        self.to_brokers.append([peer.ident, *s0r1.control_message(DRAINING)])
         log.info("broker %s draining", peer.ident.hex())
+        return True
+
+    def _on_release(self, peer: BrokerPeer, command: s0r1.BrokerCommand) -> bool:
+        """A draining broker holds nothing of a connection: if it has read
+        every message of it sent since DRAINING, the connection's next message
+        is dealt as a new connection's (to another broker). A count short of
+        ours means a message is on its way there: it RELEASEs again after it."""
+        release = cast(s0r1.Release, command)  # the table's key is its type
+        since = peer.since_drain
+        if (since is not None and self.owners.get(release.key) is peer
+                and since.get(release.key, 0) == release.n):
+            del self.owners[release.key]
+            since.pop(release.key, None)
+            self.released += 1
         return True
 
     def _on_leave(self, peer: BrokerPeer, _: s0r1.BrokerCommand) -> bool:
@@ -200,7 +229,7 @@ class RelayCore:
 
     _handlers: ClassVar[dict[type, Callable[[RelayCore, BrokerPeer, s0r1.BrokerCommand], bool]]] = {
         s0r1.Credit: _on_credit, s0r1.Heartbeat: _on_heartbeat,
-        s0r1.Drain: _on_drain, s0r1.Leave: _on_leave,
+        s0r1.Drain: _on_drain, s0r1.Release: _on_release, s0r1.Leave: _on_leave,
     }
 
     def peer_expiry_s(self, heartbeat_ms: int | None) -> float:

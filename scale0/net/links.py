@@ -217,6 +217,11 @@ class RelayLink(Link):
             if isinstance(message, s0r1.Batch):  # Mongrel2 messages, byte for byte
                 for raw in message.messages:
                     d.on_mongrel2(index, raw, now)
+                if client.counts is not None:  # draining: RELEASE needs the counts
+                    for raw in message.messages:
+                        key = s0r1.connection_key(raw)
+                        if key is not None:
+                            client.took_message(key)
                 client.took(len(message.messages))
                 if d.to_mongrel2 and not self.writable:
                     break
@@ -234,8 +239,26 @@ class RelayLink(Link):
         self._do(self.client.stop_intake())
 
     def handover(self, now: float) -> None:
-        self._do(self.client.handover(now, busy=self._busy(),
-                                      busy_after_bye=self._busy_after_bye()))
+        client = self.client
+        if client.counts is not None:
+            self._do(client.releases(self._held(), self._idle))
+        self._do(client.handover(now, busy=self._busy(), busy_after_bye=self._busy_after_bye()))
+
+    def _held(self) -> set[bytes]:
+        """The relay's keys (b"SENDER CONN_ID") of this link's connections with
+        a request here."""
+        index = self.index
+        return {b"%s %d" % (q[0].sender, conn_id)
+                for (link, conn_id), q in self.dispatcher.connections.items() if link == index}
+
+    def _idle(self, key: bytes) -> bool:
+        """Nothing of connection `key` is here: no upload, no download credits owed."""
+        conn_id = key.rpartition(b" ")[2]
+        if not conn_id.isdigit():
+            return True
+        at = (self.index, int(conn_id))
+        d = self.dispatcher
+        return at not in d.uploads and at not in d.unacked and at not in d.connections
 
     def _may_join(self) -> bool:
         return not self.client.handing_over and self.writable

@@ -7,15 +7,16 @@ which is not part of what this module reads or builds).
 Broker to relay:
 
 * a control message: one ASCII frame, ``HELLO S0R1 <window> [<heartbeat_ms>]``,
-  ``CREDIT <n>``, ``HEARTBEAT``, ``DRAIN`` or ``LEAVE``;
+  ``CREDIT <n>``, ``HEARTBEAT``, ``DRAIN``, ``RELEASE <sender> <conn id> <n>``
+  or ``LEAVE``;
 * replies to publish: an empty frame, then one or more Mongrel2 replies.
 
 Relay to broker:
 
 * a batch: one or more frames, the first not empty, each one Mongrel2
   message byte for byte;
-* a control message: two frames, an empty one and ``HEARTBEAT``, ``BYE`` or
-  ``WHO``.
+* a control message: two frames, an empty one and ``HEARTBEAT``, ``DRAINING``,
+  ``BYE`` or ``WHO``.
 
 Frames stay bytes and Mongrel2 messages are never copied or re-encoded: a
 batch's frames are the list the socket gave. Anything else is one
@@ -41,7 +42,10 @@ HELLO = b"HELLO"
 CREDIT = b"CREDIT"
 HEARTBEAT = b"HEARTBEAT"
 DRAIN = b"DRAIN"
+RELEASE = b"RELEASE"
 LEAVE = b"LEAVE"
+MAX_CONN_ID_DIGITS = 20  # Mongrel2's connection ids (wire/mongrel2.py MAX_ID_DIGITS)
+MAX_SENDER_BYTES = 256
 
 
 class S0R1Error(ProtocolError, ValueError):
@@ -81,11 +85,22 @@ class Drain:
 
 
 @dataclass(frozen=True, slots=True)
+class Release:
+    """A draining broker holds nothing of connection `key` (b"SENDER CONN_ID",
+    as the relay keys it) and has read `n` of its messages since DRAINING:
+    if the relay sent it no more than that, it deals the connection's next
+    message to another broker."""
+
+    key: bytes
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
 class Leave:
     pass
 
 
-BrokerCommand = Hello | Credit | Heartbeat | Drain | Leave
+BrokerCommand = Hello | Credit | Heartbeat | Drain | Release | Leave
 
 # The argument-less commands: one instance each (they carry nothing).
 _BARE: dict[bytes, BrokerCommand] = {HEARTBEAT: Heartbeat(), DRAIN: Drain(), LEAVE: Leave()}
@@ -116,12 +131,26 @@ def encode_credit(n: int) -> bytes:
     return b"CREDIT %d" % n
 
 
+def encode_release(key: bytes, n: int) -> bytes:
+    return b"RELEASE %s %d" % (key, n)
+
+
+def connection_key(raw: bytes) -> bytes | None:
+    """b"SENDER CONN_ID" of a Mongrel2 message (its first two words), as the
+    relay keys its sticky connections; None if it has no such words."""
+    i = raw.find(b" ")
+    j = raw.find(b" ", i + 1) if i > 0 else -1
+    return raw[:j] if j > i + 1 else None
+
+
 def encode_command(command: BrokerCommand) -> bytes:
     """The one frame of a control message."""
     if isinstance(command, Hello):
         return encode_hello(command.window, command.heartbeat_ms)
     if isinstance(command, Credit):
         return encode_credit(command.n)
+    if isinstance(command, Release):
+        return encode_release(command.key, command.n)
     return {Heartbeat: HEARTBEAT, Drain: DRAIN, Leave: LEAVE}[type(command)]
 
 
@@ -144,6 +173,8 @@ def parse_command(frame: bytes) -> BrokerCommand:
         if n is None:
             raise S0R1Error(f"CREDIT needs a number, got {arg[:24]!r}", command=CREDIT)
         return Credit(n)
+    if command == RELEASE:
+        return _release(arg)
     if command == HELLO:
         version, _, rest = arg.partition(b" ")
         window_text, _, heartbeat_text = rest.partition(b" ")
@@ -155,6 +186,15 @@ def parse_command(frame: bytes) -> BrokerCommand:
         heartbeat_ms = _number(heartbeat_text)
         return Hello(window, heartbeat_ms or None)
     raise S0R1Error(f"unknown command {frame[:24]!r}", command=command)
+
+
+def _release(arg: bytes) -> Release:
+    words = arg.split(b" ")
+    n = _number(words[2]) if len(words) == 3 else None
+    if (n is None or not 0 < len(words[0]) <= MAX_SENDER_BYTES or not words[1].isdigit()
+            or len(words[1]) > MAX_CONN_ID_DIGITS):
+        raise S0R1Error(f"RELEASE needs SENDER CONN_ID N, got {arg[:64]!r}", command=RELEASE)
+    return Release(words[0] + b" " + words[1], n)
 
 
 def split_from_broker(frames: Sequence[bytes]) -> bytes | Replies:
@@ -173,6 +213,7 @@ class Control(Enum):
     """The relay's control messages: `[b"", value]`."""
 
     HEARTBEAT = b"HEARTBEAT"  # every heartbeat interval
+    DRAINING = b"DRAINING"  # the answer to DRAIN: what follows counts for RELEASE
     BYE = b"BYE"  # the answer to LEAVE: nothing follows it
     WHO = b"WHO"  # the relay does not know this broker: say HELLO again
 

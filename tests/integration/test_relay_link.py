@@ -10,10 +10,12 @@ must not disconnect its link once replies can be in it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import zmq
@@ -47,13 +49,18 @@ class RawWorker(threading.Thread):
         self.stopping = threading.Event()
         self.answered = 0
 
-    def run(self) -> None:
+    def connect(self, label: str) -> zmq.Socket[bytes]:
+        """A DEALER to the broker, its HELLO sent (service app on /, capacity 1000)."""
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.endpoint)
         hello = {"services": [{"name": "app", "routes": ["/"]}], "capacity": 1000,
-                 "worker": "raw", "heartbeat_ms": 1000}
+                 "worker": label, "heartbeat_ms": 1000}
         sock.send_multipart([p.VERSION, p.CMD[p.Command.HELLO], json.dumps(hello).encode()])
+        return sock
+
+    def run(self) -> None:
+        sock = self.connect("raw")
         try:
             while not self.stopping.is_set():
                 if not sock.poll(20):
@@ -104,6 +111,17 @@ class FakeRelay:
                 return
         raise AssertionError(f"the broker sent no {command!r}")
 
+    def expect_release(self, timeout_s: float = 10.0) -> tuple[bytes, int]:
+        """The next RELEASE the broker sends: (connection key, count)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            message = self._read()
+            if message is not None and message.startswith(s0r1.RELEASE + b" "):
+                command = s0r1.parse_command(message)
+                assert isinstance(command, s0r1.Release)
+                return command.key, command.n
+        raise AssertionError("the broker sent no RELEASE")
+
     def collect(self, n: int, timeout_s: float = 10.0, *, slowly: bool = False) -> None:
         """Up to `n` replies in all. `slowly`: a relay that reads one message
         per millisecond, so the broker's side of the link stays backed up."""
@@ -120,16 +138,11 @@ class FakeRelay:
         self.sock.send_multipart([self.broker, *s0r1.control_message(control)])
 
 
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    yield context
-    context.term()
-
-
-def test_replies_to_requests_read_between_leave_and_bye_reach_the_relay(
-        ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
-    relay = FakeRelay(ctx)
+@contextlib.contextmanager
+def broker_with(relay: FakeRelay, ctx: zmq.Context[zmq.Socket[bytes]],
+                worker_type: type[RawWorker]) -> Iterator[tuple[Broker, Any, threading.Thread]]:
+    """A broker linked to `relay` only, its loop on a thread, and a worker of
+    `worker_type` WELCOMEd by it; everything is stopped on the way out."""
     broker = Broker([LinkSpec.parse(f"relay+tcp://127.0.0.1:{relay.port}")],
                     "tcp://127.0.0.1:0", context=ctx, startup_grace_s=0.0)
 
@@ -144,10 +157,31 @@ def test_replies_to_requests_read_between_leave_and_bye_reach_the_relay(
     try:
         loop.start()
         _wait(lambda: bool(broker.endpoint), "the broker to bind")
-        worker = RawWorker(ctx, broker.endpoint)
+        worker = worker_type(ctx, broker.endpoint)
         worker.start()
         assert worker.welcomed.wait(10), "the broker did not WELCOME the worker"
         relay.expect(s0r1.HELLO)
+        yield broker, worker, loop
+    finally:
+        broker.stop(force=True)
+        loop.join(10)
+        if worker is not None:
+            worker.stopping.set()
+            worker.join(10)
+        relay.sock.close(0)
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    yield context
+    context.term()
+
+
+def test_replies_to_requests_read_between_leave_and_bye_reach_the_relay(
+        ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    relay = FakeRelay(ctx)
+    with broker_with(relay, ctx, RawWorker) as (broker, _, loop):
         relay.send_requests(range(1, 21))
         relay.collect(20)
         assert len(relay.replies) == 20
@@ -163,10 +197,75 @@ def test_replies_to_requests_read_between_leave_and_bye_reach_the_relay(
         answered = sorted(int(r.split(b" ")[1].split(b":")[1].rstrip(b",")) for r in relay.replies)
         assert answered == list(range(1, 221))
         assert all(r.startswith(SENDER + b" ") for r in relay.replies)
-    finally:
-        broker.stop(force=True)
+
+
+class HoldingWorker(RawWorker):
+    """Holds every REQUEST until `answer(conn_id)`; then one LAST REPLY."""
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> None:
+        super().__init__(ctx, endpoint)
+        self.held: dict[bytes, list[bytes]] = {}  # conn id -> the REQUEST's frames
+        self.received: dict[bytes, int] = {}  # conn id -> REQUESTs of it so far
+        self._release: list[bytes] = []
+        self._lock = threading.Lock()
+
+    def answer(self, conn_id: int) -> None:
+        with self._lock:
+            self._release.append(b"%d" % conn_id)
+
+    def holds(self, conn_id: int, requests: int = 1) -> bool:
+        """It holds a request of `conn_id`, its `requests`th."""
+        with self._lock:
+            key = b"%d" % conn_id
+            return key in self.held and self.received.get(key) == requests
+
+    def run(self) -> None:
+        sock = self.connect("holding")
+        try:
+            while not self.stopping.is_set():
+                with self._lock:
+                    release, self._release = self._release, []
+                    for conn_id in release:
+                        frames = self.held.pop(conn_id)
+                        reply = b"%s %d:%s, %s" % (SENDER, len(conn_id), conn_id, BODY)
+                        sock.send_multipart([p.VERSION, p.CMD[p.Command.REPLY], frames[2],
+                                             b"\x01", reply])
+                if not sock.poll(5):
+                    continue
+                frames = sock.recv_multipart()
+                if frames[1] == p.CMD[p.Command.WELCOME]:
+                    self.welcomed.set()
+                elif frames[1] == p.CMD[p.Command.REQUEST]:
+                    conn_id = frames[5].split(b" ", 2)[1]
+                    with self._lock:
+                        self.held[conn_id] = frames
+                        self.received[conn_id] = self.received.get(conn_id, 0) + 1
+        finally:
+            sock.close(0)
+
+
+def test_a_draining_broker_releases_each_connection_once_it_holds_nothing_of_it(
+        ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    """Appendix B, RELEASE: after DRAINING, a connection whose request is over
+    is RELEASEd with the count of its messages read since; one still held
+    is not; LEAVE comes once nothing is held at all."""
+    relay = FakeRelay(ctx)
+    with broker_with(relay, ctx, HoldingWorker) as (broker, worker, loop):
+        relay.send_requests(range(1, 4))
+        _wait(lambda: all(worker.holds(c) for c in (1, 2, 3)), "three requests held")
+        broker.stop()
+        relay.expect(s0r1.DRAIN)
+        relay.send(s0r1.Control.DRAINING)
+        worker.answer(1)
+        assert relay.expect_release() == (SENDER + b" 1", 0)
+        relay.send_requests(range(2, 3))  # conn 2 again (pipelined): read since DRAINING
+        worker.answer(2)
+        _wait(lambda: worker.holds(2, requests=2), "the second request of conn 2")
+        worker.answer(2)
+        assert relay.expect_release() == (SENDER + b" 2", 1)
+        worker.answer(3)
+        assert relay.expect_release() == (SENDER + b" 3", 0)
+        relay.expect(s0r1.LEAVE)
+        relay.send(s0r1.Control.BYE)
         loop.join(10)
-        if worker is not None:
-            worker.stopping.set()
-            worker.join(10)
-        relay.sock.close(0)
+        assert not loop.is_alive(), "the broker did not stop"

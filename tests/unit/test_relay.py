@@ -67,6 +67,7 @@ def test_a_lone_draining_broker_still_gets_its_connections_messages() -> None:
     c.on_mongrel2(req(1))
     sent(c)
     c.on_broker(b"A", b"DRAIN", 0.1)
+    assert sent(c) == [(b"A", b"DRAINING")]  # the answer: RELEASE counts from here
     assert c.intake  # a streamed reply of conn 1 needs Mongrel2's credits
     c.on_mongrel2(credits(1))
     c.on_mongrel2(req(2))  # new: waits for a broker that takes new connections
@@ -83,7 +84,39 @@ def test_draining_broker_keeps_its_connections_but_gets_no_new_ones() -> None:
     c.on_mongrel2(req(2))
     c.on_mongrel2(req(1, b"/pipelined"))
     c.on_mongrel2(req(3))
-    assert sent(c) == [(b"B", req(2)), (b"A", req(1, b"/pipelined")), (b"B", req(3))]
+    assert sent(c) == [(b"A", b"DRAINING"), (b"B", req(2)), (b"A", req(1, b"/pipelined")),
+                       (b"B", req(3))]
+
+
+def test_a_released_connection_moves_only_once_its_broker_read_all_it_was_sent() -> None:
+    """RELEASE (Appendix B): the count is of the connection's messages sent
+    since DRAINING; short of it, a message is on its way and the connection
+    stays; equal, its next message is a new connection's."""
+    c = core(b"A", b"B")
+    c.on_mongrel2(req(1))  # A
+    c.on_mongrel2(req(2))  # B
+    c.on_mongrel2(req(3))  # A
+    sent(c)
+    key = S + b" 1"
+    c.on_broker(b"A", b"RELEASE " + key + b" 0", 0.1)  # not draining: nothing moves
+    c.on_broker(b"A", b"DRAIN", 0.2)
+    c.on_mongrel2(credits(1))  # sent since DRAINING: 1
+    assert sent(c) == [(b"A", b"DRAINING"), (b"A", credits(1))]
+    c.on_broker(b"A", b"RELEASE " + key + b" 0", 0.3)  # the credits are on their way
+    c.on_broker(b"B", b"RELEASE " + S + b" 2 0", 0.3)  # not draining
+    c.on_broker(b"A", b"RELEASE " + S + b" 2 0", 0.3)  # not its connection
+    c.on_mongrel2(req(1, b"/still"))
+    c.on_mongrel2(req(2, b"/still"))
+    assert sent(c) == [(b"A", req(1, b"/still")), (b"B", req(2, b"/still"))]
+    c.on_broker(b"A", b"RELEASE " + key + b" 2", 0.4)  # all read: it moves
+    c.on_broker(b"A", b"RELEASE " + S + b" 3 0", 0.4)
+    assert c.released == 2
+    c.on_mongrel2(req(1, b"/moved"))
+    c.on_mongrel2(req(3, b"/moved"))
+    assert sent(c) == [(b"B", req(1, b"/moved")), (b"B", req(3, b"/moved"))]
+    c.on_broker(b"A", b"RELEASE " + key + b" 0", 0.5)  # B's now: stays there
+    c.on_mongrel2(req(1, b"/stays"))
+    assert sent(c) == [(b"B", req(1, b"/stays"))]
 
 
 def test_leave_is_answered_bye_and_its_connections_move_on() -> None:
@@ -156,7 +189,9 @@ def test_hello_again_keeps_the_connections_and_its_heartbeat_sets_the_expiry() -
     st.tuples(st.sampled_from([b"A", b"B", b"C"]),
               st.one_of(st.binary(max_size=24),
                         st.sampled_from([b"HELLO S0R1 3", b"CREDIT 2", b"DRAIN", b"LEAVE",
-                                         b"HEARTBEAT", b"HELLO S0R1 x", b"CREDIT -1"])))
+                                         b"HEARTBEAT", b"HELLO S0R1 x", b"CREDIT -1",
+                                         b"RELEASE " + S + b" 1 0", b"RELEASE " + S + b" 2 1",
+                                         b"RELEASE " + S + b" 1 x"])))
     .map(lambda t: ("broker", t)),
 ), max_size=60))
 def test_any_input_is_handled_without_raising_and_invariants_hold(

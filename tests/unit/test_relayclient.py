@@ -9,6 +9,7 @@ from scale0.core.relayclient import DISCONNECT, Action, RelayClient, Send
 from scale0.wire import s0r1
 
 BYE, WHO, HEARTBEAT = s0r1.Control.BYE, s0r1.Control.WHO, s0r1.Control.HEARTBEAT
+DRAINING = s0r1.Control.DRAINING
 
 
 def client(window: int = 512) -> RelayClient:
@@ -84,6 +85,44 @@ def test_drain_then_leave_once_idle_then_bye_disconnects() -> None:
     assert c.closed and not c.handing_over
     assert c.handover(12.0, busy=False, busy_after_bye=False) == []
     assert c.on_close() == []  # it left: no LEAVE again
+
+
+def test_draining_connections_are_released_with_their_counts_once_idle() -> None:
+    """RELEASE (Appendix B): only after the relay's DRAINING; a connection
+    with a request here (`held`) waits, one idle is released with the count
+    of its messages read since DRAINING, once, until a message of it comes again."""
+    c = joined()
+    idle = {b"S 1": True, b"S 2": True, b"S 3": False}  # 3: download credits still owed
+    c.took_message(b"S 9")  # before DRAIN: not counted
+    assert c.releases({b"S 1"}, idle.__getitem__) == []  # no DRAINING yet
+    assert c.stop_intake() == [Send(b"DRAIN")]
+    assert c.releases({b"S 1"}, idle.__getitem__) == []  # DRAIN sent, no answer yet
+    assert c.on_control(DRAINING, 1.0, may_join=False, busy_after_bye=False) == []
+    c.took_message(b"S 2")
+    c.took_message(b"S 2")
+    c.took_message(b"S 3")
+    assert sorted(frames(c.releases({b"S 1"}, idle.__getitem__))) == [b"RELEASE S 2 2"]
+    assert c.releases({b"S 1"}, idle.__getitem__) == []  # once
+    # Conn 1's request ends: released with no message read since DRAINING.
+    assert frames(c.releases(set(), idle.__getitem__)) == [b"RELEASE S 1 0"]
+    idle[b"S 3"] = True  # its credits came (a message of it, read)
+    c.took_message(b"S 3")
+    c.took_message(b"S 2")  # the relay had sent one more of conn 2: released again after it
+    assert sorted(frames(c.releases(set(), idle.__getitem__))) == [b"RELEASE S 2 3",
+                                                                   b"RELEASE S 3 2"]
+    assert c.handover(2.0, busy=False, busy_after_bye=False) == [Send(b"LEAVE")]
+    c.took_message(b"S 4")
+    assert c.releases(set(), idle.__getitem__) == []  # after LEAVE the relay forgets all
+
+
+def test_draining_after_leave_or_without_drain_starts_nothing() -> None:
+    c = joined()
+    assert c.on_control(DRAINING, 1.0, may_join=True, busy_after_bye=False) == []
+    assert c.counts is None  # not asked for
+    c.stop_intake()
+    c.handover(2.0, busy=False, busy_after_bye=False)  # LEAVE
+    assert c.on_control(DRAINING, 2.1, may_join=False, busy_after_bye=False) == []
+    assert c.counts is None
 
 
 def test_after_bye_replies_through_the_relay_keep_the_link_until_they_are_out() -> None:

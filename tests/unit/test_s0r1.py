@@ -16,6 +16,9 @@ COMMANDS: list[tuple[bytes, s0r1.BrokerCommand]] = [
     (b"CREDIT 128", s0r1.Credit(128)),
     (b"HEARTBEAT", s0r1.Heartbeat()),
     (b"DRAIN", s0r1.Drain()),
+    (b"RELEASE 5ca1e000-0000-4000-8000-000000000001 17 3",
+     s0r1.Release(b"5ca1e000-0000-4000-8000-000000000001 17", 3)),
+    (b"RELEASE S 0 0", s0r1.Release(b"S 0", 0)),
     (b"LEAVE", s0r1.Leave()),
 ]
 
@@ -65,6 +68,11 @@ def test_heartbeat_ms_that_is_not_a_positive_number_means_the_relays_own() -> No
     (b"HELLO S0R1 00", b"HELLO"), (b"CREDIT \xd9\xa3", b"CREDIT"),
     (b"HEARTBEAT 1", b"HEARTBEAT"), (b"heartbeat", b"heartbeat"), (b"", b""),
     (b"LEAVE ", b"LEAVE"), (b"WHAT", b"WHAT"),
+    (b"RELEASE", b"RELEASE"), (b"RELEASE S", b"RELEASE"), (b"RELEASE S 1", b"RELEASE"),
+    (b"RELEASE S x 1", b"RELEASE"), (b"RELEASE S 1 x", b"RELEASE"),
+    (b"RELEASE  1 1", b"RELEASE"), (b"RELEASE S 1 01", b"RELEASE"),
+    (b"RELEASE S " + b"1" * 21 + b" 1", b"RELEASE"), (b"RELEASE " + b"s" * 257 + b" 1 1",
+                                                        b"RELEASE"),
 ])
 def test_malformed_commands_name_what_they_claim_to_be(frame: bytes, command: bytes) -> None:
     with pytest.raises(s0r1.S0R1Error) as info:
@@ -126,3 +134,11 @@ def test_any_frames_parse_or_raise_s0r1_error_only(frames: list[bytes]) -> None:
             parse(frames)
         except s0r1.S0R1Error:
             pass
+
+
+def test_a_connection_key_is_the_first_two_words_of_a_mongrel2_message() -> None:
+    sender = b"5ca1e000-0000-4000-8000-000000000001"
+    assert s0r1.connection_key(sender + b" 17 /path 2:{},0:,") == sender + b" 17"
+    assert s0r1.connection_key(sender + b" 17 @* 17:{}") == sender + b" 17"
+    for bad in (b"", b"x", b"x ", b" 17 /", b"x  /", sender):
+        assert s0r1.connection_key(bad) is None
