@@ -59,13 +59,17 @@ by the bench and stopped at its end, all in the same run:
   on, it keeps Mongrel2's per-connection window of 102400 bytes and sends
   bigger replies in pieces, each waiting for credits).
 - **scale0**: Mongrel2 -> `scale0 broker` -> `scale0 wsgi examples.hello:app
-  --processes 2 --threads 4`.
+  --processes 2 --threads 4` (with its default `--prefetch 8`: up to 8 GETs
+  may wait at each thread while every thread is busy, docs/protocol.md 4.6).
 - **scale0+relay**: the same with `scale0 relay` between Mongrel2 and the
   broker: the shape `make run` starts (`scale0.toml`). Mongrel2 has
   `download.flow_control=1` in scale0 and scale0+relay, as
   `mongrel2/mongrel2.conf` has.
 - **scale0+relay fc-off**: scale0+relay with Mongrel2's
   `download.flow_control=0`: the difference is what flow control costs.
+- **scale0+relay no-prefetch**: scale0+relay with `--prefetch 0` (a thread
+  holds only the request it runs, as before prefetch): the difference is
+  what prefetch gives. Hello cases only.
 - **scale0+relay-replies**: scale0+relay with the replies through the relay
   too: the broker is linked as `relay+tcp://HOST:PORT` alone and the relay
   runs with `--mongrel2-recv RECV_SPEC`, so replies go broker -> relay ->

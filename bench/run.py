@@ -44,7 +44,7 @@ from .report import (
 from .scenarios import Scenario, start_direct, start_scale0
 from .wrk import WrkResult
 
-REPLIES, ASGI = targets.REPLIES, targets.ASGI
+REPLIES, ASGI, NO_PREFETCH = targets.REPLIES, targets.ASGI, targets.NO_PREFETCH
 
 PAYLOADS = (("hello (19 B)", "/", b"Hello from Scale0!\n"),
             ("64 KiB", "/bytes/65536", b"x" * 65536),
@@ -62,6 +62,7 @@ STARTERS: dict[str, Callable[[Path], Scenario]] = {
     "scale0+relay fc-off": lambda tmp: start_scale0(tmp, relay=True, flow_control=False,
                                                     name="scale0+relay fc-off"),
     REPLIES: lambda tmp: start_scale0(tmp, relay=True, replies=True, name=REPLIES),
+    NO_PREFETCH: lambda tmp: start_scale0(tmp, relay=True, prefetch=0, name=NO_PREFETCH),
     "gunicorn": peers.start_gunicorn,
     "granian": peers.start_granian,
     ASGI: lambda tmp: start_scale0(tmp, relay=True, asgi=True, name=ASGI),
@@ -73,8 +74,8 @@ ASGI_NAMES = (ASGI, "uvicorn", "granian asgi")
 # The HTTP cases each scenario runs: replies-through-the-relay and the ASGI
 # servers only the hello ones (the cost of the path shows there; it keeps
 # `make bench` short). The ASGI servers also run WS_CASES.
-CASES_OF: dict[str, list[Case]] = {n: HELLO_CASES if n == REPLIES or n in ASGI_NAMES else CASES
-                                   for n in STARTERS}
+CASES_OF: dict[str, list[Case]] = {n: HELLO_CASES if n in (REPLIES, NO_PREFETCH) or n in ASGI_NAMES
+                                   else CASES for n in STARTERS}
 
 
 def cases_of(name: str) -> list[Case]:
@@ -231,8 +232,8 @@ def memory(scenarios: list[Scenario]) -> Memory:
 def report(results: Results, mem: Memory, settings: Settings, names: list[str],
            runtime_s: float) -> None:
     subject = targets.SUBJECT
-    others = [n for n in ("granian", "gunicorn", "direct", "scale0", targets.FC_OFF, REPLIES)
-              if n != subject]
+    others = [n for n in ("granian", "gunicorn", "direct", "scale0", targets.FC_OFF, REPLIES,
+                          NO_PREFETCH) if n != subject]
     wsgi_names = [n for n in names if n not in ASGI_NAMES]
     asgi_names = [n for n in names if n in ASGI_NAMES]
     summary = targets.summary(results, CASES, doc.section_body(DOC_PATH, "long"))

@@ -8,6 +8,8 @@
 - scale0+relay: the same with `scale0 relay` between Mongrel2 and the broker,
   the shape of scale0.toml's hello stack (what `make run` starts).
 - scale0+relay fc-off: the same with Mongrel2's download.flow_control=0.
+- scale0+relay no-prefetch: the same with the workers' --prefetch 0 (how it was
+  before prefetch: a worker holds only the request it runs).
 - scale0+relay-replies: scale0+relay with the replies through the relay too
   (broker linked as relay+ENDPOINT alone, relay started with --mongrel2-recv).
 - scale0 asgi: Mongrel2 -> relay -> broker -> `scale0 asgi
@@ -144,11 +146,13 @@ def start_direct(tmp: Path) -> Scenario:
 
 def start_scale0(tmp: Path, *, relay: bool = False, flow_control: bool = True,
                  name: str = "", m2_settings: dict[str, int] | None = None,
-                 replies: bool = False, asgi: bool = False) -> Scenario:
+                 replies: bool = False, asgi: bool = False,
+                 prefetch: int | None = None) -> Scenario:
     """`replies`: the broker is linked as relay+ENDPOINT alone and the relay
     gets `--mongrel2-recv`, so replies go broker -> relay -> Mongrel2 (how a
     broker on another host reaches Mongrel2). `asgi`: the pool is `scale0 asgi
-    examples.asgi_hello:app --processes 2 --concurrency ASGI_CONCURRENCY`."""
+    examples.asgi_hello:app --processes 2 --concurrency ASGI_CONCURRENCY`.
+    `prefetch`: the pool's --prefetch (None: its default)."""
     tmp.mkdir(parents=True, exist_ok=True)
     scenario = Scenario(name or ("scale0+relay" if relay else "scale0"), free_port())
     try:
@@ -168,7 +172,8 @@ def start_scale0(tmp: Path, *, relay: bool = False, flow_control: bool = True,
         if asgi:
             kind = ["asgi", "examples.asgi_hello:app", "--concurrency", str(ASGI_CONCURRENCY)]
         else:
-            kind = ["wsgi", "examples.hello:app", "--threads", str(POOL_THREADS)]
+            kind = ["wsgi", "examples.hello:app", "--threads", str(POOL_THREADS),
+                    *(() if prefetch is None else ("--prefetch", str(prefetch)))]
         scenario.procs.append(Proc("pool", [
             *cli, *kind, "--connect", broker, "--service", "hello",
             "--route", "/", "--processes", str(POOL_PROCESSES),

@@ -14,6 +14,7 @@ from .report import Case, Results, cpu_us, p50_ms, rps
 SUBJECT = "scale0+relay"  # the shape `make run` starts, flow control on
 FC_OFF = "scale0+relay fc-off"
 REPLIES = "scale0+relay-replies"  # replies broker -> relay -> Mongrel2 (issue 12)
+NO_PREFETCH = "scale0+relay no-prefetch"  # the workers with --prefetch 0
 ASGI = "scale0 asgi"  # Mongrel2 -> relay -> broker -> scale0 asgi (issue 13)
 DIRECT, GRANIAN, GUNICORN = "direct", "granian", "gunicorn"
 
