@@ -29,11 +29,14 @@ from pathlib import Path
 
 from scale0.deploy.m2server import Mongrel2Error, raise_open_files_limit
 
-from . import conns, doc, wrk
+from . import conns, doc, targets, wrk
 from .procs import BenchError, rss_kib, wait_until
 from .report import DOC_PATH, machine_table
 from .run import _env_int, _raise_interrupt, check_answers, log
 from .scenarios import Scenario, start_scale0
+
+# The targets summary's lines about the long check (bench/targets.py `memory`).
+MEMORY_LINE_PREFIXES = ("- (last `make bench-long`", "- Memory (RSS flat over")
 
 M2_SETTINGS = {"superpoll.max_fd": 32768}  # as mongrel2/mongrel2.conf
 FLAT_WITHIN = 0.10
@@ -246,7 +249,25 @@ def main() -> int:
     print(text)
     doc.write(DOC_PATH, updates={"long": text})
     log(f"wrote section 'long' of {DOC_PATH}")
+    if refresh_verdicts(DOC_PATH):
+        log("and its verdicts in the targets summary above it")
     return 0
+
+
+def refresh_verdicts(path: Path) -> bool:
+    """Put this run's verdicts into the targets summary `make bench` wrote
+    (its lines quoting the last `make bench-long`), so that the summary never
+    quotes an older long check than the one below it. Whether it did."""
+    text = path.read_text()
+    old = [line for line in text.splitlines()
+           if line.startswith(MEMORY_LINE_PREFIXES)]
+    new = targets.memory(doc.section_body(path, "long"))
+    if not old:
+        return False
+    first = text.index(old[0])
+    end = text.index(old[-1]) + len(old[-1])
+    path.write_text(text[:first] + "\n".join(new) + text[end:])
+    return True
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from scale0.wire import s0r1
 log = logging.getLogger(__name__)
 
 BATCH = 256  # messages read from one socket per wake-up before looking at the others
+RELEASE_EVERY_S = 0.02  # draining through a relay: how often idle connections are RELEASEd
 Handler = Callable[[float], None]
 
 
@@ -190,6 +191,7 @@ class RelayLink(Link):
         self.intake = self.dealer = dealer
         self.replies = (XPubReplies(ctx, spec.recv_spec, spec.recv_ident) if spec.recv_spec
                         else RelayReplies(dealer, spec.send_spec))
+        self._next_release = 0.0  # draining: when connections are next looked at for RELEASE
         self.client = RelayClient(spec.send_spec, dispatcher.settings.heartbeat_s,
                                   handover_timeout_s=HANDOVER_TIMEOUT_S,
                                   warnings=dispatcher.warnings)
@@ -240,7 +242,9 @@ class RelayLink(Link):
 
     def handover(self, now: float) -> None:
         client = self.client
-        if client.counts is not None:
+        if client.counts is not None and now >= self._next_release:
+            # O(connections held): every RELEASE_EVERY_S, not at every wake-up.
+            self._next_release = now + RELEASE_EVERY_S
             self._do(client.releases(self._held(), self._idle))
         self._do(client.handover(now, busy=self._busy(), busy_after_bye=self._busy_after_bye()))
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
-from bench import doc, run, targets, ws_echo
+from bench import doc, long, run, targets, ws_echo
 from bench.procs import BenchError
 from bench.profile import parse_raw
 from bench.report import Case, Results, Run, Settings, cpu_table, ratio_table, results_table
@@ -60,6 +61,20 @@ def test_memory_verdicts_come_from_the_long_section() -> None:
     lines = targets.summary(_results(12_500), CASES, long).splitlines()
     assert lines[-2:] == ["- (last `make bench-long`, section below) **met**: relay RSS flat",
                           "- (last `make bench-long`, section below) **missed**: broker RSS flat"]
+
+
+def test_bench_long_puts_its_verdicts_into_the_summary_above(tmp_path: Path) -> None:
+    main = "# main\n\n" + targets.summary(_results(12_500), CASES) + "\n\nmore text\n"
+    path = tmp_path / "benchmarks.md"
+    path.write_text(doc.merge("", main, {"long": "- **met**: old"}))
+    assert long.refresh_verdicts(path)  # "not measured yet" -> the section's verdict
+    doc.write(path, updates={"long": "- **met**: relay flat\n- **missed**: broker flat"})
+    assert long.refresh_verdicts(path)
+    text = path.read_text()
+    assert text.count("(last `make bench-long`") == 2 and "old" not in text
+    assert "section below) **missed**: broker flat\n\nmore text" in text
+    path.write_text("# no summary here\n")
+    assert not long.refresh_verdicts(path)
 
 
 def test_targets_not_measured_say_so() -> None:
