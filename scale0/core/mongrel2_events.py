@@ -74,7 +74,7 @@ class Mongrel2Events(WebSockets):
             prefix = m2.reply_prefix(sender, conn_id)
         except m2.ReplyError:
             # parse_message takes any SENDER without a space, but a reply's must
-            # be [A-Za-z0-9-]+ (MONGREL2.md): nobody could ever be answered.
+            # be [A-Za-z0-9-]+ (docs/mongrel2.md): nobody could ever be answered.
             self.counters.bad_mongrel2 += 1
             self.warnings.warning("unanswerable sender", now, "unanswerable sender %r on link %d",
                                   sender, link)

@@ -5,7 +5,7 @@ Pure sqlite3 reading, no zmq: the broker then connects to what this returns.
 send_ident, recv_spec, recv_ident, protocol) and one `route` row per route
 (path, host_id, target_id, target_type='handler' for handlers).
 
-Mongrel2 *binds* the handler specs (MONGREL2.md "Sockets"), so a spec may name
+Mongrel2 *binds* the handler specs (docs/mongrel2.md "Sockets"), so a spec may name
 an address one cannot connect to. Two translations make it connectable:
 - a bind-all TCP host, `tcp://*:9997` or `tcp://0.0.0.0:9997`, becomes
   `tcp://127.0.0.1:9997` (the broker runs on the Mongrel2 host);

@@ -1,6 +1,6 @@
 """Running a Mongrel2 server: runtime folder, config.sqlite, command line.
 
-MONGREL2.md "Running it": Mongrel2 runs from its config's directory with
+docs/mongrel2.md "Running it": Mongrel2 runs from its config's directory with
 relative chroot "./"; as root it chroots there (uploads, logs and the pid
 file are then relative to it), as another user it runs in test mode with
 the same relative paths. The runtime folder is generated, never committed.

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Mongrel2 (MONGREL2.md, "Request message") PUSHes one message per event::
+Mongrel2 (docs/mongrel2.md, "Request message") PUSHes one message per event::
 
     SENDER SP CONN_ID SP PATH SP HLEN ":" HEADERS ("," | "}") BLEN ":" BODY ","
 
@@ -98,7 +98,7 @@ class UploadDone(Message):
 
 @dataclass(frozen=True, slots=True)
 class UploadChunk(Message):
-    """``upload.stream=1``: the next piece of a request body (MONGREL2.md
+    """``upload.stream=1``: the next piece of a request body (docs/mongrel2.md
     "Uploads"). Mongrel2 sends it with only ``UPLOAD_STREAM`` (the piece's
     offset in the body) and, on the last piece, ``UPLOAD_STREAM_DONE``, after
     the request message itself (which carries ``UPLOAD_STREAM: 0``). It sends
@@ -158,7 +158,7 @@ _MAX_LEN_DIGITS = 10  # netstring lengths: ASCII decimal, at most 10 digits
 MAX_ID_DIGITS = 20  # conn ids fit a uint64 (Mongrel2 uses uint32)
 _COMMA, _BRACE = ord(","), ord("}")
 _HEX = b"0123456789abcdefABCDEF"
-# json protocol: Mongrel2 escapes only '"' and '\\' (MONGREL2.md), so raw TABs
+# json protocol: Mongrel2 escapes only '"' and '\\' (docs/mongrel2.md), so raw TABs
 # and other control bytes reach us inside strings; strict=False keeps them.
 _HEADER_JSON = json.JSONDecoder(strict=False)
 # What tnetstring and json raise on bad input: ValueError (incl. JSONDecodeError,
@@ -331,7 +331,7 @@ def _classify(sender: bytes, conn_id: int, path: bytes, headers: Headers, body: 
             if type(data) is dict and data.get("type") == "disconnect":
                 return Disconnect(*fields)
         raise _error("no METHOD header")
-    if method == b"JSON":  # MONGREL2.md "Special messages"
+    if method == b"JSON":  # docs/mongrel2.md "Special messages"
         data = _json_body(body)
         kind = data.get("type") if type(data) is dict else None
         if kind == "disconnect":
@@ -411,7 +411,7 @@ _SENDER_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789
 
 
 def _valid_sender(sender: bytes) -> bool:
-    # MONGREL2.md "Reply message": SENDER may contain only [A-Za-z0-9-].
+    # docs/mongrel2.md "Reply message": SENDER may contain only [A-Za-z0-9-].
     return bool(sender) and not sender.translate(None, _SENDER_CHARS)
 
 
@@ -444,7 +444,7 @@ def close_reply(sender: bytes, conn_ids: int | Sequence[int]) -> bytes:
 
 
 def ctl_reply(sender: bytes, conn_ids: int | Sequence[int], ctl: dict[bytes, object]) -> bytes:
-    """A control reply ``SENDER LEN:X IDS, <tnetstring ["ctl", ctl]>`` (MONGREL2.md)."""
+    """A control reply ``SENDER LEN:X IDS, <tnetstring ["ctl", ctl]>`` (docs/mongrel2.md)."""
     _check_sender(sender)
     ids = b"X " + _ids(conn_ids)
     payload: bytes = tnetstring.dumps([b"ctl", ctl])  # TypeError on a str key or value
@@ -452,7 +452,7 @@ def ctl_reply(sender: bytes, conn_ids: int | Sequence[int], ctl: dict[bytes, obj
 
 
 def keep_alive_reply(sender: bytes, conn_ids: int | Sequence[int]) -> bytes:
-    """Reset the idle timer of `conn_ids` (long requests, MONGREL2.md "Idle killer")."""
+    """Reset the idle timer of `conn_ids` (long requests, docs/mongrel2.md "Reply message")."""
     return ctl_reply(sender, conn_ids, {b"keep-alive": True})
 
 
@@ -499,7 +499,7 @@ def parse_reply(data: bytes) -> Reply:
     return Reply(data[:sp], conn_ids, data[end + 2 :], ctl)
 
 
-# ---- HTTP responses: the handler writes the whole response (MONGREL2.md) ----
+# ---- HTTP responses: the handler writes the whole response (docs/mongrel2.md) ----
 
 _REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
 

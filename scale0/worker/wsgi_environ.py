@@ -35,7 +35,7 @@ from scale0.worker.upload import open_upload
 
 # RFC 9110 5.6.2 token (header names, the request's and the app's).
 TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-# Mongrel2's own upload headers; a client can forge them (MONGREL2.md, "Uploads").
+# Mongrel2's own upload headers; a client can forge them (docs/mongrel2.md, "Uploads").
 _UPLOAD_HEADERS = frozenset((b"x-mongrel2-upload-start", b"x-mongrel2-upload-done"))
 
 
@@ -110,7 +110,7 @@ _constant: tuple[WsgiSettings | None, TextIO | None, dict[str, Any]] = (None, No
 
 def _environ_key(key: bytes) -> str:
     """The environ key of client header `key` (PEP 3333 "environ Variables"), or _SKIP."""
-    # Mongrel2 lowercases client names, so any uppercase key is its own (MONGREL2.md);
+    # Mongrel2 lowercases client names, so any uppercase key is its own (docs/mongrel2.md);
     # '_' names are dropped as werkzeug does: they would collide with '-' ones.
     if key in _UPLOAD_HEADERS or b"_" in key or key.lower() != key:
         return _SKIP

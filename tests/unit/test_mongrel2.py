@@ -61,7 +61,7 @@ def load_captures(direction: str) -> list[bytes]:
 IN = load_captures("IN")
 OUT = load_captures("OUT")
 
-# The two JSON-protocol examples of MONGREL2.md "Request message".
+# The two JSON-protocol examples of docs/mongrel2.md "Request message" (captured).
 DOC_GET = (
     b'f9a3b8c2-0000-4000-8000-000000000001 4 /app/x 330:{"PATH":"/app/x","x-dup":["one","two",'
     b'"three"],"x-forwarded-for":"127.0.0.1","x-quote":"say \\"hi\\" \\\\ back","host":"localhost'
@@ -381,7 +381,7 @@ def test_bad_json_headers(headers: bytes) -> None:
 
 
 def test_json_headers_keep_raw_control_bytes_and_utf8() -> None:
-    # Mongrel2 escapes only '"' and '\\' (MONGREL2.md): a TAB arrives raw.
+    # Mongrel2 escapes only '"' and '\\' (docs/mongrel2.md): a TAB arrives raw.
     headers = '{"METHOD":"GET","x-tab":"a\tb","x-utf8":"caf\u00e9"}'.encode()
     event = parse_message(b"S 1 /p %d:%s,0:," % (len(headers), headers))
     assert event.header(b"x-tab") == b"a\tb"
@@ -464,7 +464,7 @@ def test_reply_bad_sender(sender: bytes) -> None:
 
 
 def test_ctl_replies() -> None:
-    # MONGREL2.md "Reply message": the keep-alive example, byte for byte.
+    # The keep-alive control reply (docs/mongrel2.md "Reply message"), byte for byte.
     expected = SENDER_1 + b" 4:X 35, 31:3:ctl,21:10:keep-alive,4:true!}]"
     assert keep_alive_reply(SENDER_1, 35) == expected
     assert ctl_reply(SENDER_1, [35], {b"keep-alive": True}) == expected
@@ -602,7 +602,7 @@ RESERVED = {b"METHOD", b"x-mongrel2-upload-start", b"x-mongrel2-upload-done"}
 @st.composite
 def requests(draw: st.DrawFn) -> tuple[bool, bytes, int, bytes, Headers, bytes]:
     tnet = draw(st.booleans())  # else JSON, with non-ASCII raw like Mongrel2 or \u-escaped
-    # JSON carries text: header bytes must be UTF-8 there (MONGREL2.md).
+    # JSON carries text: header bytes must be UTF-8 there (docs/mongrel2.md).
     raw = st.binary(max_size=20) if tnet else st.text(max_size=20).map(str.encode)
     value = raw | st.lists(raw, min_size=1, max_size=5)
     headers: Headers = draw(st.dictionaries(raw.filter(lambda k: k not in RESERVED), value))

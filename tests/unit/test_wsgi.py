@@ -1,6 +1,6 @@
 """scale0.worker.wsgi: environ building and HTTP/1.x response bytes, with no transport.
 
-Every app runs under wsgiref.validate.validator (STYLE.md); pytest turns its
+Every app runs under wsgiref.validate.validator; pytest turns its
 warnings into errors, and an iterable it sees garbage-collected unclosed fails.
 """
 
@@ -47,7 +47,7 @@ def make_request(
     body: bytes = b"",
     upload_path: bytes | None = None,
 ) -> HttpRequest | UploadDone:
-    """A request shaped like MONGREL2.md's captures (JSON/tnetstring headers)."""
+    """A request shaped like Mongrel2's (docs/mongrel2.md) (JSON/tnetstring headers)."""
     hdrs: dict[bytes, bytes | list[bytes]] = {
         b"PATH": path,
         b"x-forwarded-for": b"127.0.0.1",
