@@ -33,8 +33,8 @@ from scale0.wire.mongrel2 import (
     HttpRequest,
     Mongrel2ProtocolError,
     parse_message,
-    reply,
 )
+from scale0.wire.mongrel2_reply import reply
 
 HELLO = b"Hello from Scale0!\n"
 MAX_BYTES = 16 * 1024 * 1024

@@ -3,7 +3,7 @@
     Scale0Error                      anything Scale0 raises on purpose
     +-- ProtocolError                a message breaks a protocol; status_hint
     |   +-- Mongrel2ProtocolError    wire/mongrel2.py: not Mongrel2 handler protocol (400)
-    |   +-- ReplyError               wire/mongrel2.py: a reply that cannot be built (500)
+    |   +-- ReplyError               wire/mongrel2_reply.py: a reply that cannot be built (500)
     |   +-- WireError                wire/s0w1.py: a malformed S0W1 message (502)
     |   +-- S0R1Error                wire/s0r1.py: a malformed S0R1 (relay) message (502)
     |   +-- BodyError                core/bodystream.py: pieces that are not the body (400, 413)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from scale0.wire.mongrel2 import ctl_reply
+from scale0.wire.mongrel2_reply import ctl_reply
 
 # limits.buffer_size: the request line and all header lines must fit in it,
 # else Mongrel2 answers 400 (Mongrel2's default 4096 refuses an 8 KB cookie).

@@ -17,6 +17,7 @@ from scale0.core.lifecycle import pack_id
 from scale0.core.records import Worker
 from scale0.core.registry import Registry
 from scale0.wire import mongrel2 as m2
+from scale0.wire import mongrel2_reply as m2r
 from scale0.wire import s0w1 as p
 
 _CREDIT = p.CMD[p.Command.CREDIT]
@@ -70,7 +71,7 @@ class Bodies(Registry):
         if r is None or r.cancelled or not r.streamed or r.body_done:
             return  # ended meanwhile: the body is not wanted any more
         self.to_mongrel2.append(
-            (r.link, m2.upload_credits_reply(r.sender, r.conn_id, int(frames[3]))))
+            (r.link, m2r.upload_credits_reply(r.sender, r.conn_id, int(frames[3]))))
 
     def _on_upload_start(self, link: int, event: m2.UploadStart) -> None:
         key = (link, event.conn_id)

@@ -63,7 +63,7 @@ from scale0.core.records import (
 )
 from scale0.core.worker_events import WorkerEvents
 from scale0.core.worker_states import WorkerState, state_of
-from scale0.wire import mongrel2 as m2
+from scale0.wire import mongrel2_reply as m2r
 
 __all__ = ["MAX_REFUSALS_KEPT", "MAX_UNACKED_CONNECTIONS", "SAFE_TO_RETRY", "Counters",
            "DispatchSettings", "Dispatcher", "Done", "Request", "Service", "Worker",
@@ -160,7 +160,7 @@ class Dispatcher(WorkerEvents):
         for pending in pendings:
             for r in pending.values():
                 if r.received_at <= oldest and not r.cancelled:
-                    self.to_mongrel2.append((r.link, m2.keep_alive_reply(r.sender, r.conn_id)))
+                    self.to_mongrel2.append((r.link, m2r.keep_alive_reply(r.sender, r.conn_id)))
 
     def shutdown(self, now: float) -> int:
         """Answer every request still held (503, or a close if its reply had

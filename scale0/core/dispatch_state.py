@@ -30,7 +30,7 @@ from scale0.core.ratelog import RateLimitedLog
 from scale0.core.records import Counters, Done, Request, Service, Worker, path_of
 from scale0.core.routebook import RouteBook
 from scale0.core.routing import RouteTable, parse_route
-from scale0.wire import mongrel2 as m2
+from scale0.wire import mongrel2_reply as m2r
 from scale0.wire import s0w1 as p
 
 if TYPE_CHECKING:
@@ -215,20 +215,20 @@ class DispatchState:
         if status == 503:
             headers.append((b"Retry-After", b"%d" % self.settings.retry_after_s))
         if page is None:
-            body = m2.error_response(status, text, headers=headers, close=close)
+            body = m2r.error_response(status, text, headers=headers, close=close)
         else:
             headers += [(b"Content-Type", b"text/html; charset=utf-8"),
                         (b"Content-Length", b"%d" % len(page))]
             if close:
                 headers.append((b"Connection", b"close"))
-            body = m2.http_response(status, headers, page)
+            body = m2r.http_response(status, headers, page)
         try:
-            self.to_mongrel2.append((link, m2.reply(sender, conn_id, body)))
+            self.to_mongrel2.append((link, m2r.reply(sender, conn_id, body)))
             if close:
-                self.to_mongrel2.append((link, m2.close_reply(sender, conn_id)))
+                self.to_mongrel2.append((link, m2r.close_reply(sender, conn_id)))
             if link in self.link_credits:  # Mongrel2 credits these bytes back too
                 self._unacked_add((link, conn_id), len(body))
-        except m2.ReplyError:
+        except m2r.ReplyError:
             self.warnings.warning("unanswerable sender", self._now,
                                   "cannot answer sender %r conn %d", sender, conn_id)
 

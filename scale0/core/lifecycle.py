@@ -18,6 +18,7 @@ from scale0.core import spool
 from scale0.core.dispatch_state import DispatchState
 from scale0.core.records import REFUSED_TEXT, SAFE_TO_RETRY, Request, Service, Worker, head
 from scale0.wire import mongrel2 as m2
+from scale0.wire import mongrel2_reply as m2r
 from scale0.wire import s0w1 as p
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ class Lifecycle(DispatchState):
         if not r.cancelled:
             self._record(r, r.status if r.reply_started else status)
             if r.reply_started:
-                self.to_mongrel2.append((r.link, m2.close_reply(r.sender, r.conn_id)))
+                self.to_mongrel2.append((r.link, m2r.close_reply(r.sender, r.conn_id)))
             else:
                 self._reply_error(r.link, r.sender, r.conn_id, status, text,
                                   close=close or r.close_after, page=page)

@@ -15,6 +15,7 @@ from scale0.core.records import REFUSED_TEXT, Done, Request
 from scale0.core.screen import screen
 from scale0.core.websockets import WebSockets
 from scale0.wire import mongrel2 as m2
+from scale0.wire import mongrel2_reply as m2r
 
 _CREDITS_TAIL = b'{"type":"credits"},'
 
@@ -71,8 +72,8 @@ class Mongrel2Events(WebSockets):
             self.counters.requests += 1
         sender, conn_id = req.sender, req.conn_id
         try:
-            prefix = m2.reply_prefix(sender, conn_id)
-        except m2.ReplyError:
+            prefix = m2r.reply_prefix(sender, conn_id)
+        except m2r.ReplyError:
             # parse_message takes any SENDER without a space, but a reply's must
             # be [A-Za-z0-9-]+ (docs/mongrel2.md): nobody could ever be answered.
             self.counters.bad_mongrel2 += 1

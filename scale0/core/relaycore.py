@@ -35,6 +35,7 @@ from typing import ClassVar, cast
 
 from scale0.core.ratelog import RateLimitedLog
 from scale0.wire import mongrel2 as m2
+from scale0.wire import mongrel2_reply as m2r
 from scale0.wire import s0r1
 
 log = logging.getLogger(__name__)
@@ -311,6 +312,6 @@ class RelayCore:
         for sender, ids in by_sender.items():
             for i in range(0, len(ids), MAX_CLOSE_TARGETS):
                 try:
-                    self.to_mongrel2.append(m2.close_reply(sender, ids[i:i + MAX_CLOSE_TARGETS]))
-                except m2.ReplyError:  # a sender no reply can name
+                    self.to_mongrel2.append(m2r.close_reply(sender, ids[i:i + MAX_CLOSE_TARGETS]))
+                except m2r.ReplyError:  # a sender no reply can name
                     break

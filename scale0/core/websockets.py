@@ -14,6 +14,7 @@ from collections import deque
 from scale0.core.bodies import Bodies
 from scale0.core.records import HANDSHAKE, Done, Request, Service
 from scale0.wire import mongrel2 as m2
+from scale0.wire import mongrel2_reply as m2r
 from scale0.wire import s0w1 as p
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,8 @@ class WebSockets(Bodies):
             if window is not None and window.isdigit() and len(window) <= m2.MAX_ID_DIGITS:
                 self.link_credits[link] = int(window)
         try:
-            prefix = m2.reply_prefix(sender, conn_id)
-        except m2.ReplyError:
+            prefix = m2r.reply_prefix(sender, conn_id)
+        except m2r.ReplyError:
             self.counters.bad_mongrel2 += 1
             log.warning("unanswerable sender %r on link %d", sender, link)
             return
@@ -103,8 +104,8 @@ class WebSockets(Bodies):
             # close it, so that the client is not left waiting.
             self.counters.websocket_strays += 1
             try:
-                self.to_mongrel2.append((link, m2.close_reply(event.sender, event.conn_id)))
-            except m2.ReplyError:
+                self.to_mongrel2.append((link, m2r.close_reply(event.sender, event.conn_id)))
+            except m2r.ReplyError:
                 pass
             return
         w = r.worker
@@ -126,4 +127,4 @@ class WebSockets(Bodies):
         if not r.cancelled:
             payload = code.to_bytes(2, "big") + reason.encode()
             self.to_mongrel2.append(
-                (r.link, m2.reply(r.sender, r.conn_id, bytes((0x88, len(payload))) + payload)))
+                (r.link, m2r.reply(r.sender, r.conn_id, bytes((0x88, len(payload))) + payload)))

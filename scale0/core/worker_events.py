@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from scale0.core.mongrel2_events import Mongrel2Events
 from scale0.core.records import Worker, status_of
 from scale0.core.worker_states import REMOVED, TRANSITIONS, Row, state_of
-from scale0.wire import mongrel2 as m2
+from scale0.wire import mongrel2_reply as m2r
 from scale0.wire import s0w1 as p
 
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ class WorkerEvents(Mongrel2Events):
             if r.streamed and not r.body_done and not r.cancelled:
                 # Answered before its body was in: Mongrel2 would wait for
                 # credits that never come; close (after the response) instead.
-                self.to_mongrel2.append((r.link, m2.close_reply(r.sender, r.conn_id)))
+                self.to_mongrel2.append((r.link, m2r.close_reply(r.sender, r.conn_id)))
             w.served += 1
             self.counters.replies += 1
             self._finish(r, w, now)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from scale0.errors import Scale0Error
 from scale0.wire import mongrel2 as m2
+from scale0.wire import mongrel2_reply as m2r
 from scale0.wire import s0w1 as p
 
 if TYPE_CHECKING:
@@ -149,14 +150,14 @@ class Cycle:
                 n = await self.flow.acquire(len(data))
                 piece, data = data[:n], data[n:]
                 if data or not last:
-                    self._reply(p.FLAG_MORE, [m2.reply(sender, conn_id, piece)])
+                    self._reply(p.FLAG_MORE, [m2r.reply(sender, conn_id, piece)])
                 else:
                     final = piece
             if last:
                 self.ended = True
-                messages = [m2.reply(sender, conn_id, final)] if final else []
+                messages = [m2r.reply(sender, conn_id, final)] if final else []
                 if close and not self.flow.cancelled:
-                    messages.append(m2.close_reply(sender, conn_id))
+                    messages.append(m2r.close_reply(sender, conn_id))
                 self._reply(p.FLAG_LAST, messages)
 
     def end(self, close: bool) -> None:
@@ -165,7 +166,7 @@ class Cycle:
             self.ended = True
             messages = []
             if close and not self.flow.cancelled:
-                messages.append(m2.close_reply(self.event.sender, self.event.conn_id))
+                messages.append(m2r.close_reply(self.event.sender, self.event.conn_id))
             self._reply(p.FLAG_LAST, messages)
 
     def cancel(self) -> None:

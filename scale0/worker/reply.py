@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from scale0.errors import Scale0Error
 from scale0.wire import mongrel2 as m2
+from scale0.wire import mongrel2_reply as m2r
 from scale0.wire import s0w1 as p
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ class ReplyStream:
 
     def _reply(self, body: bytes) -> bytes:
         if not self._prefix:
-            self._prefix = m2.reply_prefix(self._sender, self._conn_id)  # m2.ReplyError if bad
+            self._prefix = m2r.reply_prefix(self._sender, self._conn_id)  # m2r.ReplyError if bad
         return self._prefix + body
 
     def _take(self, wanted: int) -> int:
@@ -189,6 +190,6 @@ class ReplyStream:
             if close and not self.cancelled:
                 try:
                     frames.append(self._reply(b""))
-                except m2.ReplyError:  # a sender no reply can name: nothing to close
+                except m2r.ReplyError:  # a sender no reply can name: nothing to close
                     pass
             self._loop.send(self.conn, frames)

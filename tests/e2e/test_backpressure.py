@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tnetstring
 
-from scale0.wire import mongrel2 as m2
+from scale0.wire import mongrel2_reply as m2r
 
 from .conftest import FakeMongrel2, Stack, service_status, wait_for
 
@@ -46,7 +46,7 @@ def test_slow_reader_gets_every_reply(fresh_stack: Stack) -> None:
 
         def read_some() -> bool:
             while fake.sub.poll(200):
-                reply = m2.parse_reply(fake.sub.recv())
+                reply = m2r.parse_reply(fake.sub.recv())
                 for conn_id in reply.conn_ids:
                     if reply.body:  # the close reply of HTTP/1.0 etc. has none
                         assert conn_id not in got, f"two replies for {conn_id}"

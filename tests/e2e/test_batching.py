@@ -22,6 +22,7 @@ import zmq
 from scale0.net.broker import Broker, LinkSpec
 from scale0.net.relay import Relay
 from scale0.wire import mongrel2 as m2
+from scale0.wire import mongrel2_reply as m2r
 
 from .conftest import FakeMongrel2, Stack, free_port
 
@@ -64,7 +65,7 @@ def test_mongrel2_takes_every_frame_of_a_multipart_message_as_a_reply(
         for event in events:
             assert isinstance(event, m2.HttpRequest)
             body = b"answer for " + event.path
-            replies.append(m2.reply(event.sender, event.conn_id, m2.http_response(
+            replies.append(m2r.reply(event.sender, event.conn_id, m2r.http_response(
                 200, [(b"Content-Length", b"%d" % len(body))], body)))
         pub.send_multipart(replies)  # one ZeroMQ message, three replies
         for client in clients:
@@ -110,7 +111,7 @@ def test_a_broker_serves_every_message_of_a_relay_batch(
             relay.send_multipart([ident, *(_request(n) for n in (1, 2, 3))])
             answered: dict[int, bytes] = {}
             while len(answered) < 3:
-                reply = m2.parse_reply(fake_frame(fake))
+                reply = m2r.parse_reply(fake_frame(fake))
                 answered[reply.conn_ids[0]] = reply.body
             assert sorted(answered) == [1, 2, 3]
             # No route at all: each one is answered 404, none lost or merged.

@@ -14,6 +14,7 @@ import pytest
 import tnetstring
 
 from scale0.wire import mongrel2 as m2
+from scale0.wire import mongrel2_reply as m2r
 from scale0.wire import s0w1 as p
 from scale0.worker import asgi
 from scale0.worker.asgi_cycle import ClientDisconnected
@@ -248,7 +249,7 @@ class FakeWorker:
         out = []
         for frames in self.sent:
             assert frames[0] == p.CMD[p.Command.REPLY]
-            out.append((frames[2], [m2.parse_reply(m).body for m in frames[3:]]))
+            out.append((frames[2], [m2r.parse_reply(m).body for m in frames[3:]]))
         self.sent.clear()
         return out
 

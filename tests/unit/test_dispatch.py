@@ -19,6 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from scale0.core.dispatch import Dispatcher, DispatchSettings
 from scale0.wire import mongrel2 as m2
+from scale0.wire import mongrel2_reply as m2r
 from scale0.wire import s0w1 as p
 
 SENDER = b"f9a3b8c2-0000-4000-8000-000000000001"
@@ -69,7 +70,7 @@ def m2_upload(conn_id: int, start: bytes, done: bytes | None = None,
 
 
 def ok_reply(sender: bytes, conn_id: int, response: bytes = OK_RESPONSE) -> bytes:
-    return m2.reply(sender, conn_id, response)
+    return m2r.reply(sender, conn_id, response)
 
 
 # ---- reading the outboxes -------------------------------------------------------
@@ -138,7 +139,7 @@ class ToClient:
 
 
 def to_client(link: int, message: bytes) -> ToClient:
-    parsed = m2.parse_reply(message)
+    parsed = m2r.parse_reply(message)
     assert not parsed.ctl and len(parsed.conn_ids) == 1
     return ToClient(link, parsed.sender, parsed.conn_ids[0], parsed.body)
 
@@ -893,7 +894,7 @@ FC = {b"DOWNLOAD_CREDITS": b"102400"}  # what Mongrel2 adds to a connection's fi
 
 def body_reply(conn_id: int, n: int) -> bytes:
     """A reply message whose body (what Mongrel2 counts against credits) is n bytes."""
-    return m2.reply(SENDER, conn_id, b"x" * n)
+    return m2r.reply(SENDER, conn_id, b"x" * n)
 
 
 def test_without_flow_control_a_request_carries_no_window() -> None:
@@ -1162,7 +1163,7 @@ def test_reply_to_another_connection_is_502_and_not_forwarded() -> None:
 
 
 def test_reply_with_another_sender_or_a_multi_target_is_502() -> None:
-    for message in (ok_reply(SENDER_2, 1), m2.reply(SENDER, [1, 2], OK_RESPONSE)):
+    for message in (ok_reply(SENDER_2, 1), m2r.reply(SENDER, [1, 2], OK_RESPONSE)):
         h = Harness()
         h.hello(b"w1")
         h.request(1)
@@ -1511,7 +1512,7 @@ class DispatchMachine(RuleBasedStateMachine):
                 assert msg.command in (Cmd.HEARTBEAT, Cmd.WELCOME, Cmd.DRAIN), msg
         raw, h.d.to_mongrel2 = h.d.to_mongrel2, []
         for link, message in raw:
-            parsed = m2.parse_reply(message)
+            parsed = m2r.parse_reply(message)
             if parsed.ctl:  # a keep-alive for a long wait (teardown advances the
                 # clock past keepalive_s): not an answer, but never to a gone client
                 conn = self.conns.get((link, parsed.conn_ids[0]))
@@ -1840,13 +1841,13 @@ def test_long_requests_get_ctl_keep_alives() -> None:
     h.tick(30.0)
     out = h.d.to_mongrel2
     h.d.to_mongrel2 = []
-    assert sorted(out) == sorted([(0, m2.keep_alive_reply(SENDER, 1)),
-                                  (0, m2.keep_alive_reply(SENDER, 2))])
+    assert sorted(out) == sorted([(0, m2r.keep_alive_reply(SENDER, 1)),
+                                  (0, m2r.keep_alive_reply(SENDER, 2))])
     h.serve(sent)
     h.take_mongrel2()
     h.take_requests()  # the queued one now runs
     h.tick(60.0)
-    assert h.d.to_mongrel2 == [(0, m2.keep_alive_reply(SENDER, 2))]
+    assert h.d.to_mongrel2 == [(0, m2r.keep_alive_reply(SENDER, 2))]
 
 
 def test_per_service_request_timeout() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import tnetstring
 
 from scale0.wire import mongrel2 as m2
+from scale0.wire import mongrel2_reply as m2r
 from scale0.wire import s0w1 as p
 from tests.unit.test_dispatch import SENDER, Harness, m2_message, m2_request
 
@@ -43,7 +44,7 @@ def chunk(conn_id: int, offset: int, data: bytes, done: bool = False) -> bytes:
 
 
 def ctl_credits(message: bytes) -> int:
-    reply = m2.parse_reply(message)
+    reply = m2r.parse_reply(message)
     assert reply.ctl
     ctl = tnetstring.loads(reply.body)
     assert ctl[0] == b"ctl"
@@ -62,7 +63,7 @@ def test_pieces_go_to_the_worker_and_its_reads_become_upload_credits() -> None:
     (link, message), = h.d.to_mongrel2
     h.d.to_mongrel2.clear()
     assert link == 0 and ctl_credits(message) == 262144
-    assert m2.parse_reply(message).conn_ids == (7,)
+    assert m2r.parse_reply(message).conn_ids == (7,)
     h.m2(chunk(7, 3, b"def"))
     h.m2(chunk(7, 6, b"ghi", done=True))
     pieces = h.take_workers()
@@ -189,5 +190,5 @@ def test_upload_chunks_parse_as_mongrel2_sends_them() -> None:
         raise AssertionError("a non-decimal offset must not parse")
     start = m2.parse_message(stream_start(7, b"ab"))
     assert isinstance(start, m2.HttpRequest) and m2.streamed_body(start.headers)
-    assert m2.upload_credits_reply(SENDER, 7, 5) == (
+    assert m2r.upload_credits_reply(SENDER, 7, 5) == (
         SENDER + b" 3:X 7, 24:3:ctl,14:7:credits,1:5#}]")

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scale0.wire import mongrel2 as m2
+from scale0.wire import mongrel2_reply as m2r
 from scale0.wire import s0w1 as p
 from tests.unit.test_dispatch import SENDER, Cmd, Harness, Sent, m2_message
 
@@ -41,7 +41,7 @@ def hello_ws(h: Harness, ident: bytes, capacity: int = 2, websocket: bool = True
 
 
 def accept(h: Harness, sent: Sent) -> None:
-    h.reply(sent, m2.reply(SENDER, sent.conn_id, b"HTTP/1.1 101 Switching Protocols\r\n\r\n"),
+    h.reply(sent, m2r.reply(SENDER, sent.conn_id, b"HTTP/1.1 101 Switching Protocols\r\n\r\n"),
             last=False)
     (out,) = h.take_mongrel2()
     assert out.status == 101
@@ -64,7 +64,7 @@ def test_handshake_frames_and_close_go_to_one_worker_holding_a_slot() -> None:
     h.quiet()
     assert len(h.d.services["app"].queue) == 1
     # The worker closes: a close frame, the close reply, LAST; the slot frees.
-    h.reply(sent, m2.reply(SENDER, 3, b"\x88\x02\x03\xe8"), m2.close_reply(SENDER, 3))
+    h.reply(sent, m2r.reply(SENDER, 3, b"\x88\x02\x03\xe8"), m2r.close_reply(SENDER, 3))
     out = h.take_mongrel2()
     assert [m.body for m in out] == [b"\x88\x02\x03\xe8", b""]
     assert h.take_one_request().conn_id == 4
@@ -126,7 +126,7 @@ def test_websockets_get_keep_alives() -> None:
     accept(h, sent)
     h.tick(31.0)
     h.tick(61.0)
-    ctl = [m2.parse_reply(raw) for _, raw in h.d.to_mongrel2]
+    ctl = [m2r.parse_reply(raw) for _, raw in h.d.to_mongrel2]
     assert ctl and all(r.ctl and r.conn_ids == (3,) for r in ctl)
     assert b"keep-alive" in ctl[0].body
 
@@ -242,7 +242,7 @@ def test_random_websocket_traffic_keeps_the_invariants(actions: list[tuple[str, 
                 at_worker[sent.conn_id] = sent
         out, h.d.to_mongrel2 = h.d.to_mongrel2, []
         for _, raw in out:
-            for conn_id in m2.parse_reply(raw).conn_ids:
+            for conn_id in m2r.parse_reply(raw).conn_ids:
                 assert conn_id not in gone, f"write to gone connection {conn_id}"
 
     for action, n in actions:
@@ -257,10 +257,10 @@ def test_random_websocket_traffic_keeps_the_invariants(actions: list[tuple[str, 
             gone.add(n)
         elif action == "accept" and n in at_worker and at_worker[n].ident in h.d.workers:
             sent = at_worker[n]
-            h.reply(sent, m2.reply(SENDER, n, b"HTTP/1.1 101 Switching Protocols\r\n\r\n"),
+            h.reply(sent, m2r.reply(SENDER, n, b"HTTP/1.1 101 Switching Protocols\r\n\r\n"),
                     last=False)
         elif action == "close" and n in at_worker and at_worker[n].ident in h.d.workers:
-            h.reply(at_worker.pop(n), m2.close_reply(SENDER, n))
+            h.reply(at_worker.pop(n), m2r.close_reply(SENDER, n))
         elif action == "bye":
             ident = (b"w1", b"w2")[n % 2]
             h.worker(ident, Cmd.BYE)
@@ -289,6 +289,6 @@ def test_a_queued_handshake_gets_one_keep_alive_per_round() -> None:
     h.take_one_request()
     h.m2(handshake(3))  # waits in the queue its service shares with its twin
     h.tick(31.0)  # one keep-alive round
-    ctl = [m2.parse_reply(raw) for _, raw in h.d.to_mongrel2]
+    ctl = [m2r.parse_reply(raw) for _, raw in h.d.to_mongrel2]
     assert sorted(r.conn_ids[0] for r in ctl) == [1, 3]  # once each, not twice for 3
     assert h.d.next_deadline() <= 100.0

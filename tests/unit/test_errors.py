@@ -15,6 +15,7 @@ import scale0
 from scale0 import errors
 from scale0.errors import ConfigError, ProtocolError, Scale0Error
 from scale0.wire import mongrel2 as m2
+from scale0.wire import mongrel2_reply as m2r
 from scale0.wire import s0w1 as p
 
 
@@ -53,7 +54,7 @@ def test_errors_py_imports_nothing_of_scale0() -> None:
 
 
 @pytest.mark.parametrize(("cls", "old_base"), [
-    (m2.Mongrel2ProtocolError, ValueError), (m2.ReplyError, ValueError),
+    (m2.Mongrel2ProtocolError, ValueError), (m2r.ReplyError, ValueError),
     (p.WireError, ValueError), (ConfigError, ValueError)])
 def test_old_bases_are_kept_for_callers_that_catch_them(
         cls: type[Exception], old_base: type[Exception]) -> None:
@@ -74,16 +75,16 @@ def test_protocol_errors_carry_a_status_hint() -> None:
 
 
 @pytest.mark.parametrize("build", [
-    lambda: m2.reply(b"bad sender", 1, b""),
-    lambda: m2.reply_prefix(b"", 1),
-    lambda: m2.close_reply(b"s", []),
-    lambda: m2.close_reply(b"s", [-1]),
-    lambda: m2.http_response(99, []),
-    lambda: m2.http_response(200, [(b"X", b"a\r\nSet-Cookie: x")]),
-    lambda: m2.http_response(200, [(b"", b"v")]),
+    lambda: m2r.reply(b"bad sender", 1, b""),
+    lambda: m2r.reply_prefix(b"", 1),
+    lambda: m2r.close_reply(b"s", []),
+    lambda: m2r.close_reply(b"s", [-1]),
+    lambda: m2r.http_response(99, []),
+    lambda: m2r.http_response(200, [(b"X", b"a\r\nSet-Cookie: x")]),
+    lambda: m2r.http_response(200, [(b"", b"v")]),
 ])
 def test_reply_builders_raise_reply_error(build: object) -> None:
-    with pytest.raises(m2.ReplyError) as info:
+    with pytest.raises(m2r.ReplyError) as info:
         build()  # type: ignore[operator]
     assert info.value.status_hint == 500
 
@@ -91,4 +92,4 @@ def test_reply_builders_raise_reply_error(build: object) -> None:
 def test_a_decoding_error_is_not_a_reply_error() -> None:
     with pytest.raises(m2.Mongrel2ProtocolError) as info:
         m2.parse_message(b"not a message")
-    assert not isinstance(info.value, m2.ReplyError)
+    assert not isinstance(info.value, m2r.ReplyError)

@@ -5,7 +5,7 @@ announced heartbeat is clamped."""
 from __future__ import annotations
 
 from scale0.core.relaycore import RelayCore
-from scale0.wire import mongrel2 as m2
+from scale0.wire import mongrel2_reply as m2r
 
 from .test_relay import S, req, sent
 
@@ -30,7 +30,7 @@ def test_an_expired_broker_has_its_connections_closed_and_the_next_go_elsewhere(
         c.on_broker(b"B", b"HEARTBEAT", t)
         c.on_tick(t)
     assert b"A" not in c.peers
-    assert c.to_mongrel2 == [m2.close_reply(S, [1, 3, 5])]
+    assert c.to_mongrel2 == [m2r.close_reply(S, [1, 3, 5])]
     assert c.lost_connections == 3
     sent(c)  # heartbeats
     c.on_mongrel2(req(3, b"/again"))  # a late message of that connection: B takes it
@@ -44,7 +44,7 @@ def test_an_unreachable_broker_is_lost_too_but_one_that_leaves_is_not() -> None:
     c.on_broker(b"B", b"LEAVE", 0.5)
     assert c.to_mongrel2 == []  # a broker that leaves has answered what it held
     c.unreachable(b"A")
-    assert c.to_mongrel2 == [m2.close_reply(S, [1])]
+    assert c.to_mongrel2 == [m2r.close_reply(S, [1])]
 
 
 def test_without_recv_spec_the_connections_are_only_forgotten() -> None:
@@ -59,9 +59,9 @@ def test_closes_go_in_batches_of_mongrel2s_target_limit() -> None:
     for conn in range(1, 301):
         c.on_mongrel2(req(conn))
     c.unreachable(b"A")
-    assert c.to_mongrel2 == [m2.close_reply(S, list(range(1, 129))),
-                             m2.close_reply(S, list(range(129, 257))),
-                             m2.close_reply(S, list(range(257, 301)))]
+    assert c.to_mongrel2 == [m2r.close_reply(S, list(range(1, 129))),
+                             m2r.close_reply(S, list(range(129, 257))),
+                             m2r.close_reply(S, list(range(257, 301)))]
 
 
 def test_a_huge_announced_heartbeat_is_clamped_and_a_small_one_honoured() -> None:

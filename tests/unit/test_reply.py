@@ -8,6 +8,7 @@ import time
 import pytest
 
 from scale0.wire import mongrel2 as m2
+from scale0.wire import mongrel2_reply as m2r
 from scale0.wire import s0w1 as p
 from scale0.worker.reply import (
     MAX_MESSAGE_BYTES,
@@ -81,7 +82,7 @@ def stream_with(credits: int | None, on_wait: list[object]) -> tuple[FakeLoop, R
 
 
 def bodies(frames: list[bytes]) -> list[bytes]:
-    prefix = m2.reply_prefix(SENDER, 7)
+    prefix = m2r.reply_prefix(SENDER, 7)
     assert all(f.startswith(prefix) for f in frames[4:])
     return [f[len(prefix):] for f in frames[4:]]
 
