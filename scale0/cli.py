@@ -363,13 +363,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_up(cfg: config.UpConfig, args: argparse.Namespace) -> int:
-    from scale0.deploy.stack import Stack, StackError, exit_with_parent
+    from scale0.deploy.stack import Stack, exit_with_parent
 
     if cfg.exit_with_parent:
         exit_with_parent()
     try:
         stack = Stack.from_file(args.stack_file)
-    except StackError as exc:
+    except config.ConfigError as exc:  # a StackError: the message names file and key
         log.error("%s", exc)
         return 2
     return stack.run(_ready)

@@ -15,7 +15,7 @@
     |   +-- AccessLogError           ops/accesslog.py
     |   +-- KeyFileError             auth/keys.py
     |   +-- M2DBError                deploy/m2db.py
-    |   +-- StackError               deploy/stack.py (a `scale0 up` stack file)
+    |   +-- StackError               deploy/stack_file.py (a `scale0 up` stack file)
     +-- Mongrel2Error                deploy/m2server.py: Mongrel2 missing, its config bad
     +-- ControlError                 wire/control.py: a control command that cannot run
     +-- Unreachable, Refused         ops/ctl.py: no broker answered / it answered an error

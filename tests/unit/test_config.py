@@ -11,7 +11,8 @@ import pytest
 
 from scale0 import cli, config
 from scale0.config import BrokerConfig, ConfigError, UpConfig, WsgiConfig
-from scale0.deploy.stack import Stack, StackError
+from scale0.deploy.stack import Stack
+from scale0.deploy.stack_file import StackError
 from scale0.net.broker import LinkSpec
 
 LINK = "tcp://127.0.0.1:9997,tcp://127.0.0.1:9996"
