@@ -64,8 +64,8 @@ from dataclasses import dataclass
 
 from scale0.config import PoolConfig, default
 from scale0.core.backoff import Backoff
-from scale0.pool.childstate import ChildState, set_current
-from scale0.pool.lifeline import die_with_parent
+from scale0.pool.childstate import ChildState
+from scale0.pool.forkworker import fork_worker
 from scale0.pool.runloop import RunLoop
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,6 @@ BOOT_FAILED = 3
 CHECK_EVERY_S = 1.0
 
 
-# What the arbiter handles itself; a forked child resets them before anything else.
-_ARBITER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
-                    signal.SIGTTIN, signal.SIGTTOU)
 # Counted by the loop (besides the stop signals); SIGCHLD only wakes it to reap.
 _COUNTED = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
 
@@ -162,38 +159,9 @@ class Pool:
             limit += random.randint(0, self.max_requests_jitter)
         assert self._loop is not None
         state = ChildState(limit, self._loop.wakeup.write_fd)
-        arbiter = os.getpid()
-        # Blocked across the fork: a SIGTERM sent to a child that has just been
-        # forked (a second SIGHUP stops the processes of the reload it cuts
-        # short) must not reach the arbiter's handlers, still installed in the
-        # child until it resets them; it would only set a flag in the child's
-        # copy of this Pool, and the child would run on, deaf to that stop.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _ARBITER_SIGNALS)
-        pid = os.fork()
-        if pid == 0:  # child: default signals, run, never return into the arbiter
-            code = 1
-            try:
-                signal.set_wakeup_fd(-1)
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGTTIN,
-                            signal.SIGTTOU):
-                    signal.signal(sig, signal.SIG_DFL)
-                signal.signal(signal.SIGHUP, signal.SIG_IGN)  # HUP is the arbiter's
-                signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending TERM acts now
-                # After the defaults: SIGTERM (the graceful stop) if the arbiter
-                # dies, even by SIGKILL, or exit now if it already has.
-                die_with_parent(arbiter)
-                os.close(self._loop.wakeup.read_fd)  # the write end is state.wake_fd
-                for other in self._children.values():
-                    other.state.close()
-                set_current(state)
-                code = self.target()
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-            except BaseException:
-                log.exception("%s worker process crashed", self.name)
-            finally:
-                os._exit(code)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        pid = fork_worker(self.target, state, name=self.name,
+                          close_fds=(self._loop.wakeup.read_fd,),
+                          close_states=[c.state for c in self._children.values()])
         now = time.monotonic()
         self._children[pid] = _Child(pid, slot, state, now)
         log.info("%s: started process %d (slot %d%s)", self.name, pid, slot,

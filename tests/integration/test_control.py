@@ -15,7 +15,7 @@ import pytest
 from scale0.cli import build_parser
 from scale0.core.dispatch import Dispatcher, DispatchSettings, Done
 from scale0.ops import control as c
-from scale0.ops import ctl
+from scale0.ops import ctl, ctl_render
 from scale0.wire import s0w1 as p
 from tests.unit.test_dispatch import SENDER, m2_request, ok_reply
 
@@ -437,22 +437,22 @@ def test_ctl_without_a_command_is_a_usage_error() -> None:
 
 
 def test_table_aligns_text_left_and_numbers_right() -> None:
-    assert ctl.table(["NAME", "N"], [["a", 1], ["bbb", 100]]).splitlines() == [
+    assert ctl_render.table(["NAME", "N"], [["a", 1], ["bbb", 100]]).splitlines() == [
         "NAME    N", "a       1", "bbb   100"]
-    assert ctl.table(["NAME"], []).splitlines() == ["NAME", "(none)"]
+    assert ctl_render.table(["NAME"], []).splitlines() == ["NAME", "(none)"]
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(0.4, "0s"), (59, "59s"), (125, "2m05s"),
                                                (3 * 3600 + 420, "3h07m"), (2 * 86400 + 4 * 3600,
                                                                           "2d04h")])
 def test_duration(seconds: float, text: str) -> None:
-    assert ctl.duration(seconds) == text
+    assert ctl_render.duration(seconds) == text
 
 
 def test_status_renders_as_tables(server: c.ControlServer) -> None:
     d = dispatcher(server)
     route_one(d, 1, b"/app/x")
-    text = ctl.render("status", ok(server, "status"))
+    text = ctl_render.render("status", ok(server, "status"))
     lines = text.splitlines()
     assert lines[0].startswith(f"broker pid {os.getpid()} (running), up ")
     header = next(line for line in lines if line.startswith("WORKER"))
@@ -465,23 +465,25 @@ def test_status_renders_as_tables(server: c.ControlServer) -> None:
 
 
 def test_other_results_render_as_one_liners(server: c.ControlServer) -> None:
-    assert ctl.render("routes", ok(server, "routes", "add", "/x", "app")) == "route /x -> app added"
-    assert "removed" in ctl.render("routes", ok(server, "routes", "remove", "/x"))
-    assert ctl.render("drain", ok(server, "drain", "host:1")).splitlines() == [
+    added = ctl_render.render("routes", ok(server, "routes", "add", "/x", "app"))
+    assert added == "route /x -> app added"
+    assert "removed" in ctl_render.render("routes", ok(server, "routes", "remove", "/x"))
+    assert ctl_render.render("drain", ok(server, "drain", "host:1")).splitlines() == [
         "worker host:1: 1 worker(s) draining: no new request, the ones in progress finish "
         "(undrain to undo)", "  host:1"]
-    assert ctl.render("undrain", ok(server, "undrain", "host:1")).splitlines() == [
+    assert ctl_render.render("undrain", ok(server, "undrain", "host:1")).splitlines() == [
         "worker host:1: 1 worker(s) take requests again", "  host:1"]
-    assert ctl.render("recycle", ok(server, "recycle", "host:2")).splitlines() == [
+    assert ctl_render.render("recycle", ok(server, "recycle", "host:2")).splitlines() == [
         "worker host:2: 1 worker(s) asked to finish and leave (their pool starts new ones)",
         "  host:2"]
-    assert "gracefully (up to 30 s" in ctl.render("shutdown", ok(server, "shutdown", "--graceful"))
+    stopping = ctl_render.render("shutdown", ok(server, "shutdown", "--graceful"))
+    assert "gracefully (up to 30 s" in stopping
 
 
 def test_tap_line_has_time_status_method_ms_worker_path() -> None:
-    line = ctl.tap_line(c.tap_record(done("app", 404), to_wall=1_700_000_000.0))
+    line = ctl_render.tap_line(c.tap_record(done("app", 404), to_wall=1_700_000_000.0))
     assert line.split()[1:] == ["404", "GET", "250.0", "host:1", "/x"]
-    assert ctl.TAP_HEADER.split() == ["TIME", "STATUS", "METHOD", "MS", "WORKER", "PATH"]
+    assert ctl_render.TAP_HEADER.split() == ["TIME", "STATUS", "METHOD", "MS", "WORKER", "PATH"]
 
 
 def test_call_to_a_missing_socket_says_where_it_looked(tmp_path: Path) -> None:
@@ -511,7 +513,7 @@ def test_status_shows_refused_hellos_ejected_workers_orphans_and_limits() -> Non
                                           "forget_in_s": 19.0}]
     assert status["limits"]["workers"] == [1, 3]
     assert status["workers"][0]["ejected_s"] == 30.0
-    lines = ctl.render("status", status).splitlines()
+    lines = ctl_render.render("status", status).splitlines()
     row = next(line for line in lines if line.startswith("host:1"))
     assert "ejected 30s" in row
     assert "limits: workers 1/3 services 2/256 routes 2/4096" in lines
