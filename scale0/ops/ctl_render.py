@@ -107,6 +107,19 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
+# command: (key of the workers it acted on, what it did to them, key of the
+# workers it had done already or could not, the note for those)
+_WORKER_ACTIONS = {
+    "drain": ("drained", "draining: no new request, the ones in progress finish "
+              "(undrain to undo)", "already_draining", "already draining"),
+    "undrain": ("ready", "take requests again", "still_draining",
+                "still draining: drained by another name, or leaving"),
+    "recycle": ("recycled", "asked to finish and leave (their pool starts new ones)",
+                "already_leaving", "already leaving"),
+}
+_WORKER_ACTIONS["ready"] = _WORKER_ACTIONS["undrain"]
+
+
 def render(command: str, result: Any) -> str:
     if command == "status":
         return render_status(result)
@@ -117,24 +130,11 @@ def render(command: str, result: Any) -> str:
         return f"route {result['added']} -> {result['service']} added"
     if command == "routes":
         return f"route {result['removed']} (was -> {result['service']}) removed"
-    if command == "drain":
-        text = (f"{result['kind']} {result['target']}: {len(result['drained'])} worker(s) "
-                "draining: no new request, the ones in progress finish (undrain to undo)")
-        names = result["drained"] + [f"{n} (already draining)"
-                                     for n in result["already_draining"]]
-        return text + "".join(f"\n  {n}" for n in names)
-    if command in ("undrain", "ready"):
-        text = (f"{result['kind']} {result['target']}: {len(result['ready'])} worker(s) "
-                "take requests again")
-        names = result["ready"] + [f"{n} (still draining: drained by another name, or "
-                                   "leaving)" for n in result["still_draining"]]
-        return text + "".join(f"\n  {n}" for n in names)
-    if command == "recycle":
-        text = (f"{result['kind']} {result['target']}: {len(result['recycled'])} worker(s) "
-                "asked to finish and leave (their pool starts new ones)")
-        names = result["recycled"] + [f"{n} (already leaving)"
-                                      for n in result["already_leaving"]]
-        return text + "".join(f"\n  {n}" for n in names)
+    if command in _WORKER_ACTIONS:
+        done, what, others, note = _WORKER_ACTIONS[command]
+        names = result[done] + [f"{n} ({note})" for n in result[others]]
+        return (f"{result['kind']} {result['target']}: {len(result[done])} worker(s) {what}"
+                + "".join(f"\n  {n}" for n in names))
     if command == "shutdown":
         how = (f"gracefully (up to {result['graceful_timeout_s']:g} s for requests in progress)"
                if result["graceful"] else "now (requests in progress get 503)")
