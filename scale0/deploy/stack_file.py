@@ -4,8 +4,9 @@ processes to run (deploy/stack.py starts and watches them).
 Each [[relay]], [[broker]] and [[pool]] table holds the settings of that
 command (scale0/config/), checked here so that a typo names the file and the
 key, plus the stack's own keys: `routes`, `args` (extra arguments) and, for a
-pool, `interface`. Nothing is started here and nothing but the Mongrel2
-config file is read.
+pool, `interface`. Nothing is started here; the files read are the Mongrel2
+config (for its server uuid) and any file a setting names (a maintenance
+page), checked from the stack file's folder.
 """
 
 from __future__ import annotations
@@ -69,10 +70,9 @@ class StackPlan:
 
 
 def read_stack(data: dict[str, Any], base: Path, source: str = "<config>") -> StackPlan:
-    """Each [[broker]] and [[pool]] table holds settings of `scale0 broker` /
-    `scale0 wsgi` (scale0/config/, checked here so that a typo names this file and
-    key) plus the stack's own keys: `routes` and `args` (extra arguments), and
-    for a pool `interface`: "wsgi" (the default) or "asgi" (`scale0 asgi`)."""
+    """The processes of the parsed stack file `data` (named `source` in
+    errors), run from `base`: Mongrel2, then each relay, broker and pool in
+    file order. A pool's `interface` is "wsgi" (the default) or "asgi"."""
     def need(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
         value = table.get(key)
         if not isinstance(value, kind):
@@ -189,7 +189,7 @@ PoolRoutes = list[tuple[tuple[str, ...], list[tuple[str, str]]]]
 
 def _pool_routes(pools: Any) -> PoolRoutes:
     """(connect endpoints, [(route, service)]) of each [[pool]] table; tables
-    of the wrong shape are skipped here (from_dict's pool loop reports them)."""
+    of the wrong shape are skipped here (read_stack's pool loop reports them)."""
     out: PoolRoutes = []
     for pool in pools if isinstance(pools, list) else []:
         if not isinstance(pool, dict) or not isinstance(pool.get("app"), str):

@@ -4,8 +4,10 @@ the arbiter, runs the target and exits with its code, never returning.
 
 Invariants: a signal meant for the arbiter never runs the arbiter's handlers
 in the child (they are blocked across the fork and reset before the child
-unblocks them); the child holds no wake-up pipe read end and no sibling's
-ChildState; the child gets SIGTERM when the arbiter dies, even by SIGKILL.
+unblocks them); the child gets SIGTERM when the arbiter dies, even by
+SIGKILL; and, given the caller's lists, the child keeps no descriptor or
+sibling ChildState it was told to close (supervise.Pool passes its wake-up
+pipe's read end and every other child's state).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def fork_worker(target: Callable[[], int], state: ChildState, *, name: str,
             # After the defaults: SIGTERM (the graceful stop) if the arbiter
             # dies, even by SIGKILL, or exit now if it already has.
             die_with_parent(arbiter)
-            for fd in close_fds:  # the wake-up pipe's write end is state.wake_fd
+            for fd in close_fds:
                 os.close(fd)
             for other in close_states:
                 other.close()

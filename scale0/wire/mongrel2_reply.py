@@ -6,7 +6,7 @@ message"): BODY is written raw to every connection IDS names, so the handler
 writes the whole HTTP response; an empty BODY closes. A control reply puts
 ``X `` before the ids and a tnetstring ``["ctl", {...}]`` as its body.
 Builders raise `ReplyError` on anything Mongrel2 would reject or misread;
-`parse_reply` (for tests, fakes and the relay) raises `Mongrel2ProtocolError`.
+`parse_reply` (for tests and fakes) raises `Mongrel2ProtocolError`.
 """
 
 from __future__ import annotations

@@ -115,3 +115,28 @@ def test_the_arbiters_signal_handlers_do_not_run_in_the_child(state: ChildState)
         signal.signal(signal.SIGTERM, old)
         os.close(ready_r)
         os.close(ready_w)
+
+
+def test_a_stop_sent_right_after_the_fork_stops_the_child(
+        state: ChildState, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM that arrives while the child still has the arbiter's handlers
+    (before its first step) waits, blocked, until they are reset: it then
+    stops the child, instead of only setting a flag in its copy of the arbiter."""
+    arbiter = os.getpid()
+    seen: list[int] = []
+    old = signal.signal(signal.SIGTERM, lambda sig, _frame: seen.append(sig))
+    first_step = signal.set_wakeup_fd
+
+    def term_then_step(fd: int, **kw: bool) -> int:
+        if os.getpid() != arbiter:  # in the child: the stop comes before anything is reset
+            os.kill(os.getpid(), signal.SIGTERM)
+        return first_step(fd, **kw)
+
+    monkeypatch.setattr(signal, "set_wakeup_fd", term_then_step)
+    try:
+        pid = fork(lambda: 0, state)  # would exit 0 if its handler had swallowed the stop
+        assert reap(pid) == -signal.SIGTERM
+        assert seen == []
+    finally:
+        signal.signal(signal.SIGTERM, old)
+

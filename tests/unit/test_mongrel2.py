@@ -54,7 +54,7 @@ def load_captures(direction: str) -> list[bytes]:
 IN = load_captures("IN")
 OUT = load_captures("OUT")
 
-# The two JSON-protocol examples of docs/mongrel2.md "Request message" (captured).
+# The two JSON-protocol messages docs/mongrel2.md "Request message" quotes (captured).
 DOC_GET = (
     b'f9a3b8c2-0000-4000-8000-000000000001 4 /app/x 330:{"PATH":"/app/x","x-dup":["one","two",'
     b'"three"],"x-forwarded-for":"127.0.0.1","x-quote":"say \\"hi\\" \\\\ back","host":"localhost'

@@ -67,7 +67,7 @@ def test_reply_bad_sender(sender: bytes) -> None:
 
 
 def test_ctl_replies() -> None:
-    # The keep-alive control reply (docs/mongrel2.md "Reply message"), byte for byte.
+    # The keep-alive control reply docs/mongrel2.md "Reply message" quotes, byte for byte.
     expected = SENDER_1 + b" 4:X 35, 31:3:ctl,21:10:keep-alive,4:true!}]"
     assert keep_alive_reply(SENDER_1, 35) == expected
     assert ctl_reply(SENDER_1, [35], {b"keep-alive": True}) == expected
