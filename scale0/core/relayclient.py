@@ -84,10 +84,13 @@ class RelayClient:
         self.left_at = 0.0  # when LEAVE was sent
         self.bye = False  # BYE came: nothing more will
         self.closed = False  # disconnected for good
-        # Since DRAINING: messages read per connection (b"SENDER CONN_ID"),
-        # and the connections to RELEASE once nothing of theirs is held here.
+        # Since DRAINING: messages read per connection (b"SENDER CONN_ID").
         self.counts: dict[bytes, int] | None = None
-        self.watch: set[bytes] = set()
+        # Since DRAIN: the connections to RELEASE once nothing of theirs is held
+        # here (held at a look, or a message of theirs read). From DRAIN, not
+        # DRAINING: a request that ends in the wake-up that reads DRAINING,
+        # before any look, must not leave its connection unreleased.
+        self.watch: set[bytes] | None = None
 
     @property
     def handing_over(self) -> bool:
@@ -135,21 +138,24 @@ class RelayClient:
         return self._handlers[control](self, now, may_join, busy_after_bye)
 
     def took_message(self, key: bytes) -> None:
-        """A Mongrel2 message of connection `key` was read (only while counting)."""
+        """A Mongrel2 message of connection `key` was read (only while draining)."""
+        if self.watch is not None:
+            self.watch.add(key)
         counts = self.counts
         if counts is not None:
             counts[key] = counts.get(key, 0) + 1
-            self.watch.add(key)
 
     def releases(self, held: set[bytes], idle: Callable[[bytes], bool]) -> list[Action]:
         """While draining, before LEAVE: RELEASE each watched connection that
         holds nothing here. `held`: connections with a request here (watched
         from now on); `idle(key)`: nothing else of it is here either (no
         upload, no download credits owed)."""
-        if self.counts is None or self.left_at or self.closed:
-            return []
         watch = self.watch
+        if watch is None or self.left_at or self.closed:
+            return []
         watch |= held
+        if self.counts is None:  # DRAIN sent, no DRAINING yet: watched, not released
+            return []
         free = [key for key in watch if key not in held and idle(key)]
         counts = self.counts
         for key in free:
@@ -166,7 +172,9 @@ class RelayClient:
     def _on_draining(self, now: float, may_join: bool, busy: bool) -> list[Action]:
         """The relay's answer to DRAIN: count from here (Appendix B, RELEASE)."""
         if self.leave_by and not self.left_at:
-            self.counts, self.watch = {}, set()
+            self.counts = {}
+            if self.watch is None:
+                self.watch = set()
         return []
 
     def _on_who(self, now: float, may_join: bool, busy: bool) -> list[Action]:
@@ -202,6 +210,7 @@ class RelayClient:
             return []
         if self.joined:  # no new connections; LEAVE once our requests are done
             self.leave_by = math.inf
+            self.watch = set()
             return [Send(s0r1.DRAIN)]
         return self.disconnect()
 

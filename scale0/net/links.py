@@ -219,7 +219,7 @@ class RelayLink(Link):
             if isinstance(message, s0r1.Batch):  # Mongrel2 messages, byte for byte
                 for raw in message.messages:
                     d.on_mongrel2(index, raw, now)
-                if client.counts is not None:  # draining: RELEASE needs the counts
+                if client.watch is not None:  # draining: RELEASE needs the counts
                     for raw in message.messages:
                         key = s0r1.connection_key(raw)
                         if key is not None:
@@ -242,7 +242,7 @@ class RelayLink(Link):
 
     def handover(self, now: float) -> None:
         client = self.client
-        if client.counts is not None and now >= self._next_release:
+        if client.watch is not None and now >= self._next_release:
             # O(connections held): every RELEASE_EVERY_S, not at every wake-up.
             self._next_release = now + RELEASE_EVERY_S
             self._do(client.releases(self._held(), self._idle))

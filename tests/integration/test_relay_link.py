@@ -28,6 +28,7 @@ from tests.unit.test_dispatch import SENDER, m2_request
 # Large enough that the broker's last replies still wait in its DEALER (not
 # yet in the kernel) when BYE comes, as they do on a loaded machine.
 PAYLOAD = b"x" * 65536
+HEARTBEAT_S = 0.25  # the workers HELLO with heartbeat_ms 1000
 BODY = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(PAYLOAD), PAYLOAD)
 
 
@@ -48,6 +49,15 @@ class RawWorker(threading.Thread):
         self.welcomed = threading.Event()
         self.stopping = threading.Event()
         self.answered = 0
+        self._beat_at = 0.0
+
+    def beat(self, sock: zmq.Socket[bytes]) -> None:
+        """HEARTBEAT every HEARTBEAT_S, as a real worker does: however slowly a
+        loaded machine runs the test, the broker must not expire this worker."""
+        now = time.monotonic()
+        if now >= self._beat_at:
+            sock.send_multipart([p.VERSION, p.CMD[p.Command.HEARTBEAT]])
+            self._beat_at = now + HEARTBEAT_S
 
     def connect(self, label: str) -> zmq.Socket[bytes]:
         """A DEALER to the broker, its HELLO sent (service app on /, capacity 1000)."""
@@ -63,6 +73,7 @@ class RawWorker(threading.Thread):
         sock = self.connect("raw")
         try:
             while not self.stopping.is_set():
+                self.beat(sock)
                 if not sock.poll(20):
                     continue
                 frames = sock.recv_multipart()
@@ -237,6 +248,7 @@ class HoldingWorker(RawWorker):
         sock = self.connect("holding")
         try:
             while not self.stopping.is_set():
+                self.beat(sock)
                 with self._lock:
                     release, self._release = self._release, []
                     for conn_id in release:

@@ -115,6 +115,22 @@ def test_draining_connections_are_released_with_their_counts_once_idle() -> None
     assert c.releases(set(), idle.__getitem__) == []  # after LEAVE the relay forgets all
 
 
+def test_a_connection_watched_from_drain_is_released_even_if_it_ends_before_draining() -> None:
+    """Watching starts at DRAIN, counting at DRAINING: a request held when
+    DRAIN went out, or read after it, that ends before the first look after
+    DRAINING (in the same wake-up) still gets its RELEASE."""
+    c = joined()
+    idle = {b"S 1": True, b"S 2": True, b"S 5": True}
+    c.took_message(b"S 5")  # before DRAIN: not watched (LEAVE, or its next request, covers it)
+    assert c.stop_intake() == [Send(b"DRAIN")]
+    assert c.releases({b"S 1"}, idle.__getitem__) == []  # held at DRAIN: watched
+    c.took_message(b"S 2")  # read between DRAIN and DRAINING: watched, not counted
+    # Both requests end, then DRAINING is read, before any look.
+    assert c.on_control(DRAINING, 1.0, may_join=False, busy_after_bye=False) == []
+    assert sorted(frames(c.releases(set(), idle.__getitem__))) == [b"RELEASE S 1 0",
+                                                                   b"RELEASE S 2 0"]
+
+
 def test_draining_after_leave_or_without_drain_starts_nothing() -> None:
     c = joined()
     assert c.on_control(DRAINING, 1.0, may_join=True, busy_after_bye=False) == []
