@@ -110,19 +110,19 @@ class RelayCore:
     def _route(self, raw: bytes, *, waiting: bool) -> None:
         """Send `raw` to the broker that holds its connection, or place a new
         connection; `waiting`: older new connections wait, so this one too."""
-        # 'SENDER CONN_ID PATH rest': the key is 'SENDER CONN_ID'; no copy of the body.
-        i = raw.find(b" ")
-        j = raw.find(b" ", i + 1) if i > 0 else -1
-        if j < 0:  # no connection to answer: nobody could reply to it
+        # 'SENDER CONN_ID PATH rest': the key is 'SENDER CONN_ID'; no copy of the
+        # body. The broker keys its RELEASE counts with the same function.
+        key = s0r1.connection_key(raw)
+        if key is None:  # no connection to answer: nobody could reply to it
             self.malformed += 1
             self.warnings.warning("malformed Mongrel2 message", self._now,
                                   "malformed message from Mongrel2 (%d bytes): dropped",
                                   len(raw))
             return
+        j = len(key)
         k = raw.find(b" ", j + 1)
         # Anything else goes to a broker, which parses it and answers 400 if
         # it is malformed (the client waits for an answer).
-        key = raw[:j]
         owner = self.owners.get(key)
         # Mongrel2's own messages (disconnect, credits) have the path '@*'.
         special = k == j + 3 and raw.startswith(b"@*", j + 1)

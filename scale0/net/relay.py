@@ -167,7 +167,8 @@ class Relay:
             self._flush(router)
         if core.pending:
             log.error("relay stopping with %d requests no broker took", len(core.pending))
-        log.info("relay stopping after %d wake-ups", self.wakeups)
+        log.info("relay stopping after %d wake-ups; %d connections released by draining "
+                 "brokers, %d messages no broker took", self.wakeups, core.released, core.dropped)
 
     def _handlers(self, router: zmq.Socket[bytes], mongrel2: MongrelPull) -> dict[Any, Handler]:
         handlers: dict[Any, Handler] = {

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from scale0.errors import ProtocolError
+from scale0.wire.mongrel2 import MAX_ID_DIGITS, is_decimal
 
 VERSION = b"S0R1"
 MAX_NUMBER_DIGITS = 12  # window, credit, heartbeat_ms: what no sane value exceeds
@@ -44,7 +45,6 @@ HEARTBEAT = b"HEARTBEAT"
 DRAIN = b"DRAIN"
 RELEASE = b"RELEASE"
 LEAVE = b"LEAVE"
-MAX_CONN_ID_DIGITS = 20  # Mongrel2's connection ids (wire/mongrel2.py MAX_ID_DIGITS)
 MAX_SENDER_BYTES = 256
 
 
@@ -136,8 +136,10 @@ def encode_release(key: bytes, n: int) -> bytes:
 
 
 def connection_key(raw: bytes) -> bytes | None:
-    """b"SENDER CONN_ID" of a Mongrel2 message (its first two words), as the
-    relay keys its sticky connections; None if it has no such words."""
+    """b"SENDER CONN_ID" of a Mongrel2 message (its first two words): how the
+    relay keys its sticky connections and a draining broker its RELEASE
+    counts (one function, so both always agree). None if it has no such
+    words: no connection anybody could answer."""
     i = raw.find(b" ")
     j = raw.find(b" ", i + 1) if i > 0 else -1
     return raw[:j] if j > i + 1 else None
@@ -191,8 +193,8 @@ def parse_command(frame: bytes) -> BrokerCommand:
 def _release(arg: bytes) -> Release:
     words = arg.split(b" ")
     n = _number(words[2]) if len(words) == 3 else None
-    if (n is None or not 0 < len(words[0]) <= MAX_SENDER_BYTES or not words[1].isdigit()
-            or len(words[1]) > MAX_CONN_ID_DIGITS):
+    if (n is None or not 0 < len(words[0]) <= MAX_SENDER_BYTES
+            or not is_decimal(words[1], MAX_ID_DIGITS)):
         raise S0R1Error(f"RELEASE needs SENDER CONN_ID N, got {arg[:64]!r}", command=RELEASE)
     return Release(words[0] + b" " + words[1], n)
 

@@ -91,6 +91,15 @@ class RawWorker(threading.Thread):
             sock.close(0)
 
 
+def _release(message: bytes) -> tuple[bytes, int] | None:
+    """(connection key, count) of a RELEASE; None for any other command."""
+    if not message.startswith(s0r1.RELEASE + b" "):
+        return None
+    command = s0r1.parse_command(message)
+    assert isinstance(command, s0r1.Release)
+    return command.key, command.n
+
+
 class FakeRelay:
     """The relay's end of S0R1: a ROUTER that collects the replies it is sent."""
 
@@ -113,39 +122,40 @@ class FakeRelay:
         self.broker = ident
         return message
 
-    def expect(self, command: bytes, timeout_s: float = 10.0) -> None:
-        """Read until the broker sends `command`, collecting replies meanwhile."""
+    def _commands(self, timeout_s: float, awaited: bytes) -> Iterator[bytes]:
+        """The broker's commands as they come, replies collected meanwhile;
+        AssertionError once `timeout_s` passes without the caller's `awaited`."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             message = self._read()
-            if message is not None and message.split(b" ")[0] == command:
+            if message is not None:
+                yield message
+        raise AssertionError(f"the broker sent no {awaited.decode()}")
+
+    def expect(self, command: bytes, timeout_s: float = 10.0) -> None:
+        """Read until the broker sends `command`, collecting replies meanwhile."""
+        for message in self._commands(timeout_s, command):
+            if message.split(b" ")[0] == command:
                 return
-        raise AssertionError(f"the broker sent no {command!r}")
 
     def expect_release(self, timeout_s: float = 10.0) -> tuple[bytes, int]:
         """The next RELEASE the broker sends: (connection key, count)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            message = self._read()
-            if message is not None and message.startswith(s0r1.RELEASE + b" "):
-                command = s0r1.parse_command(message)
-                assert isinstance(command, s0r1.Release)
-                return command.key, command.n
-        raise AssertionError("the broker sent no RELEASE")
+        for message in self._commands(timeout_s, s0r1.RELEASE):
+            release = _release(message)
+            if release is not None:
+                return release
+        raise AssertionError("unreachable: _commands raises when time is up")
 
     def until_leave(self, timeout_s: float = 10.0) -> list[tuple[bytes, int]]:
         """Read until the broker's LEAVE; the RELEASEs (key, count) before it."""
         releases: list[tuple[bytes, int]] = []
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            message = self._read()
+        for message in self._commands(timeout_s, s0r1.LEAVE):
             if message == s0r1.LEAVE:
                 return releases
-            if message is not None and message.startswith(s0r1.RELEASE + b" "):
-                command = s0r1.parse_command(message)
-                assert isinstance(command, s0r1.Release)
-                releases.append((command.key, command.n))
-        raise AssertionError("the broker sent no LEAVE")
+            release = _release(message)
+            if release is not None:
+                releases.append(release)
+        raise AssertionError("unreachable: _commands raises when time is up")
 
     def collect(self, n: int, timeout_s: float = 10.0, *, slowly: bool = False) -> None:
         """Up to `n` replies in all. `slowly`: a relay that reads one message
