@@ -36,6 +36,13 @@ log = logging.getLogger(__name__)
 
 BATCH = 256  # replies per ZeroMQ message
 MAX_HELD_REPLIES = 100_000
+# Messages (batches) an XPUB queues inside libzmq before send raises EAGAIN.
+# libzmq counts messages, not bytes: at its default of 1000, a Mongrel2 that
+# stops reading could leave up to 1000 x BATCH replies queued where nothing
+# counts or shows them, and intake would not pause until then. At 100 the
+# holding rules take over sooner; Mongrel2's own SUB queue (1000 messages by
+# default) and the TCP buffers still absorb its ordinary pauses.
+XPUB_SNDHWM = 100
 
 
 class HeldReplies:
@@ -120,6 +127,7 @@ class XPubReplies(HeldReplies):
         self.socket: zmq.Socket[bytes] = ctx.socket(zmq.XPUB)
         self.socket.setsockopt(zmq.LINGER, 2000)  # let queued replies out on a clean stop
         self.socket.setsockopt(zmq.XPUB_NODROP, 1)  # at HWM, send raises EAGAIN: hold replies
+        self.socket.setsockopt(zmq.SNDHWM, XPUB_SNDHWM)
         self.socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every (re)subscription
         self.socket.connect(recv_spec)
         self.subscriptions = 0
