@@ -310,6 +310,10 @@ class RelayConfig(CurveServerConfig):
         "relay+ENDPOINT alone", RECV_SPEC,
         metavar="RECV_SPEC[,RECV_IDENT]")
     max_peer_heartbeat: float = _max_peer_heartbeat()
+    metrics: tuple[str, int] | None = setting(
+        None, "serve Prometheus /metrics and /status.json (brokers, connections, held "
+        "replies, counters) at [HOST:]PORT (HOST defaults to 127.0.0.1; 'off' for none)",
+        METRICS_ADDRESS, metavar="[HOST:]PORT")
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, cast
+from typing import Any, ClassVar, cast
 
 from scale0.core.ratelog import RateLimitedLog
 from scale0.wire import mongrel2 as m2
@@ -56,6 +56,7 @@ class BrokerPeer:
     expires_at: float
     expiry_s: float  # its heartbeat (from HELLO) x our liveness
     draining: bool = False
+    connections: int = 0  # entries of `RelayCore.owners` naming this peer
     # Since its DRAIN was answered DRAINING: messages sent it per connection,
     # what a RELEASE's count is checked against. None: not draining.
     since_drain: dict[bytes, int] | None = None
@@ -64,8 +65,9 @@ class BrokerPeer:
 class RelayCore:
     """The relay's decisions, with no sockets and no clock of its own.
 
-    `to_brokers` collects ``[ident, *frames]`` to send. Invariant: a peer in
-    `ready` is in `peers`, not draining and has credit > 0; `ready` is LRU.
+    `to_brokers` collects ``[ident, *frames]`` to send. Invariants: a peer in
+    `ready` is in `peers`, not draining and has credit > 0; `ready` is LRU;
+    each peer's `connections` is the number of `owners` entries naming it.
     """
 
     def __init__(self, heartbeat_s: float, liveness: int, *, max_peer_heartbeat_s: float,
@@ -93,6 +95,7 @@ class RelayCore:
         self.dropped = 0  # per-connection messages with no broker to take them
         self.released = 0  # connections a draining broker RELEASEd, dealt anew
         self.malformed = 0
+        self.brokers_lost = 0  # expired or unreachable (not LEAVE)
         self._next_heartbeat = 0.0
         self._now = 0.0  # of the last tick: the rate-limited log's clock on the Mongrel2 path
 
@@ -130,6 +133,7 @@ class RelayCore:
             self.owners.move_to_end(key)
             if special and raw.find(b'"disconnect"', k, k + 64) >= 0:
                 del self.owners[key]
+                owner.connections -= 1
             since = owner.since_drain
             if since is not None:
                 since[key] = since.get(key, 0) + 1
@@ -139,16 +143,21 @@ class RelayCore:
                 self._update(owner)
             return
         if special:  # of a connection nobody holds
-            self.owners.pop(key, None)
+            if owner is not None:  # its broker is gone: the entry goes too
+                del self.owners[key]
+                owner.connections -= 1
             self.dropped += 1
             return
         if waiting or not self.ready:
             self.pending.append(raw)
             return
         peer = self.ready.popitem(last=False)[1]
+        if owner is not None:  # its broker is gone: the entry changes hands
+            owner.connections -= 1
         self.owners[key] = peer
+        peer.connections += 1
         if len(self.owners) > MAX_CONNECTIONS:
-            self.owners.popitem(last=False)
+            self.owners.popitem(last=False)[1].connections -= 1
         self._send(peer, raw)
 
     def on_broker(self, ident: bytes, frame: bytes, now: float) -> None:
@@ -218,6 +227,7 @@ class RelayCore:
         if (since is not None and self.owners.get(release.key) is peer
                 and since.get(release.key, 0) == release.n):
             del self.owners[release.key]
+            peer.connections -= 1
             since.pop(release.key, None)
             self.released += 1
         return True
@@ -261,6 +271,19 @@ class RelayCore:
     def next_deadline(self) -> float:
         return self._next_heartbeat
 
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """The state and counters, as plain data for other threads (the
+        relay's status and metrics). O(brokers)."""
+        brokers = [{"id": peer.ident.hex(), "credit": peer.credit, "draining": peer.draining,
+                    "connections": peer.connections,
+                    "expires_in_s": round(peer.expires_at - now, 3)}
+                   for peer in self.peers.values()]
+        return {"brokers": brokers, "pending": len(self.pending),
+                "connections": sum(peer.connections for peer in self.peers.values()),
+                "counters": {"malformed": self.malformed, "dropped": self.dropped,
+                             "released": self.released, "brokers_lost": self.brokers_lost,
+                             "lost_connections": self.lost_connections}}
+
     def unreachable(self, ident: bytes) -> None:
         peer = self.peers.get(ident)
         if peer is not None:
@@ -298,6 +321,8 @@ class RelayCore:
         so at once (docs/reliability.md)."""
         keys = [key for key, owner in self.owners.items() if owner is peer]
         by_sender: dict[bytes, list[int]] = {}
+        self.brokers_lost += 1
+        peer.connections = 0
         for key in keys:
             del self.owners[key]
             sender, _, conn_id = key.partition(b" ")

@@ -16,7 +16,8 @@ Mongrel2 (under `scale0 up` it stops after the brokers), so brokers can come
 and go without Mongrel2 noticing. The rules (sticky connections, credits,
 leaving as a handshake) are `RelayCore`'s, in core/relaycore.py; the wire is
 S0R1 (wire/s0r1.py, docs/protocol.md Appendix B). This module is the loop
-around them: it owns the sockets and the clock.
+around them: it owns the sockets and the clock. With `--metrics` it also
+publishes a snapshot of its state for ops/relay_status.py to serve.
 
 A broker that dies (silent past its heartbeat x liveness, or unreachable)
 takes its clients' requests with it; nobody else can answer them. Given
@@ -32,7 +33,7 @@ import logging
 import signal
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -47,6 +48,9 @@ from scale0.net.timers import NEVER, Timer, Timers, poll_timeout_ms
 from scale0.pool.runloop import RunLoop
 from scale0.wire import s0r1
 
+if TYPE_CHECKING:
+    from scale0.ops.status import StatusServer
+
 __all__ = ["Relay", "RelayCore"]
 
 log = logging.getLogger(__name__)
@@ -60,6 +64,7 @@ MAX_BROKER_MESSAGE_BYTES = 4096
 MAX_BROKER_REPLY_FRAME_BYTES = 4 << 20
 HELD_RETRY_S = 0.02  # how often held replies are offered to Mongrel2 again
 LEAVING_CHECK_S = 0.05  # stopping: how often the loop looks whether Mongrel2 let go
+SNAPSHOT_EVERY_S = 0.5  # how stale `Relay.snapshot` may be, when other threads read it
 
 
 class Relay:
@@ -70,7 +75,8 @@ class Relay:
                  liveness: int = default(RelayConfig, "liveness"), recv_spec: str = "",
                  recv_ident: bytes = b"",
                  max_peer_heartbeat_s: float = default(RelayConfig, "max_peer_heartbeat"),
-                 curve: CurveServer | None = None) -> None:
+                 curve: CurveServer | None = None,
+                 metrics: tuple[str, int] | None = None) -> None:
         self.send_spec = send_spec
         self.bind = bind
         # Mongrel2's recv_spec (and recv_ident), "" for none: where the relay
@@ -90,6 +96,15 @@ class Relay:
         self._replies: XPubReplies | None = None
         self.stray_replies = 0  # replies sent to a relay without a recv_spec (dropped)
         self.wakeups = 0  # of the loop: messages per wake-up is the batching achieved
+        self.mongrel2_messages = 0  # read from Mongrel2's PUSH
+        # Where to serve /metrics and /status.json (ops/relay_status.py); None: nowhere.
+        self.metrics_address = metrics
+        self.status_server: StatusServer | None = None
+        # `snapshot()` for other threads, replaced whole every SNAPSHOT_EVERY_S
+        # while `publish_snapshots` (so it is read without a lock).
+        self.publish_snapshots = False
+        self.snapshot: dict[str, Any] = {}
+        self._next_snapshot = 0.0
         # The loop's state between wake-ups (see run()).
         self._poller = zmq.Poller()
         self._reading = False  # Mongrel2's PULL is registered
@@ -113,6 +128,11 @@ class Relay:
         self._router, self._mongrel2 = router, MongrelPull(ctx, self.send_spec)
         if self.recv_spec:
             self._replies = XPubReplies(ctx, self.recv_spec, self.recv_ident)
+        if self.metrics_address is not None:
+            from scale0.ops.relay_status import for_relay  # prometheus_client only when asked for
+
+            self.status_server = for_relay(self, self.metrics_address)
+            self.status_server.start()
 
     def stop(self) -> None:
         """Signal-safe. Graceful: leave Mongrel2 as net/handover.py describes (half-
@@ -165,6 +185,8 @@ class Relay:
                 replies.retry()
             core.on_tick(now)
             self._flush(router)
+            if self.publish_snapshots and now >= self._next_snapshot:
+                self._take_snapshot(now)
         if core.pending:
             log.error("relay stopping with %d requests no broker took", len(core.pending))
         log.info("relay stopping after %d wake-ups; %d connections released by draining "
@@ -189,7 +211,22 @@ class Relay:
             Timer("heartbeat", lambda now: core.next_deadline()),
             Timer("leaving", lambda now: now + LEAVING_CHECK_S if self._leaving_until else NEVER),
             Timer("held replies", lambda now: now + HELD_RETRY_S if self._held() else NEVER),
+            Timer("snapshot", lambda now: self._next_snapshot if self.publish_snapshots
+                  else NEVER),
         ])
+
+    def _take_snapshot(self, now: float) -> None:
+        self._next_snapshot = now + SNAPSHOT_EVERY_S
+        snap = self.core.snapshot(now)
+        replies = self._replies
+        snap["counters"].update(
+            mongrel2_messages=self.mongrel2_messages, wakeups=self.wakeups,
+            stray_replies=self.stray_replies,
+            replies_published=replies.published if replies is not None else 0,
+            replies_dropped=replies.dropped if replies is not None else 0)
+        snap["replies_held"] = len(replies.held) if replies is not None else 0
+        snap["mongrel2_reading"] = self._reading
+        self.snapshot = snap
 
     def _held(self) -> bool:
         return self._replies is not None and bool(self._replies.held)
@@ -238,6 +275,7 @@ class Relay:
             except zmq.Again:
                 break
             take(raw)
+            self.mongrel2_messages += 1
             if core.pending and not (core.intake or self._leaving_until):
                 break  # MAX_PENDING new connections wait: the rest in Mongrel2
         self._flush(router)
@@ -251,7 +289,7 @@ class Relay:
         """Read what is left, leave Mongrel2's PUSH for good, pass it on."""
         assert self._router is not None and self._mongrel2 is not None
         self._left_at = now
-        self._mongrel2.leave(self.core.on_mongrel2)
+        self.mongrel2_messages += self._mongrel2.leave(self.core.on_mongrel2)
         self._flush(self._router)
         if self.core.pending:
             log.info("%d requests wait for a broker", len(self.core.pending))
@@ -312,6 +350,8 @@ class Relay:
             self._replies.publish(out)
 
     def close(self) -> None:
+        if self.status_server is not None:
+            self.status_server.close()
         if self._replies is not None:
             self._replies.close()
         if self._mongrel2 is not None:
@@ -326,4 +366,8 @@ class Relay:
 
     def ready_line(self) -> str:
         line = f"READY relay brokers={self.endpoint} mongrel2={self.send_spec}"
-        return line + (f" replies={self.recv_spec}" if self.recv_spec else "")
+        if self.recv_spec:
+            line += f" replies={self.recv_spec}"
+        if self.status_server is not None:
+            line += f" metrics={self.status_server.url}/metrics"
+        return line

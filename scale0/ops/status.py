@@ -1,4 +1,4 @@
-"""The broker's HTTP side door: `/metrics`, `/status.json` and the status page `/`.
+"""The HTTP side door: `/metrics`, `/status.json` and (the broker's) status page `/`.
 
 A `ThreadingHTTPServer` on a daemon thread, bound to loopback unless told
 otherwise. It reads only what the broker loop publishes for other threads
@@ -80,6 +80,7 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a hung client never keeps the process alive
     registry: CollectorRegistry
     status: Callable[[], dict[str, Any]]
+    page: bool  # serve the status page at /
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -95,11 +96,11 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/status.json":
             body = json.dumps(self.server.status(), separators=(",", ":")).encode()
             self._send(200, "application/json", body)
-        elif path in ("/", "/index.html"):
+        elif path in ("/", "/index.html") and self.server.page:
             self._send(200, "text/html; charset=utf-8", _page())
         else:
-            self._send(404, "text/plain; charset=utf-8", b"not found: try /, /metrics or "
-                       b"/status.json\n")
+            self._send(404, "text/plain; charset=utf-8", b"not found: try "
+                       + (b"/, " if self.server.page else b"") + b"/metrics or /status.json\n")
 
     def _send(self, status: int, content_type: str, body: bytes) -> None:
         self.send_response(status)
@@ -114,17 +115,23 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class StatusServer:
-    """Serves one registry and one status document. The constructor does no
-    I/O: `start()` binds (raising OSError if it cannot) and starts the
-    thread; `close()` stops it and releases the port."""
+    """Serves one registry and one status document (and, with `page`, the
+    broker's status page). The constructor does no I/O: `start()` binds
+    (raising OSError if it cannot) and starts the thread; `close()` stops it
+    and releases the port."""
 
     def __init__(self, address: tuple[str, int], registry: CollectorRegistry,
-                 status: Callable[[], dict[str, Any]]) -> None:
+                 status: Callable[[], dict[str, Any]], *, page: bool = True) -> None:
         self.address = address
         self.registry = registry
         self.status = status
+        self.page = page
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+
+    @property
+    def _what(self) -> str:
+        return "metrics and status page" if self.page else "metrics and status"
 
     @property
     def url(self) -> str:
@@ -138,18 +145,19 @@ class StatusServer:
         try:
             server: _Server = server_class(self.address, _Handler)
         except OSError as exc:
-            raise OSError(exc.errno, f"metrics and status page at {self.url}: "
-                                     f"{exc.strerror}") from exc
+            raise OSError(exc.errno, f"{self._what} at {self.url}: {exc.strerror}") from exc
         server.registry = self.registry
         server.status = self.status
+        server.page = self.page
         self.address = (self.address[0], int(server.server_address[1]))
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, args=(0.1,),
                                         name="scale0-status", daemon=True)
         self._thread.start()
         if not _is_loopback(self.address[0]):
-            log.warning("metrics and status page open to the network at %s", self.url)
-        log.info("metrics at %s/metrics, status page at %s/", self.url, self.url)
+            log.warning("%s open to the network at %s", self._what, self.url)
+        log.info("metrics at %s/metrics, status at %s/%s", self.url, self.url,
+                 "" if self.page else "status.json")
 
     def close(self) -> None:
         if self._server is None:

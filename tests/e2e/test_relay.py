@@ -4,11 +4,14 @@ a broker can leave under load without losing a request."""
 from __future__ import annotations
 
 import os
+import re
 import signal
+from typing import Any, cast
 
 import requests
 
-from .conftest import Load, Stack, wait_for
+from .conftest import Load, Stack, service_status, wait_for
+from .test_metrics import scrape, value
 
 
 def _two_brokers_behind_a_relay(stack: Stack, *args: str) -> list[int]:
@@ -139,3 +142,52 @@ def test_relay_restarted_under_load_answers_everything_else(fresh_stack: Stack) 
     counts = dict(load.outcomes)
     assert set(counts) <= {"2xx", "hanging"}, counts
     assert counts.get("hanging", 0) <= 2 * load.clients and counts["2xx"] >= 180, counts
+
+
+def _relay_status(url: str) -> dict[str, Any]:
+    response = requests.get(url + "/status.json", timeout=5)
+    assert response.status_code == 200
+    return cast(dict[str, Any], response.json())
+
+
+def test_relay_metrics_show_brokers_and_their_connections_as_they_drain_and_die(
+        fresh_stack: Stack) -> None:
+    fresh_stack.start_mongrel2()
+    relay = fresh_stack.start_relay(args=("--metrics", "127.0.0.1:0"))
+    match = re.search(r" metrics=(http://\S+)/metrics", relay.ready_line)
+    assert match, relay.ready_line
+    url = match.group(1)
+    assert requests.get(url + "/", timeout=5).status_code == 404  # no page: JSON and metrics
+    first = fresh_stack.start_broker("--heartbeat", "0.5")
+    fresh_stack.start_pool("e2e_apps:app", "--heartbeat", "0.5", service="app")
+    with requests.Session() as client:  # one keep-alive connection, held by `first`
+        for _ in range(5):
+            assert client.get(fresh_stack.url("/"), timeout=10).status_code == 200
+        wait_for(lambda: [b["connections"] for b in _relay_status(url)["brokers"]] == [1],
+                 what="the relay to show one broker holding the client's connection")
+        samples = scrape(url + "/metrics")
+        assert value(samples, "scale0_relay_brokers", state="ready") == 1
+        assert value(samples, "scale0_relay_mongrel2_messages_total") >= 5
+        assert value(samples, "scale0_relay_connections") == 1
+
+        first.stop()  # graceful: it drains, then leaves (LEAVE), which is no loss
+        fresh_stack.procs.remove(first)
+        wait_for(lambda: _relay_status(url)["brokers"] == [], what="the broker to leave")
+        status = _relay_status(url)
+        assert status["connections"] == 0 and status["counters"]["brokers_lost"] == 0
+
+        port = int(fresh_stack.broker_endpoints[0].rsplit(":", 1)[1])
+        second = fresh_stack.start_broker("--heartbeat", "0.5", port=port)  # the pool's
+        wait_for(lambda: service_status(second.status(), "app").get("ready", 0) >= 1,
+                 what="the pool to reconnect to the restarted broker")
+        assert client.get(fresh_stack.url("/"), timeout=10).status_code == 200  # same connection
+        wait_for(lambda: [b["connections"] for b in _relay_status(url)["brokers"]] == [1],
+                 what="the second broker to hold the connection")
+        second.popen.send_signal(signal.SIGKILL)  # dies holding it: the relay gives it up
+        second.popen.wait(10)
+        wait_for(lambda: _relay_status(url)["counters"]["brokers_lost"] == 1, 15,
+                 "the relay to give up the killed broker")
+        samples = scrape(url + "/metrics")
+        assert value(samples, "scale0_relay_lost_connections_total") == 1
+        assert value(samples, "scale0_relay_connections") == 0
+        assert sum(v for (name, _), v in samples.items() if name == "scale0_relay_brokers") == 0

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from scale0.core import relaycore
 from scale0.core.relaycore import RelayCore
 
 S = b"5ca1e000-0000-4000-8000-000000000001"
@@ -32,6 +34,12 @@ def core(*brokers: bytes, window: int = 10) -> RelayCore:
 def sent(c: RelayCore) -> list[tuple[bytes, bytes]]:
     out, c.to_brokers = c.to_brokers, []
     return [(f[0], f[-1]) for f in out]
+
+
+def assert_connections_counted(c: RelayCore) -> None:
+    """Each live broker's `connections` is the number of sticky entries naming it."""
+    for peer in c.peers.values():
+        assert peer.connections == sum(1 for owner in c.owners.values() if owner is peer)
 
 
 def test_new_connections_go_round_robin_and_follow_ups_stick() -> None:
@@ -209,6 +217,7 @@ def test_any_input_is_handled_without_raising_and_invariants_hold(
         c.on_tick(now)
         for ident, peer in c.ready.items():  # ready: known, not draining, has credit
             assert c.peers.get(ident) is peer and not peer.draining and peer.credit > 0
+        assert_connections_counted(c)
         for frames in c.to_brokers:
             assert len(frames) in (2, 3)
         c.to_brokers.clear()
@@ -225,3 +234,42 @@ def test_commands_are_read_strictly_and_an_unknown_broker_is_asked_who() -> None
     c.to_brokers.clear()
     c.on_broker(b"X", b"HELLO S0R2 10", 0.3)  # a bad HELLO is counted, not answered
     assert c.malformed == 5 and c.to_brokers == [] and b"X" not in c.peers
+
+
+def test_snapshot_counts_each_brokers_connections_through_every_way_one_ends(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relaycore, "MAX_CONNECTIONS", 4)
+    c = core(b"A", b"B", window=100)
+    for conn in range(1, 6):  # the fifth pushes the least recently used (1, on A) out
+        c.on_mongrel2(req(conn))
+    c.on_mongrel2(disconnect(2))  # on B
+    assert_connections_counted(c)
+    snap = c.snapshot(0.5)
+    by_id = {b["id"]: b for b in snap["brokers"]}
+    assert by_id[b"A".hex()]["connections"] == 2 and by_id[b"B".hex()]["connections"] == 1
+    assert snap["connections"] == 3 and snap["pending"] == 0
+    assert by_id[b"A".hex()]["expires_in_s"] == pytest.approx(2.5)  # HELLO at 0, 1 s x 3
+
+    c.on_broker(b"A", b"DRAIN", 1.0)
+    c.on_broker(b"A", b"RELEASE " + S + b" 3 0", 1.0)  # nothing of conn 3 sent it since
+    assert_connections_counted(c)
+    snap = c.snapshot(1.0)
+    a = next(b for b in snap["brokers"] if b["id"] == b"A".hex())
+    assert a["draining"] and a["connections"] == 1 and snap["counters"]["released"] == 1
+
+    c.on_tick(10.0)  # both silent: lost, their connections forgotten
+    snap = c.snapshot(10.0)
+    assert snap["brokers"] == [] and snap["connections"] == 0
+    assert snap["counters"]["brokers_lost"] == 2 and snap["counters"]["lost_connections"] == 2
+
+
+def test_a_connection_of_a_broker_that_left_moves_with_its_count() -> None:
+    c = core(b"A", b"B")
+    c.on_mongrel2(req(1))  # to A
+    c.on_broker(b"A", b"LEAVE", 0.1)
+    c.on_mongrel2(req(1))  # its next request: to B, the stale entry changes hands
+    assert c.peers[b"B"].connections == 1
+    assert_connections_counted(c)
+    c.on_broker(b"B", b"LEAVE", 0.2)
+    c.on_mongrel2(credits(1))  # nobody holds it now: dropped, the entry goes
+    assert len(c.owners) == 0 and c.dropped == 1
