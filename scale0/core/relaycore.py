@@ -152,8 +152,9 @@ class RelayCore:
             self.pending.append(raw)
             return
         peer = self.ready.popitem(last=False)[1]
-        if owner is not None:  # its broker is gone: the entry changes hands
+        if owner is not None:  # its broker is gone: the entry changes hands, and is new
             owner.connections -= 1
+            self.owners.move_to_end(key)
         self.owners[key] = peer
         peer.connections += 1
         if len(self.owners) > MAX_CONNECTIONS:
@@ -275,11 +276,11 @@ class RelayCore:
         """The state and counters, as plain data for other threads (the
         relay's status and metrics). O(brokers)."""
         brokers = [{"id": peer.ident.hex(), "credit": peer.credit, "draining": peer.draining,
-                    "connections": peer.connections,
+                    "sticky": peer.connections,
                     "expires_in_s": round(peer.expires_at - now, 3)}
                    for peer in self.peers.values()]
         return {"brokers": brokers, "pending": len(self.pending),
-                "connections": sum(peer.connections for peer in self.peers.values()),
+                "sticky": sum(peer.connections for peer in self.peers.values()),
                 "counters": {"malformed": self.malformed, "dropped": self.dropped,
                              "released": self.released, "brokers_lost": self.brokers_lost,
                              "lost_connections": self.lost_connections}}

@@ -132,6 +132,7 @@ class Relay:
             from scale0.ops.relay_status import for_relay  # prometheus_client only when asked for
 
             self.status_server = for_relay(self, self.metrics_address)
+            self._take_snapshot(time.monotonic())  # a whole document from the first request
             self.status_server.start()
 
     def stop(self) -> None:
@@ -246,8 +247,12 @@ class Relay:
                 self._poller.unregister(mongrel2.socket)
 
     def _read_brokers(self, now: float) -> None:
+        """Up to BATCH messages. The replies among them are published together
+        (up to 256 per ZeroMQ message, net/replies.py), not one XPUB message
+        per broker message: a burst stays far below the XPUB's high-water mark."""
         router, core = self._router, self.core
         assert router is not None
+        replies: list[bytes] = []
         for _ in range(BATCH):
             try:
                 frames = recv_frames(router)
@@ -259,9 +264,11 @@ class Relay:
                 core.malformed += 1
                 continue
             if isinstance(message, s0r1.Replies):
-                self._publish(message.replies)
+                replies += message.replies  # each broker's in order: a connection has one
             else:
                 core.on_broker(frames[0], message, now)
+        if replies:
+            self._publish(replies)  # before the closes _flush sends, as when sent one by one
         self._flush(router)
 
     def _read_mongrel2(self, now: float) -> None:
@@ -269,15 +276,17 @@ class Relay:
         core, mongrel2, router = self.core, self._mongrel2, self._router
         assert mongrel2 is not None and router is not None
         take, pull = core.on_mongrel2, mongrel2.socket
-        for _ in range(BATCH):
+        read = 0
+        while read < BATCH:
             try:
                 raw = recv_one(pull)
             except zmq.Again:
                 break
             take(raw)
-            self.mongrel2_messages += 1
+            read += 1
             if core.pending and not (core.intake or self._leaving_until):
                 break  # MAX_PENDING new connections wait: the rest in Mongrel2
+        self.mongrel2_messages += read
         self._flush(router)
 
     def _read_monitor(self, now: float) -> None:

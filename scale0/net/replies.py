@@ -36,12 +36,16 @@ log = logging.getLogger(__name__)
 
 BATCH = 256  # replies per ZeroMQ message
 MAX_HELD_REPLIES = 100_000
-# Messages (batches) an XPUB queues inside libzmq before send raises EAGAIN.
-# libzmq counts messages, not bytes: at its default of 1000, a Mongrel2 that
-# stops reading could leave up to 1000 x BATCH replies queued where nothing
-# counts or shows them, and intake would not pause until then. At 100 the
-# holding rules take over sooner; Mongrel2's own SUB queue (1000 messages by
-# default) and the TCP buffers still absorb its ordinary pauses.
+# Messages (batches) an XPUB queues inside libzmq before send raises EAGAIN;
+# libzmq counts a multipart message once, whatever its size. Between us and
+# a Mongrel2 that stopped reading are this queue, the TCP buffers and its
+# SUB's queue (libzmq's default, 1000 messages): only once all are full does
+# a send fail and the holding rules (counted, shown, intake paused) start.
+# With our default of 1000 too, about 2000 x BATCH replies could wait where
+# nothing counts them; at 100, about 1100 x BATCH. Mongrel2's ordinary pauses
+# stay far below either. Publish few messages per wake-up (the broker one
+# per link, the relay one per read of its brokers), or a burst can meet this
+# limit before libzmq has told the sender what the reader took.
 XPUB_SNDHWM = 100
 
 

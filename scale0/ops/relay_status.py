@@ -75,9 +75,10 @@ class RelayCollector(Collector):
         for state, n in states.items():
             brokers.add_metric([state], n)
         yield brokers
-        yield GaugeMetricFamily("scale0_relay_connections",
-                                "Client connections held by a broker (sticky).",
-                                value=snap.get("connections", 0))
+        yield GaugeMetricFamily(
+            "scale0_relay_sticky_connections", "Client connections the relay sends to one "
+            "broker: seen and not seen to end (Mongrel2 reports no end of a connection it "
+            "closes itself).", value=snap.get("sticky", 0))
         yield GaugeMetricFamily("scale0_relay_pending",
                                 "New connections' messages waiting for a broker with credit.",
                                 value=snap.get("pending", 0))

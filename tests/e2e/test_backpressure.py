@@ -16,12 +16,13 @@ from scale0.wire import mongrel2_reply as m2r
 from .conftest import FakeMongrel2, Stack, service_status, wait_for
 
 SENDER = b"5ca1e000-0000-4000-8000-0000000bac01"
-N_REQUESTS = 6000
+N_REQUESTS = 12_000
+REPLY_BYTES = 10_000
 
 
 def _request(conn_id: int) -> bytes:
     headers = {b"METHOD": b"GET", b"VERSION": b"HTTP/1.1", b"PATH": b"/blob",
-               b"URI": b"/blob?20000", b"QUERY": b"20000",
+               b"URI": b"/blob?%d" % REPLY_BYTES, b"QUERY": b"%d" % REPLY_BYTES,
                b"PATTERN": b"/", b"URL_SCHEME": b"http", b"REMOTE_ADDR": b"127.0.0.1",
                b"host": b"localhost"}
     return b"%s %d /blob %s0:," % (SENDER, conn_id, tnetstring.dumps(headers))
@@ -29,11 +30,11 @@ def _request(conn_id: int) -> bytes:
 
 def test_slow_reader_gets_every_reply(fresh_stack: Stack) -> None:
     # What can queue before the broker must hold: its XPUB's 100 messages,
-    # the SUB's 10 and the TCP buffers. A message carries 1 to 256 replies
-    # (what one wake-up had), so 6000 replies outgrow that unless nearly
-    # every wake-up carries over 50. Before the XPUB had its own limit of
-    # 100 (libzmq's default is 1000 messages), a loaded machine's bigger
-    # batches fitted in it whole and this test failed.
+    # the SUB's 10 and the TCP buffers (a few MB). A message carries the
+    # replies of one wake-up (1 to 256), so 12,000 replies outgrow that
+    # unless the wake-ups carry over 100 each on average; about 9 were seen
+    # on a loaded machine. (With libzmq's default of 1000 messages in the
+    # XPUB, those batches fitted in it whole and this test failed.)
     with FakeMongrel2(sub_hwm=10) as fake:
         # The stack's own Mongrel2 is not started: this broker serves the fake link.
         broker = fresh_stack.start_broker("--queue-size", str(N_REQUESTS), "--queue-timeout",
@@ -44,7 +45,7 @@ def test_slow_reader_gets_every_reply(fresh_stack: Stack) -> None:
         fake.wait_subscribed(broker)
         for conn_id in range(1, N_REQUESTS + 1):
             fake.push.send(_request(conn_id))
-        # 20 KB replies x 6000 outgrow every buffer on the way: with nobody
+        # 10 KB replies x 12,000 outgrow every buffer on the way: with nobody
         # reading, the broker must hold replies (not drop them) and pause.
         wait_for(lambda: any(link["held"] for link in broker.status()["links"]), 60,
                  "the broker to hold replies")

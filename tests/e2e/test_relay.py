@@ -163,25 +163,25 @@ def test_relay_metrics_show_brokers_and_their_connections_as_they_drain_and_die(
     with requests.Session() as client:  # one keep-alive connection, held by `first`
         for _ in range(5):
             assert client.get(fresh_stack.url("/"), timeout=10).status_code == 200
-        wait_for(lambda: [b["connections"] for b in _relay_status(url)["brokers"]] == [1],
+        wait_for(lambda: [b["sticky"] for b in _relay_status(url)["brokers"]] == [1],
                  what="the relay to show one broker holding the client's connection")
         samples = scrape(url + "/metrics")
         assert value(samples, "scale0_relay_brokers", state="ready") == 1
         assert value(samples, "scale0_relay_mongrel2_messages_total") >= 5
-        assert value(samples, "scale0_relay_connections") == 1
+        assert value(samples, "scale0_relay_sticky_connections") == 1
 
         first.stop()  # graceful: it drains, then leaves (LEAVE), which is no loss
         fresh_stack.procs.remove(first)
         wait_for(lambda: _relay_status(url)["brokers"] == [], what="the broker to leave")
         status = _relay_status(url)
-        assert status["connections"] == 0 and status["counters"]["brokers_lost"] == 0
+        assert status["sticky"] == 0 and status["counters"]["brokers_lost"] == 0
 
         port = int(fresh_stack.broker_endpoints[0].rsplit(":", 1)[1])
         second = fresh_stack.start_broker("--heartbeat", "0.5", port=port)  # the pool's
         wait_for(lambda: service_status(second.status(), "app").get("ready", 0) >= 1,
                  what="the pool to reconnect to the restarted broker")
         assert client.get(fresh_stack.url("/"), timeout=10).status_code == 200  # same connection
-        wait_for(lambda: [b["connections"] for b in _relay_status(url)["brokers"]] == [1],
+        wait_for(lambda: [b["sticky"] for b in _relay_status(url)["brokers"]] == [1],
                  what="the second broker to hold the connection")
         second.popen.send_signal(signal.SIGKILL)  # dies holding it: the relay gives it up
         second.popen.wait(10)
@@ -189,5 +189,5 @@ def test_relay_metrics_show_brokers_and_their_connections_as_they_drain_and_die(
                  "the relay to give up the killed broker")
         samples = scrape(url + "/metrics")
         assert value(samples, "scale0_relay_lost_connections_total") == 1
-        assert value(samples, "scale0_relay_connections") == 0
+        assert value(samples, "scale0_relay_sticky_connections") == 0
         assert sum(v for (name, _), v in samples.items() if name == "scale0_relay_brokers") == 0

@@ -246,8 +246,8 @@ def test_snapshot_counts_each_brokers_connections_through_every_way_one_ends(
     assert_connections_counted(c)
     snap = c.snapshot(0.5)
     by_id = {b["id"]: b for b in snap["brokers"]}
-    assert by_id[b"A".hex()]["connections"] == 2 and by_id[b"B".hex()]["connections"] == 1
-    assert snap["connections"] == 3 and snap["pending"] == 0
+    assert by_id[b"A".hex()]["sticky"] == 2 and by_id[b"B".hex()]["sticky"] == 1
+    assert snap["sticky"] == 3 and snap["pending"] == 0
     assert by_id[b"A".hex()]["expires_in_s"] == pytest.approx(2.5)  # HELLO at 0, 1 s x 3
 
     c.on_broker(b"A", b"DRAIN", 1.0)
@@ -255,11 +255,11 @@ def test_snapshot_counts_each_brokers_connections_through_every_way_one_ends(
     assert_connections_counted(c)
     snap = c.snapshot(1.0)
     a = next(b for b in snap["brokers"] if b["id"] == b"A".hex())
-    assert a["draining"] and a["connections"] == 1 and snap["counters"]["released"] == 1
+    assert a["draining"] and a["sticky"] == 1 and snap["counters"]["released"] == 1
 
     c.on_tick(10.0)  # both silent: lost, their connections forgotten
     snap = c.snapshot(10.0)
-    assert snap["brokers"] == [] and snap["connections"] == 0
+    assert snap["brokers"] == [] and snap["sticky"] == 0
     assert snap["counters"]["brokers_lost"] == 2 and snap["counters"]["lost_connections"] == 2
 
 
@@ -273,3 +273,16 @@ def test_a_connection_of_a_broker_that_left_moves_with_its_count() -> None:
     c.on_broker(b"B", b"LEAVE", 0.2)
     c.on_mongrel2(credits(1))  # nobody holds it now: dropped, the entry goes
     assert len(c.owners) == 0 and c.dropped == 1
+
+
+def test_a_connection_placed_anew_is_the_newest_when_the_oldest_are_pushed_out(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relaycore, "MAX_CONNECTIONS", 2)
+    c = core(b"A", b"B")
+    c.on_mongrel2(req(1))  # to A
+    c.on_mongrel2(req(2))  # to B
+    c.on_broker(b"A", b"LEAVE", 0.1)
+    c.on_mongrel2(req(1))  # placed anew, on B: now the most recent entry
+    c.on_mongrel2(req(3))  # one too many: the oldest (2) goes, not 1
+    assert list(c.owners) == [S + b" 1", S + b" 3"]
+    assert_connections_counted(c)

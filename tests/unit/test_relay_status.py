@@ -41,7 +41,7 @@ def test_a_relays_state_scrapes_as_gauges_and_counters() -> None:
     assert samples["scale0_relay_brokers", (("state", "ready"),)] == 0
     assert samples["scale0_relay_brokers", (("state", "full"),)] == 2
     assert samples["scale0_relay_brokers", (("state", "draining"),)] == 1
-    assert samples["scale0_relay_connections", ()] == 4
+    assert samples["scale0_relay_sticky_connections", ()] == 4
     assert samples["scale0_relay_pending", ()] == 1
     assert samples["scale0_relay_replies_held", ()] == 3
     assert samples["scale0_relay_malformed_total", ()] == 1
@@ -52,5 +52,5 @@ def test_a_relays_state_scrapes_as_gauges_and_counters() -> None:
 
 def test_before_the_first_snapshot_a_scrape_is_all_zeros() -> None:
     samples = scrape({})
-    assert samples["scale0_relay_connections", ()] == 0
+    assert samples["scale0_relay_sticky_connections", ()] == 0
     assert sum(v for (name, _), v in samples.items() if name == "scale0_relay_brokers") == 0
