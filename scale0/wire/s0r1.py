@@ -139,10 +139,13 @@ def connection_key(raw: bytes) -> bytes | None:
     """b"SENDER CONN_ID" of a Mongrel2 message (its first two words): how the
     relay keys its sticky connections and a draining broker its RELEASE
     counts (one function, so both always agree). None if it has no such
-    words: no connection anybody could answer."""
+    words, or CONN_ID is not a decimal id as Mongrel2 writes them: no
+    connection anybody could answer."""
     i = raw.find(b" ")
     j = raw.find(b" ", i + 1) if i > 0 else -1
-    return raw[:j] if j > i + 1 else None
+    if j > i + 1 and is_decimal(raw[i + 1:j], MAX_ID_DIGITS):
+        return raw[:j]
+    return None
 
 
 def encode_command(command: BrokerCommand) -> bytes:

@@ -160,10 +160,11 @@ def test_unreachable_broker_is_dropped() -> None:
 def test_bad_input_is_counted_not_raised() -> None:
     c = core(b"A")
     c.on_mongrel2(b"garbage")
+    c.on_mongrel2(S + b" twelve / 2:{},0:,")  # no connection id a reply could name
     c.on_broker(b"A", b"HELLO S0R9 10", 0.1)
     c.on_broker(b"A", b"WHAT", 0.1)
     c.on_broker(b"A", b"CREDIT x", 0.1)
-    assert c.malformed == 4 and sent(c) == []
+    assert c.malformed == 5 and sent(c) == [] and not c.owners
     assert c.intake  # A is still there
 
 

@@ -140,5 +140,7 @@ def test_a_connection_key_is_the_first_two_words_of_a_mongrel2_message() -> None
     sender = b"5ca1e000-0000-4000-8000-000000000001"
     assert s0r1.connection_key(sender + b" 17 /path 2:{},0:,") == sender + b" 17"
     assert s0r1.connection_key(sender + b" 17 @* 17:{}") == sender + b" 17"
-    for bad in (b"", b"x", b"x ", b" 17 /", b"x  /", sender):
+    for bad in (b"", b"x", b"x ", b" 17 /", b"x  /", sender,
+                sender + b" seventeen /path 2:{},0:,", sender + b" 017 /", sender + b" -1 /",
+                sender + b" " + b"1" * 21 + b" /"):  # no id a reply could name
         assert s0r1.connection_key(bad) is None
