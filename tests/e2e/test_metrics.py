@@ -221,16 +221,22 @@ def test_a_bad_metrics_address_is_a_usage_error(fresh_stack: Stack) -> None:
         proc.stop()
 
 
-def test_a_metrics_port_in_use_stops_the_broker_with_a_clear_error(fresh_stack: Stack) -> None:
+def assert_a_taken_metrics_port_stops_it(stack: Stack, command: list[str], what: str) -> None:
+    """`scale0 COMMAND... --metrics PORT` with PORT in use exits 2, naming `what` at it."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = Proc("busybroker", [sys.executable, "-m", "scale0.cli", "broker", "--mongrel2",
-                                   fresh_stack.link, "--bind", "tcp://127.0.0.1:0",
-                                   "--metrics", f"127.0.0.1:{port}"], fresh_stack.tmp)
+        proc = Proc(f"busy-{command[0]}", [sys.executable, "-m", "scale0.cli", *command,
+                                           "--metrics", f"127.0.0.1:{port}"], stack.tmp)
         try:
-            assert proc.popen.wait(20) == 2
-            assert f"metrics and status page at http://127.0.0.1:{port}" in proc.log_tail()
+            assert proc.popen.wait(20) == 2  # not serving without the metrics asked for
+            assert f"{what} at http://127.0.0.1:{port}" in proc.log_tail()
         finally:
             proc.stop()
+
+
+def test_a_metrics_port_in_use_stops_the_broker_with_a_clear_error(fresh_stack: Stack) -> None:
+    assert_a_taken_metrics_port_stops_it(
+        fresh_stack, ["broker", "--mongrel2", fresh_stack.link, "--bind", "tcp://127.0.0.1:0"],
+        "metrics and status page")

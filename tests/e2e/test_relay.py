@@ -11,7 +11,7 @@ from typing import Any, cast
 import requests
 
 from .conftest import Load, Stack, service_status, wait_for
-from .test_metrics import scrape, value
+from .test_metrics import assert_a_taken_metrics_port_stops_it, scrape, value
 
 
 def _two_brokers_behind_a_relay(stack: Stack, *args: str) -> list[int]:
@@ -191,3 +191,9 @@ def test_relay_metrics_show_brokers_and_their_connections_as_they_drain_and_die(
         assert value(samples, "scale0_relay_lost_connections_total") == 1
         assert value(samples, "scale0_relay_sticky_connections") == 0
         assert sum(v for (name, _), v in samples.items() if name == "scale0_relay_brokers") == 0
+
+
+def test_a_relay_whose_metrics_port_is_taken_exits_2_naming_it(fresh_stack: Stack) -> None:
+    assert_a_taken_metrics_port_stops_it(
+        fresh_stack, ["relay", "--mongrel2", fresh_stack.send_spec, "--bind",
+                      "tcp://127.0.0.1:0"], "metrics and status")
