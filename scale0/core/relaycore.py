@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
 from scale0.core.ratelog import RateLimitedLog
-from scale0.wire import mongrel2 as m2
 from scale0.wire import mongrel2_reply as m2r
 from scale0.wire import s0r1
 
@@ -56,7 +55,7 @@ class BrokerPeer:
     expires_at: float
     expiry_s: float  # its heartbeat (from HELLO) x our liveness
     draining: bool = False
-    connections: int = 0  # entries of `RelayCore.owners` naming this peer
+    connections: int = 0  # entries of `RelayCore.owners` naming this peer, while in `peers`
     # Since its DRAIN was answered DRAINING: messages sent it per connection,
     # what a RELEASE's count is checked against. None: not draining.
     since_drain: dict[bytes, int] | None = None
@@ -67,7 +66,9 @@ class RelayCore:
 
     `to_brokers` collects ``[ident, *frames]`` to send. Invariants: a peer in
     `ready` is in `peers`, not draining and has credit > 0; `ready` is LRU;
-    each peer's `connections` is the number of `owners` entries naming it.
+    the `connections` of a peer in `peers` is the number of `owners` entries
+    naming it (a peer that left or was lost never returns: its count is
+    never read again).
     """
 
     def __init__(self, heartbeat_s: float, liveness: int, *, max_peer_heartbeat_s: float,
@@ -143,9 +144,7 @@ class RelayCore:
                 self._update(owner)
             return
         if special:  # of a connection nobody holds
-            if owner is not None:  # its broker is gone: the entry goes too
-                del self.owners[key]
-                owner.connections -= 1
+            self.owners.pop(key, None)
             self.dropped += 1
             return
         if waiting or not self.ready:
@@ -153,7 +152,6 @@ class RelayCore:
             return
         peer = self.ready.popitem(last=False)[1]
         if owner is not None:  # its broker is gone: the entry changes hands, and is new
-            owner.connections -= 1
             self.owners.move_to_end(key)
         self.owners[key] = peer
         peer.connections += 1
@@ -323,12 +321,10 @@ class RelayCore:
         keys = [key for key, owner in self.owners.items() if owner is peer]
         by_sender: dict[bytes, list[int]] = {}
         self.brokers_lost += 1
-        peer.connections = 0
         for key in keys:
             del self.owners[key]
-            sender, _, conn_id = key.partition(b" ")
-            if conn_id.isdigit() and len(conn_id) <= m2.MAX_ID_DIGITS:
-                by_sender.setdefault(sender, []).append(int(conn_id))
+            sender, _, conn_id = key.partition(b" ")  # a decimal id: s0r1.connection_key
+            by_sender.setdefault(sender, []).append(int(conn_id))
         self.lost_connections += len(keys)
         if keys:
             log.warning("broker %s lost with %d connections: %s", peer.ident.hex(), len(keys),

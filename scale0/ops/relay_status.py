@@ -29,7 +29,7 @@ COUNTERS = (
     ("scale0_relay_mongrel2_messages", "Messages read from Mongrel2: requests, upload "
      "pieces, credits and disconnects.", "mongrel2_messages"),
     ("scale0_relay_malformed", "Malformed messages dropped: from Mongrel2 (no connection "
-     "to answer) or from brokers.", "malformed"),
+     "id a reply could name) or from brokers.", "malformed"),
     ("scale0_relay_dropped", "Mongrel2 messages of a connection no broker holds (credits, "
      "disconnects), dropped.", "dropped"),
     ("scale0_relay_released", "Connections a draining broker released, dealt to another "

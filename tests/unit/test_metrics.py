@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import CollectorRegistry
 from prometheus_client.samples import Sample
 
 from scale0.core.dispatch import Done
@@ -29,7 +30,11 @@ def done(service: str, status: int, elapsed_s: float = 0.001, bytes_in: int = 10
 
 def scrape(stats: RequestStats, snapshot: dict[str, Any] | None = None) -> Samples:
     """Every sample of a scrape, parsed by prometheus-client, keyed by (name, labels)."""
-    registry = make_registry(stats, lambda: snapshot or {}, process=False)
+    return samples_of(make_registry(stats, lambda: snapshot or {}, process=False))
+
+
+def samples_of(registry: CollectorRegistry) -> Samples:
+    """Every sample `registry` exposes, parsed back, keyed by (name, labels); each once."""
     text = generate_latest(registry).decode()
     samples: Samples = {}
     for family in text_string_to_metric_families(text):

@@ -4,26 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client.exposition import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
 from scale0.core.relaycore import RelayCore
 from scale0.ops.relay_status import COUNTERS, RelayCollector
 
+from .test_metrics import Samples, samples_of
+
 S = b"5ca1e000-0000-4000-8000-000000000001"
 
 
-def scrape(snapshot: dict[str, Any]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape(snapshot: dict[str, Any]) -> Samples:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RelayCollector(lambda: snapshot))
-    samples = {}
-    for family in text_string_to_metric_families(generate_latest(registry).decode()):
-        for s in family.samples:
-            key = (s.name, tuple(sorted(s.labels.items())))
-            assert key not in samples, f"duplicate sample {key}"
-            samples[key] = s.value
-    return samples
+    return samples_of(registry)
 
 
 def test_a_relays_state_scrapes_as_gauges_and_counters() -> None:
