@@ -20,6 +20,7 @@ goes in pieces, each sent when credits come back.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -27,6 +28,7 @@ from collections import deque
 
 import zmq
 
+from scale0.deploy import malloc
 from scale0.wire.mongrel2 import (
     Credits,
     Disconnect,
@@ -166,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--send-spec", required=True, help="Mongrel2's send_spec (we PULL)")
     parser.add_argument("--recv-spec", required=True, help="Mongrel2's recv_spec (we PUB)")
     args = parser.parse_args(argv)
+    malloc.tune_this_process(os.environ)  # as Scale0's processes do: the ceiling stays one
 
     def stop(*_: object) -> None:
         raise KeyboardInterrupt

@@ -19,7 +19,7 @@ from scale0 import __version__, config
 from scale0.auth.keys import CurveKeys, KeyFileError, generate
 from scale0.auth.zap import CurveServer
 from scale0.core.dispatch import DispatchSettings
-from scale0.deploy import m2db
+from scale0.deploy import m2db, malloc
 from scale0.net.broker import Broker, LinkSpec
 from scale0.ops import ctl
 from scale0.ops.accesslog import AccessLog, AccessLogError
@@ -391,6 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config.ConfigError as exc:
         return _usage_error(args.command, str(exc))
     _setup_logging(cfg.log_level)
+    malloc.tune_this_process(os.environ)  # before any thread starts: large bodies
     for warning in config.env_warnings(os.environ, *config.COMMANDS.values()):
         log.warning("%s", warning)
     return cast(int, args.func(cfg, args))

@@ -16,6 +16,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from scale0.deploy.malloc import child_overrides
 from scale0.errors import Scale0Error
 from scale0.pool.lifeline import watcher_argv
 
@@ -72,6 +73,13 @@ class Mongrel2Server:
         parent-death signal, so it runs under the lifeline watcher; as another
         user it keeps its uid and the death signal set before exec holds."""
         return watcher_argv(self.argv()) if os.geteuid() == 0 else self.argv()
+
+    @staticmethod
+    def env_overrides() -> dict[str, str]:
+        """Variables to add to this process's environment for Mongrel2: glibc
+        malloc thresholds that keep a large reply's buffers mapped from one
+        reply to the next (deploy/malloc.py), unless the operator set them."""
+        return child_overrides(os.environ)
 
 
 def raise_open_files_limit() -> int:

@@ -56,6 +56,7 @@ class StackProc:
     ready_prefix: bytes = b""  # its READY line starts so, e.g. b"READY broker " ("": none)
     ready: bool = False  # the running process is ready (its READY line was read)
     out: bytes = b""  # its stdout read so far, short of a whole line
+    env: dict[str, str] = field(default_factory=dict)  # added to our environment
 
 
 @dataclass(slots=True)
@@ -99,7 +100,8 @@ def read_stack(data: dict[str, Any], base: Path, source: str = "<config>") -> St
         raise StackError(f"{source}: graceful_timeout must be a number > 0") from exc
     stack = StackPlan(server, (host, int(port)), graceful_timeout_s)
     stack.procs.append(StackProc("mongrel2", server.supervised_argv(), runtime,
-                             stop_signal=signal.SIGINT, stop_order=3))
+                             stop_signal=signal.SIGINT, stop_order=3,
+                             env=server.env_overrides()))
     scale0 = [sys.executable, "-m", "scale0.cli"]
     pool_routes = _pool_routes(data.get("pool"))
     binds = [str(b.get("bind")) for b in data.get("broker", [])

@@ -21,6 +21,7 @@ from scale0.errors import ProtocolError
 from scale0.wire.mongrel2 import MAX_ID_DIGITS, Mongrel2ProtocolError, is_decimal, netstring_span
 
 MAX_REPLY_TARGETS = 128  # limits.handler_targets default
+Body = bytes | memoryview  # a reply's BODY, or a piece of one (split_body)
 _COMMA = ord(",")
 
 
@@ -69,11 +70,20 @@ def _ids(conn_ids: int | Sequence[int]) -> bytes:
     return b" ".join([b"%d" % conn_id for conn_id in ids])
 
 
-def reply(sender: bytes, conn_ids: int | Sequence[int], body: bytes) -> bytes:
+def reply(sender: bytes, conn_ids: int | Sequence[int], body: Body) -> bytes:
     """A reply writing `body` (raw HTTP bytes) to `conn_ids`; ReplyError on bad args."""
     _check_sender(sender)
     ids = _ids(conn_ids)
     return b"%s %d:%s, %s" % (sender, len(ids), ids, body)
+
+
+def split_body(data: Body, n: int) -> tuple[Body, Body]:
+    """`data[:n], data[n:]` without copying either part: a body sent in several
+    pieces costs its length in copies, not its length times the pieces."""
+    if n >= len(data):
+        return data, b""
+    view = memoryview(data)
+    return view[:n], view[n:]
 
 
 def close_reply(sender: bytes, conn_ids: int | Sequence[int]) -> bytes:

@@ -138,17 +138,17 @@ class Cycle:
     def _reply(self, flag: bytes, messages: list[bytes]) -> None:
         self.worker.send(self.link, [p.CMD[p.Command.REPLY], self.rid, flag, *messages])
 
-    async def write(self, data: bytes, *, last: bool = False, close: bool = False) -> None:
+    async def write(self, data: m2r.Body, *, last: bool = False, close: bool = False) -> None:
         """Send `data` within the window; with `last`, end the request (closing
         the client connection when `close`)."""
         sender, conn_id = self.event.sender, self.event.conn_id
         async with self._lock:
             if self.ended:
                 raise ClientDisconnected("the request has ended")
-            final = b""
+            final: m2r.Body = b""
             while data:
                 n = await self.flow.acquire(len(data))
-                piece, data = data[:n], data[n:]
+                piece, data = m2r.split_body(data, n)
                 if data or not last:
                     self._reply(p.FLAG_MORE, [m2r.reply(sender, conn_id, piece)])
                 else:

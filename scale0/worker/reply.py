@@ -118,7 +118,7 @@ class ReplyStream:
         # upload.stream: the request's wsgi.input, fed BODY pieces by the loop.
         self.body: BodyInput | None = None
 
-    def _reply(self, body: bytes) -> bytes:
+    def _reply(self, body: m2r.Body) -> bytes:
         if not self._prefix:
             self._prefix = m2r.reply_prefix(self._sender, self._conn_id)  # m2r.ReplyError if bad
         return self._prefix + body
@@ -148,7 +148,7 @@ class ReplyStream:
             self.started_s += time.monotonic() - blocked_at
             self.blocked = False
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: m2r.Body) -> None:
         if self.ended:
             raise RuntimeError("the request has already ended")
         loop = self._loop
@@ -157,10 +157,10 @@ class ReplyStream:
             self.started_s = time.monotonic()  # the app made progress: a piece to send
             while data:
                 n = self._take(len(data))
-                piece, data = data[:n], data[n:]
+                piece, data = m2r.split_body(data, n)
                 loop.send(self.conn, [*_REPLY_HEAD, self.rid, p.FLAG_MORE, self._reply(piece)])
 
-    def last(self, data: bytes, close: bool) -> None:
+    def last(self, data: m2r.Body, close: bool) -> None:
         if self.ended:
             raise RuntimeError("the request has already ended")
         loop = self._loop
@@ -170,7 +170,7 @@ class ReplyStream:
             frames = [*_REPLY_HEAD, self.rid, p.FLAG_LAST]
             while data:
                 n = self._take(len(data))  # these n bytes of credit are ours now
-                piece, data = data[:n], data[n:]
+                piece, data = m2r.split_body(data, n)
                 if data:  # over the window: stream this piece, the tail ends the request
                     loop.send(self.conn, [*_REPLY_HEAD, self.rid, p.FLAG_MORE,
                                           self._reply(piece)])

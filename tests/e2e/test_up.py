@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from bench.procs import children
+from scale0.deploy.malloc import TUNABLES
 from tests.mongrel2_helpers import config_text
 
 from .conftest import ROOT, Proc, free_port, wait_for
@@ -124,6 +125,11 @@ def test_up_serves_both_examples_and_stops_clean(tmp_path: Path, stop_signal: in
                 r = requests.get(f"http://127.0.0.1:{http_port}{path}", timeout=10)
                 assert r.status_code == 200, (path, r.status_code, r.text)
             assert processes_mentioning(server_uuid)  # mongrel2 runs
+            for pid in processes_mentioning(server_uuid):  # with malloc thresholds
+                # (glibc turns each ':' of GLIBC_TUNABLES into a NUL as it reads it)
+                environ = b"\0" + Path(f"/proc/{pid}/environ").read_bytes().replace(b":", b"\0")
+                assert b"\0GLIBC_TUNABLES=" in environ, pid
+                assert TUNABLES.encode().replace(b":", b"\0") in environ, pid
             assert len(processes_mentioning(str(tmp_path))) >= 6  # pools and children
             up.send_signal(stop_signal)
             assert up.popen.wait(30) == 0

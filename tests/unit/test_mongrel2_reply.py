@@ -20,6 +20,7 @@ from scale0.wire.mongrel2_reply import (
     parse_reply,
     reply,
     reply_prefix,
+    split_body,
 )
 from tests.mongrel2_helpers import cancel_reply
 
@@ -176,3 +177,13 @@ def test_round_trip_replies(sender: bytes, conn_ids: int | list[int], body: byte
     assert (ctl.sender, ctl.conn_ids, ctl.ctl) == (sender, ids, True)
     if len(ids) == 1:
         assert reply(sender, conn_ids, body).startswith(reply_prefix(sender, ids[0]))
+
+
+def test_split_body_parts_join_to_the_body_without_copying_it() -> None:
+    body = bytes(range(256)) * 1000
+    head, rest = split_body(body, 100_000)
+    assert bytes(head) + bytes(rest) == body
+    assert isinstance(head, memoryview) and isinstance(rest, memoryview)  # views, not copies
+    assert reply(b"s", 1, head) == reply(b"s", 1, body[:100_000])
+    whole, nothing = split_body(body, len(body))
+    assert whole is body and nothing == b""

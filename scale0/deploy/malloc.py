@@ -1,0 +1,91 @@
+"""glibc malloc thresholds for the processes a large body passes through.
+
+A 1 MiB reply exists in each process on its path as a few 1 MiB buffers at
+once (the app's body, the Mongrel2 reply built from it, libzmq's message,
+the bytes read back). glibc's defaults give such memory back to the kernel
+as soon as it is freed: a block of 128 KiB or more is mmap()ed and unmapped
+on free; after the first such free glibc raises that threshold to the size
+of the block, but it still trims the top of a heap once more than twice
+that size is free there. A process that handles one large body after
+another therefore faults every page of its buffers in again for each one:
+measured with a 1 MiB reply, about 480 minor faults per request in Mongrel2
+and 150-370 in the broker and each worker, which cost more CPU than the
+copies themselves (docs/performance.md).
+
+The fix is the one glibc documents for this: fixed thresholds, high enough
+that a body's buffers come from a heap and stay mapped for the next one.
+
+- MMAP_THRESHOLD (4 MiB): blocks below it come from a heap. Bodies move in
+  messages of at most 1 MiB (docs/protocol.md 3.9), so theirs do.
+- TRIM_THRESHOLD (32 MiB): a heap keeps up to this much free memory at its
+  top before giving it back. This bounds what the setting costs: per malloc
+  arena (the main thread's, and one per busy thread), at most 32 MiB more
+  resident memory than is in use, and only after that much was in use.
+
+Scale0's own processes set them at start (`tune_this_process`, through
+mallopt); Mongrel2, which Scale0 starts but does not build, gets them
+through its environment (`child_overrides`, the GLIBC_TUNABLES variable).
+
+Invariant: an operator's own choice wins. Where the environment already sets
+either threshold (GLIBC_TUNABLES `glibc.malloc.mmap_threshold` or
+`glibc.malloc.trim_threshold`, or MALLOC_MMAP_THRESHOLD_ or
+MALLOC_TRIM_THRESHOLD_), nothing is changed. Other C libraries (musl) have
+no mallopt of this kind and are left alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import platform
+from collections.abc import Mapping
+
+MMAP_THRESHOLD = 4 << 20
+TRIM_THRESHOLD = 32 << 20
+
+# mallopt() parameter numbers, from glibc's <malloc.h>.
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+TUNABLES = (f"glibc.malloc.mmap_threshold={MMAP_THRESHOLD}"
+            f":glibc.malloc.trim_threshold={TRIM_THRESHOLD}")
+_OPERATOR_KEYS = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold")
+_OPERATOR_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def operator_chose(environ: Mapping[str, str]) -> bool:
+    """Does `environ` already set either threshold?"""
+    if any(name in environ for name in _OPERATOR_VARIABLES):
+        return True
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    names = {item.partition("=")[0].strip() for item in tunables.split(":")}
+    return any(key in names for key in _OPERATOR_KEYS)
+
+
+def child_overrides(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables to add to `environ` for a child (Mongrel2) to use the
+    thresholds: GLIBC_TUNABLES with ours appended; {} if the operator chose."""
+    if operator_chose(environ):
+        return {}
+    theirs = environ.get("GLIBC_TUNABLES", "")
+    return {"GLIBC_TUNABLES": f"{theirs}:{TUNABLES}" if theirs else TUNABLES}
+
+
+def tune_this_process(environ: Mapping[str, str]) -> bool:
+    """Set both thresholds in this process unless the operator chose; True if set.
+
+    Call it early, before threads start: the settings apply to every arena,
+    and so to the memory later threads take."""
+    if operator_chose(environ) or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    # mallopt returns 1 on success; glibc refuses an mmap threshold over
+    # 32 MiB (on 64-bit), so MMAP_THRESHOLD must stay under it.
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+                and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
