@@ -58,6 +58,10 @@ by the bench and stopped at its end, all in the same run:
   `download.flow_control=0`, so it sends every reply as one message (with it
   on, it keeps Mongrel2's per-connection window of 102400 bytes and sends
   bigger replies in pieces, each waiting for credits).
+- Every Mongrel2 of the bench gets the glibc malloc thresholds `scale0 up`
+  gives it (GLIBC_TUNABLES, scale0/deploy/malloc.py), and the direct handler
+  sets them as Scale0's processes do, so the ceiling stays one. nginx,
+  gunicorn and granian run as their users would run them.
 - **scale0**: Mongrel2 -> `scale0 broker` -> `scale0 wsgi examples.hello:app
   --processes 2 --threads 4` (with its default `--prefetch 8`: up to 8 GETs
   may wait at each thread while every thread is busy, docs/protocol.md 4.6).

@@ -23,6 +23,8 @@ MIN_VS_GRANIAN, MIN_VS_GUNICORN = 1.2, 3.0
 MAX_P50_OVER_DIRECT_US = 150.0
 BUDGET_US = {"broker": 25.0, "relay": 10.0, "WSGI workers": 40.0}
 MAX_FLOW_CONTROL_COST = 0.10
+# What nothing behind Mongrel2 can beat, said next to the targets it bounds.
+CEILING = "the direct handler (Mongrel2 and one Python process, no Scale0), the ceiling"
 
 
 def _verdict(ok: bool) -> str:
@@ -73,9 +75,11 @@ def latency_c1(results: Results, cases: list[Case]) -> str:
     over = mine - direct
     my_rps, granian_rps = rps(results, case, SUBJECT), rps(results, case, GRANIAN)
     ok = over <= MAX_P50_OVER_DIRECT_US and my_rps >= granian_rps
+    direct_rps = rps(results, case, DIRECT)
     return (f"- {_verdict(ok)}: {target}. p50 {mine:.0f} µs vs {direct:.0f} µs "
             f"({over:+.0f} µs); {my_rps:,.0f} vs {granian_rps:,.0f} req/s "
-            f"({my_rps / granian_rps:.2f}x).")
+            f"({my_rps / granian_rps:.2f}x). For comparison, {CEILING}: {direct_rps:,.0f} req/s "
+            f"({direct_rps / granian_rps:.2f}x granian).")
 
 
 def cpu_budget(results: Results, cases: list[Case], connections: int = 16) -> str:
@@ -115,15 +119,19 @@ def big_responses(results: Results, cases: list[Case]) -> str:
     parts, ok = [], True
     for case in cases:
         if case.path == MIB1 and _have(results, case, SUBJECT, GRANIAN):
-            ratio = rps(results, case, SUBJECT) / rps(results, case, GRANIAN)
+            granian = rps(results, case, GRANIAN)
+            ratio = rps(results, case, SUBJECT) / granian
             ok = ok and ratio >= 1.0
-            parts.append(f"c={case.connections}: {ratio:.2f}x")
+            ceiling = (f" ({DIRECT} {rps(results, case, DIRECT) / granian:.2f}x)"
+                       if _have(results, case, DIRECT) else "")
+            parts.append(f"c={case.connections}: {ratio:.2f}x{ceiling}")
     if not parts:
         return f"- {target}: not measured in this run"
     kib = [f"c={c.connections}: {rps(results, c, SUBJECT) / rps(results, c, GRANIAN):.2f}x"
            for c in cases if c.path == KIB64 and _have(results, c, SUBJECT, GRANIAN)]
     extra = f" (64 KiB, reported only: {', '.join(kib)})" if kib else ""
-    return f"- {_verdict(ok)}: {target}. " + ", ".join(parts) + f"{extra}."
+    return (f"- {_verdict(ok)}: {target}. " + ", ".join(parts) + f"{extra}. "
+            f"In brackets: {CEILING}.")
 
 
 def memory(long_section: str | None) -> list[str]:

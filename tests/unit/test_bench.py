@@ -45,6 +45,8 @@ def test_targets_met_when_the_numbers_meet_them() -> None:
     assert lines[2].startswith("- **met**") and "WSGI workers 35 µs" in lines[2]
     assert lines[3].startswith("- **met**") and "+4.8%" in lines[3]
     assert lines[4].startswith("- **met**") and "c=16: 1.25x" in lines[4]
+    assert "the ceiling: 30,000 req/s (3.00x granian)" in lines[1]  # what bounds the target
+    assert "c=16: 1.25x (direct 3.00x)" in lines[4]
 
 
 def test_targets_missed_when_the_numbers_fall_short() -> None:
