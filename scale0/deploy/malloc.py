@@ -36,7 +36,6 @@ no mallopt of this kind and are left alone.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import platform
 from collections.abc import Mapping
 
@@ -79,8 +78,7 @@ def tune_this_process(environ: Mapping[str, str]) -> bool:
     if operator_chose(environ) or platform.libc_ver()[0] != "glibc":
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # this process's own libc
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
