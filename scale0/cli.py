@@ -391,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config.ConfigError as exc:
         return _usage_error(args.command, str(exc))
     _setup_logging(cfg.log_level)
-    malloc.tune_this_process(os.environ)  # before any thread starts: large bodies
+    malloc.tune_this_process(os.environ)  # Large bodies stay mapped; before threads start.
     for warning in config.env_warnings(os.environ, *config.COMMANDS.values()):
         log.warning("%s", warning)
     return cast(int, args.func(cfg, args))

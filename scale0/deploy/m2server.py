@@ -13,6 +13,7 @@ import re
 import resource
 import shutil
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,11 +76,11 @@ class Mongrel2Server:
         return watcher_argv(self.argv()) if os.geteuid() == 0 else self.argv()
 
     @staticmethod
-    def env_overrides() -> dict[str, str]:
-        """Variables to add to this process's environment for Mongrel2: glibc
-        malloc thresholds that keep a large reply's buffers mapped from one
-        reply to the next (deploy/malloc.py), unless the operator set them."""
-        return child_overrides(os.environ)
+    def env_overrides(environ: Mapping[str, str]) -> dict[str, str]:
+        """Variables to add to `environ` to run Mongrel2 with: glibc malloc
+        thresholds that keep a large reply's buffers mapped from one reply
+        to the next (deploy/malloc.py), unless the operator set them."""
+        return child_overrides(environ)
 
 
 def raise_open_files_limit() -> int:

@@ -8,19 +8,22 @@ on free; after the first such free glibc raises that threshold to the size
 of the block, but it still trims the top of a heap once more than twice
 that size is free there. A process that handles one large body after
 another therefore faults every page of its buffers in again for each one:
-measured with a 1 MiB reply, about 480 minor faults per request in Mongrel2
-and 150-370 in the broker and each worker, which cost more CPU than the
-copies themselves (docs/performance.md).
+measured with 1 MiB replies, about 480 minor faults per request in Mongrel2,
+and at 16 connections 147 in the broker and 143-300 in each worker: more
+CPU than the copies themselves (docs/performance.md).
 
 The fix is the one glibc documents for this: fixed thresholds, high enough
 that a body's buffers come from a heap and stay mapped for the next one.
 
-- MMAP_THRESHOLD (4 MiB): blocks below it come from a heap. Bodies move in
-  messages of at most 1 MiB (docs/protocol.md 3.9), so theirs do.
+- MMAP_THRESHOLD (32 MiB): blocks below it come from a heap. It is the most
+  glibc accepts, and where glibc's own threshold stops rising; setting it
+  stops that rise, so a lower value would mmap (and fault in) every body
+  above it each time (docs/performance.md: two 8 MiB bodies per round).
 - TRIM_THRESHOLD (32 MiB): a heap keeps up to this much free memory at its
-  top before giving it back. This bounds what the setting costs: per malloc
-  arena (the main thread's, and one per busy thread), at most 32 MiB more
-  resident memory than is in use, and only after that much was in use.
+  top before giving it back. This is what the setting costs: per malloc
+  arena (the main thread's, and about one per busy thread), up to 32 MiB
+  more resident memory at the heap's top, and only after that much was in
+  use. Freed memory below live blocks stays resident with or without it.
 
 Scale0's own processes set them at start (`tune_this_process`, through
 mallopt); Mongrel2, which Scale0 starts but does not build, gets them
@@ -39,7 +42,7 @@ import ctypes
 import platform
 from collections.abc import Mapping
 
-MMAP_THRESHOLD = 4 << 20
+MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 32 << 20
 
 # mallopt() parameter numbers, from glibc's <malloc.h>.
@@ -73,8 +76,8 @@ def child_overrides(environ: Mapping[str, str]) -> dict[str, str]:
 def tune_this_process(environ: Mapping[str, str]) -> bool:
     """Set both thresholds in this process unless the operator chose; True if set.
 
-    Call it early, before threads start: the settings apply to every arena,
-    and so to the memory later threads take."""
+    Call it before other threads start: the thresholds are globals every
+    arena reads, but mallopt locks only the main arena while it sets them."""
     if operator_chose(environ) or platform.libc_ver()[0] != "glibc":
         return False
     try:
@@ -84,6 +87,6 @@ def tune_this_process(environ: Mapping[str, str]) -> bool:
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
     # mallopt returns 1 on success; glibc refuses an mmap threshold over
-    # 32 MiB (on 64-bit), so MMAP_THRESHOLD must stay under it.
+    # 32 MiB (on 64-bit), so MMAP_THRESHOLD must not exceed it.
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
                 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))

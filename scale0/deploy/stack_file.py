@@ -12,6 +12,7 @@ page), checked from the stack file's folder.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -101,7 +102,7 @@ def read_stack(data: dict[str, Any], base: Path, source: str = "<config>") -> St
     stack = StackPlan(server, (host, int(port)), graceful_timeout_s)
     stack.procs.append(StackProc("mongrel2", server.supervised_argv(), runtime,
                              stop_signal=signal.SIGINT, stop_order=3,
-                             env=server.env_overrides()))
+                             env=server.env_overrides(os.environ)))
     scale0 = [sys.executable, "-m", "scale0.cli"]
     pool_routes = _pool_routes(data.get("pool"))
     binds = [str(b.get("bind")) for b in data.get("broker", [])

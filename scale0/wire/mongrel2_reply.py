@@ -82,7 +82,7 @@ def split_body(data: Body, n: int) -> tuple[Body, Body]:
     pieces costs its length in copies, not its length times the pieces."""
     if n >= len(data):
         return data, b""
-    view = memoryview(data)
+    view = memoryview(data).cast("B")  # len() counts bytes, whatever the view was
     return view[:n], view[n:]
 
 

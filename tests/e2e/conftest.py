@@ -184,7 +184,8 @@ class Stack:
 
     def start_mongrel2(self) -> Proc:
         self.m2.prepare()
-        proc = Proc("mongrel2", self.m2.argv(), self.m2.runtime_dir, self.m2.env_overrides())
+        proc = Proc("mongrel2", self.m2.argv(), self.m2.runtime_dir,
+                    self.m2.env_overrides(os.environ))
         proc.ready_line = "READY"
         self.procs.append(proc)
         self.mongrel2 = proc

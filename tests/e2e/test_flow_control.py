@@ -108,7 +108,7 @@ def test_large_replies_do_not_fault_their_buffers_in_again(fc_stack: Stack) -> N
     thresholds, 16 connections at once made the broker fault pages (of 4 KiB)
     in again for each such reply."""
     clients = 16
-    fetch_megabytes(fc_stack.http_port, clients, 3)  # heaps grow to their working size
+    fetch_megabytes(fc_stack.http_port, clients, 5)  # heaps grow to their working size
     pids = {p.name: p.popen.pid for p in fc_stack.procs}
     for p in fc_stack.procs:
         if p.name.startswith("pool"):
@@ -119,9 +119,9 @@ def test_large_replies_do_not_fault_their_buffers_in_again(fc_stack: Stack) -> N
     fetch_megabytes(fc_stack.http_port, clients, each)
     per_reply = {name: (minor_faults(pid) - before[name]) / (clients * each)
                  for name, pid in pids.items()}
-    # A 1 MiB buffer is 256 pages: under 8 per reply, at most one reply in 32
+    # A 1 MiB buffer is 256 pages: under 16 per reply, at most one reply in 16
     # faulted a buffer in. Seen: at most 0.6, and 38-270 in the broker without.
-    assert max(per_reply.values()) < 8, per_reply
+    assert max(per_reply.values()) < 16, per_reply
 
 
 def test_the_benchs_direct_handler_keeps_the_window_too(fresh_stack: Stack) -> None:
