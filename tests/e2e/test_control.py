@@ -22,7 +22,7 @@ import requests
 from scale0.ops.control import default_endpoint, ipc_path, tap_endpoint
 
 from .conftest import ROOT, Load, Proc, Stack, wait_for
-from .test_metrics import metrics_url, scrape, value
+from .metrics_scrape import metrics_url, scrape, value
 
 
 def ctl_argv(control: str, *words: str) -> list[str]:

@@ -3,8 +3,6 @@ through Mongrel2, parsed with prometheus-client's own parser."""
 
 from __future__ import annotations
 
-import re
-import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -12,33 +10,11 @@ from collections.abc import Iterator
 import pytest
 import requests
 import zmq
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.metrics_samples import Samples
 
 from .conftest import Proc, Stack, wait_for
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def metrics_url(broker: Proc) -> str:
-    """The broker announces where it serves metrics in its READY line."""
-    match = re.search(r" metrics=(\S+)", broker.ready_line)
-    assert match, broker.ready_line
-    return match.group(1)
-
-
-def scrape(url: str) -> Samples:
-    response = requests.get(url, timeout=5)
-    assert response.status_code == 200
-    assert response.headers["Content-Type"].startswith("text/plain")
-    samples: Samples = {}
-    for family in text_string_to_metric_families(response.text):
-        for s in family.samples:
-            samples[s.name, tuple(sorted(s.labels.items()))] = s.value
-    return samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+from .metrics_scrape import assert_a_taken_metrics_port_stops_it, metrics_url, scrape, value
 
 
 def settled(url: str) -> Samples:
@@ -219,21 +195,6 @@ def test_a_bad_metrics_address_is_a_usage_error(fresh_stack: Stack) -> None:
         assert "--metrics" in proc.log_tail()
     finally:
         proc.stop()
-
-
-def assert_a_taken_metrics_port_stops_it(stack: Stack, command: list[str], what: str) -> None:
-    """`scale0 COMMAND... --metrics PORT` with PORT in use exits 2, naming `what` at it."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        proc = Proc(f"busy-{command[0]}", [sys.executable, "-m", "scale0.cli", *command,
-                                           "--metrics", f"127.0.0.1:{port}"], stack.tmp)
-        try:
-            assert proc.popen.wait(20) == 2  # not serving without the metrics asked for
-            assert f"{what} at http://127.0.0.1:{port}" in proc.log_tail()
-        finally:
-            proc.stop()
 
 
 def test_a_metrics_port_in_use_stops_the_broker_with_a_clear_error(fresh_stack: Stack) -> None:

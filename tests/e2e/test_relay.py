@@ -11,7 +11,7 @@ from typing import Any, cast
 import requests
 
 from .conftest import Load, Stack, service_status, wait_for
-from .test_metrics import assert_a_taken_metrics_port_stops_it, scrape, value
+from .metrics_scrape import assert_a_taken_metrics_port_stops_it, scrape, value
 
 
 def _two_brokers_behind_a_relay(stack: Stack, *args: str) -> list[int]:

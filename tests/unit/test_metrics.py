@@ -10,16 +10,14 @@ from typing import Any
 import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import CollectorRegistry
 from prometheus_client.samples import Sample
 
 from scale0.core.dispatch import Done
 from scale0.ops.metrics import LATENCY_BUCKETS_S, RequestStats, make_registry
 from scale0.ops.status import parse_address, status_document
+from tests.metrics_samples import Samples, samples_of
 
 from .test_dispatch import SENDER, Harness, m2_disconnect, ok_reply
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def done(service: str, status: int, elapsed_s: float = 0.001, bytes_in: int = 100,
@@ -31,18 +29,6 @@ def done(service: str, status: int, elapsed_s: float = 0.001, bytes_in: int = 10
 def scrape(stats: RequestStats, snapshot: dict[str, Any] | None = None) -> Samples:
     """Every sample of a scrape, parsed by prometheus-client, keyed by (name, labels)."""
     return samples_of(make_registry(stats, lambda: snapshot or {}, process=False))
-
-
-def samples_of(registry: CollectorRegistry) -> Samples:
-    """Every sample `registry` exposes, parsed back, keyed by (name, labels); each once."""
-    text = generate_latest(registry).decode()
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            key = (s.name, tuple(sorted(s.labels.items())))
-            assert key not in samples, f"duplicate sample {key}"
-            samples[key] = s.value
-    return samples
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:

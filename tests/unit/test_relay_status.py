@@ -8,8 +8,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from scale0.core.relaycore import RelayCore
 from scale0.ops.relay_status import COUNTERS, RelayCollector
-
-from .test_metrics import Samples, samples_of
+from tests.metrics_samples import Samples, samples_of
 
 S = b"5ca1e000-0000-4000-8000-000000000001"
 
