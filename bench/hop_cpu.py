@@ -65,8 +65,7 @@ def start(tmp: Path, *, relay: bool, flow_control: bool,
     conf.write_text(text)
     server = Mongrel2Server(conf, tmp / "m2", M2_UUID)
     server.prepare()
-    procs = [Proc("mongrel2", server.argv(), server.runtime_dir, tmp, stop_signal=signal.SIGINT,
-                  env=server.env_overrides(os.environ))]
+    procs = [Proc("mongrel2", server.argv(), server.runtime_dir, tmp, stop_signal=signal.SIGINT)]
     cli = [sys.executable, "-m", "scale0.cli"]
     link = f"{send_spec},{recv_spec}"
     if relay or relay_replies:

@@ -20,7 +20,6 @@ The peers (nginx -> gunicorn, nginx -> granian) are in bench.peers.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -121,7 +120,7 @@ def _start_mongrel2(scenario: Scenario, tmp: Path, *, flow_control: bool = True,
     server.prepare()
     logs = server.runtime_dir / "logs"
     scenario.procs.append(Proc("mongrel2", server.argv(), server.runtime_dir, tmp,
-                               stop_signal=signal.SIGINT, env=server.env_overrides(os.environ),
+                               stop_signal=signal.SIGINT,
                                extra_logs=(logs / "error.log",)))
     return send_spec, recv_spec, server.upload_dir
 

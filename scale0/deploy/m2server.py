@@ -13,7 +13,6 @@ import re
 import resource
 import shutil
 import subprocess
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +65,12 @@ class Mongrel2Server:
             pid_file.unlink(missing_ok=True)
 
     def argv(self) -> list[str]:
-        return ["mongrel2", "config.sqlite", self.uuid]
+        """The command line: through env(1) with glibc malloc thresholds that
+        keep a large reply's buffers mapped from one reply to the next
+        (deploy/malloc.py), unless the operator set them. In the command
+        line, so whatever starts Mongrel2 gives them."""
+        tunables = [f"{name}={value}" for name, value in child_overrides(os.environ).items()]
+        return [*(["env", *tunables] if tunables else []), "mongrel2", "config.sqlite", self.uuid]
 
     def supervised_argv(self) -> list[str]:
         """`argv()` for a supervisor whose death must stop Mongrel2 (pool/lifeline.py).
@@ -74,13 +78,6 @@ class Mongrel2Server:
         parent-death signal, so it runs under the lifeline watcher; as another
         user it keeps its uid and the death signal set before exec holds."""
         return watcher_argv(self.argv()) if os.geteuid() == 0 else self.argv()
-
-    @staticmethod
-    def env_overrides(environ: Mapping[str, str]) -> dict[str, str]:
-        """Variables to add to `environ` to run Mongrel2 with: glibc malloc
-        thresholds that keep a large reply's buffers mapped from one reply
-        to the next (deploy/malloc.py), unless the operator set them."""
-        return child_overrides(environ)
 
 
 def raise_open_files_limit() -> int:

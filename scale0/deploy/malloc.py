@@ -27,7 +27,8 @@ that a body's buffers come from a heap and stay mapped for the next one.
 
 Scale0's own processes set them at start (`tune_this_process`, through
 mallopt); Mongrel2, which Scale0 starts but does not build, gets them
-through its environment (`child_overrides`, the GLIBC_TUNABLES variable).
+through its environment (`child_overrides`, the GLIBC_TUNABLES variable,
+which its command line sets: deploy/m2server.py).
 
 Invariant: an operator's own choice wins. Where the environment already sets
 either threshold (GLIBC_TUNABLES `glibc.malloc.mmap_threshold` or
@@ -39,7 +40,7 @@ no mallopt of this kind and are left alone.
 from __future__ import annotations
 
 import ctypes
-import platform
+import os
 from collections.abc import Mapping
 
 MMAP_THRESHOLD = 32 << 20
@@ -73,12 +74,19 @@ def child_overrides(environ: Mapping[str, str]) -> dict[str, str]:
     return {"GLIBC_TUNABLES": f"{theirs}:{TUNABLES}" if theirs else TUNABLES}
 
 
+def _glibc() -> bool:
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError):  # no such name here: not glibc
+        return False
+
+
 def tune_this_process(environ: Mapping[str, str]) -> bool:
     """Set both thresholds in this process unless the operator chose; True if set.
 
     Call it before other threads start: the thresholds are globals every
     arena reads, but mallopt locks only the main arena while it sets them."""
-    if operator_chose(environ) or platform.libc_ver()[0] != "glibc":
+    if operator_chose(environ) or not _glibc():
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # this process's own libc

@@ -198,7 +198,6 @@ class Stack:
             # when we die, even by SIGKILL (pool/lifeline.py).
             proc.popen = subprocess.Popen(proc.argv, cwd=proc.cwd, start_new_session=True,
                                           preexec_fn=lifeline.preexec(),
-                                          env={**os.environ, **proc.env} if proc.env else None,
                                           stdout=subprocess.PIPE if proc.ready_prefix else None)
             if proc.popen.stdout is not None:
                 os.set_blocking(proc.popen.stdout.fileno(), False)

@@ -12,7 +12,6 @@ page), checked from the stack file's folder.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -57,7 +56,6 @@ class StackProc:
     ready_prefix: bytes = b""  # its READY line starts so, e.g. b"READY broker " ("": none)
     ready: bool = False  # the running process is ready (its READY line was read)
     out: bytes = b""  # its stdout read so far, short of a whole line
-    env: dict[str, str] = field(default_factory=dict)  # added to our environment
 
 
 @dataclass(slots=True)
@@ -101,8 +99,7 @@ def read_stack(data: dict[str, Any], base: Path, source: str = "<config>") -> St
         raise StackError(f"{source}: graceful_timeout must be a number > 0") from exc
     stack = StackPlan(server, (host, int(port)), graceful_timeout_s)
     stack.procs.append(StackProc("mongrel2", server.supervised_argv(), runtime,
-                             stop_signal=signal.SIGINT, stop_order=3,
-                             env=server.env_overrides(os.environ)))
+                             stop_signal=signal.SIGINT, stop_order=3))
     scale0 = [sys.executable, "-m", "scale0.cli"]
     pool_routes = _pool_routes(data.get("pool"))
     binds = [str(b.get("bind")) for b in data.get("broker", [])

@@ -184,8 +184,7 @@ class Stack:
 
     def start_mongrel2(self) -> Proc:
         self.m2.prepare()
-        proc = Proc("mongrel2", self.m2.argv(), self.m2.runtime_dir,
-                    self.m2.env_overrides(os.environ))
+        proc = Proc("mongrel2", self.m2.argv(), self.m2.runtime_dir)
         proc.ready_line = "READY"
         self.procs.append(proc)
         self.mongrel2 = proc

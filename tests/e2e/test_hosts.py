@@ -116,7 +116,7 @@ class Hosts:
         m2 = Mongrel2Server(conf, self.tmp / "m2", "f400bf85-4538-4f7a-8908-67e313d515c2")
         m2.prepare()
         self.upload_dir = m2.upload_dir
-        self.proc("front", "mongrel2", m2.argv(), m2.runtime_dir, m2.env_overrides(os.environ))
+        self.proc("front", "mongrel2", m2.argv(), m2.runtime_dir)
         wait_for(lambda: self.client.call(_accepts, ("127.0.0.1", 6767)), 30,
                  "Mongrel2 in the front namespace")
         self.scale0("front", "relay", "relay", "--mongrel2", "tcp://127.0.0.1:9997",

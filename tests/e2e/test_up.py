@@ -125,7 +125,10 @@ def test_up_serves_both_examples_and_stops_clean(tmp_path: Path, stop_signal: in
                 r = requests.get(f"http://127.0.0.1:{http_port}{path}", timeout=10)
                 assert r.status_code == 200, (path, r.status_code, r.text)
             assert processes_mentioning(server_uuid)  # mongrel2 runs
-            for pid in processes_mentioning(server_uuid):  # with malloc thresholds
+            mongrel2 = [pid for pid in processes_mentioning(server_uuid)
+                        if Path(f"/proc/{pid}/comm").read_text().strip() == "mongrel2"]
+            assert mongrel2
+            for pid in mongrel2:  # with malloc thresholds
                 # (glibc before 2.39 turns each ':' of GLIBC_TUNABLES into a NUL
                 # as it reads it: compare with both ':' and NUL as separators)
                 environ = b"\0" + Path(f"/proc/{pid}/environ").read_bytes().replace(b":", b"\0")

@@ -82,6 +82,11 @@ def test_mongrel2_gets_the_thresholds_added_to_the_tunables_it_has() -> None:
     assert "glibc.malloc.trim_threshold=33554432" in malloc.TUNABLES
 
 
-def test_the_mongrel2_server_passes_them_on() -> None:
-    assert Mongrel2Server.env_overrides({"PATH": "/bin"}) == {"GLIBC_TUNABLES": malloc.TUNABLES}
-    assert Mongrel2Server.env_overrides({"MALLOC_TRIM_THRESHOLD_": "131072"}) == {}
+def test_mongrel2s_command_line_passes_them_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("GLIBC_TUNABLES", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+    server = Mongrel2Server(Path("mongrel2.conf"), Path("m2"), "u")
+    assert server.argv() == ["env", f"GLIBC_TUNABLES={malloc.TUNABLES}",
+                             "mongrel2", "config.sqlite", "u"]
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert server.argv() == ["mongrel2", "config.sqlite", "u"]
